@@ -1,0 +1,106 @@
+"""``create_app(settings)``: the aiohttp application and the lifecycle of its resources."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cachesvc import handlers
+from cachesvc.config import Settings, TierSettings
+from cachesvc.engine import Engine
+from cachesvc.handlers import ENGINE, SETTINGS
+from cachesvc.metrics import Metrics
+from cachesvc.middlewares import auth_middleware, error_middleware
+from cachesvc.slot import TierSlot
+from tiers.registry import tier_class
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def build_engine(settings: Settings, metrics: Metrics) -> Engine:
+    slots = []
+    for tier_settings in settings.tiers:
+        url = tier_settings.parsed_url
+        cls = tier_class(url.scheme.lower())
+        tier = cls(tier_settings.name, url, tier_settings.ttl)
+        slots.append(
+            TierSlot(
+                tier,
+                timeout=tier_settings.timeout or cls.default_timeout,
+                breaker_failures=tier_settings.breaker_failures,
+                breaker_reset=tier_settings.breaker_reset,
+                metrics=metrics.for_tier(tier_settings.name),
+            )
+        )
+    return Engine(slots, settings.server.request_timeout)
+
+
+def create_app(settings: Settings) -> web.Application:
+    metrics = Metrics()
+    middlewares = [error_middleware(metrics)]
+    if settings.server.auth_token is not None:
+        middlewares.append(auth_middleware(settings.server.auth_token.get_secret_value()))
+    # The body limit is enforced by the handlers (413 as JSON); aiohttp's own limit is
+    # kept just above it so that it never answers first.
+    app = web.Application(
+        middlewares=middlewares, client_max_size=settings.server.max_body_bytes + 1
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[ENGINE] = build_engine(settings, metrics)
+    app.cleanup_ctx.append(_engine_lifecycle)
+
+    app.router.add_get("/v1/cache/{key:.*}", handlers.get_entry, name="get", allow_head=False)
+    app.router.add_put("/v1/cache/{key:.*}", handlers.put_entry, name="put")
+    app.router.add_delete("/v1/cache/{key:.*}", handlers.delete_entry, name="delete")
+    app.router.add_post("/v1/bulk/get", handlers.bulk_get, name="bulk_get")
+    app.router.add_post("/v1/bulk/set", handlers.bulk_set, name="bulk_set")
+    app.router.add_post("/v1/bulk/delete", handlers.bulk_delete, name="bulk_delete")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics_handler, name="metrics")
+    return app
+
+
+async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    engine = app[ENGINE]
+    await engine.start()
+    yield
+    await engine.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    await asyncio.gather(*(slot.probe() for slot in engine.slots if slot.state == "closed"))
+    tiers = engine.tier_states()
+    ready = all(tier["state"] == "up" for tier in tiers)
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "tiers": tiers},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def describe_tiers(tiers: list[TierSettings]) -> str:
+    return ", ".join(f"{t.name}={redact(t.url)} (ttl {t.ttl:g} s)" for t in tiers)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,258 @@
+"""The engine: ordered tiers, the read path with promotion, and the write strategies.
+
+Reads go top-down; a hit in tier *i* is copied into every tier above it before the read
+answers (TTL = min(remaining lifetime, that tier's ttl)), so the next read is served by
+the top tier. Concurrent misses of one key share one lookup of the lower tiers.
+
+Writes follow SPEC §3:
+
+============== ============================================================ =====
+strategy       before the answer                                            code
+============== ============================================================ =====
+write-through  durable (bottom) tier, then every tier above it              204
+cache-aside    durable tier; a tombstone in every tier above it             204
+write-behind   top tier and the durable journal (cachesvc.journal)          202
+============== ============================================================ =====
+
+Every write gets a version from ``VersionClock``; tiers refuse to replace a newer version,
+so the order in which tiers receive writes, promotions and tombstones never matters. A
+cache tier that fails a write is skipped and remembers the key as missed (see
+``cachesvc.slot``); the tier a strategy needs failing turns into 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+
+from cachesvc.config import Strategy
+from cachesvc.envelope import Entry, VersionClock, decode_live
+from cachesvc.errors import Unavailable
+from cachesvc.slot import TOMBSTONE_TTL, TierSlot
+from tiers.base import TierError, TierWrite
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    entry: Entry
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewValue:
+    key: str
+    value: bytes
+    content_type: str
+    ttl: float | None = None
+    tags: tuple[str, ...] = ()
+
+
+class Engine:
+    def __init__(self, slots: Sequence[TierSlot], request_timeout: float) -> None:
+        if not slots:
+            raise ValueError("the engine needs at least one tier")
+        self.slots = list(slots)
+        self.top = self.slots[0]
+        self.durable = self.slots[-1]
+        self.clock = VersionClock()
+        self.request_timeout = request_timeout
+        self._flights: dict[str, asyncio.Future[Hit | None]] = {}
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for slot in self.slots:
+            await slot.tier.start()
+        self._monitor = asyncio.create_task(self._watch_tiers(), name="cachesvc-tier-monitor")
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        for slot in self.slots:
+            await slot.close()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Hit | None:
+        top = self.top
+        if top.readable(key):
+            try:
+                entry = decode_live(await top.get(key), time.time())
+            except TierError:
+                entry = None
+            if entry is not None:
+                top.metrics.hits.inc()
+                return Hit(entry, top.name)
+            top.metrics.misses.inc()
+        if len(self.slots) == 1:
+            return None
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._read_lower(key))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._land(key, done))
+        # Shielded: one reader giving up must not cancel the lookup others wait for.
+        return await asyncio.shield(flight)
+
+    def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
+    async def get_many(self, keys: Sequence[str]) -> list[Hit | None]:
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
+    async def _read_lower(self, key: str) -> Hit | None:
+        async with asyncio.timeout(self.request_timeout):
+            for position in range(1, len(self.slots)):
+                slot = self.slots[position]
+                if not slot.readable(key):
+                    continue
+                try:
+                    payload = await slot.get(key)
+                except TierError:
+                    continue
+                now = time.time()
+                entry = decode_live(payload, now)
+                if entry is None:
+                    slot.metrics.misses.inc()
+                    continue
+                slot.metrics.hits.inc()
+                assert payload is not None
+                await self._promote(key, payload, entry, self.slots[:position], now)
+                return Hit(entry, slot.name)
+        return None
+
+    async def _promote(
+        self, key: str, payload: bytes, entry: Entry, slots: Sequence[TierSlot], now: float
+    ) -> None:
+        async def fill(slot: TierSlot, ttl: float) -> None:
+            # A failed fill leaves the tier without the key (or with the same-or-older
+            # version a newer write will replace): nothing stale to remember.
+            with contextlib.suppress(TierError):
+                await slot.set(TierWrite(key, payload, entry.version, ttl))
+                slot.metrics.promotions.inc()
+
+        await asyncio.gather(*(fill(slot, entry.ttl_in(slot.ttl, now)) for slot in slots))
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def put(self, new: NewValue, strategy: Strategy) -> int:
+        return (await self.put_many([new], strategy))[0]
+
+    async def put_many(self, values: Sequence[NewValue], strategy: Strategy) -> list[int]:
+        """Store ``values``; returns their versions once the strategy's promise holds."""
+        if strategy == "write-behind":
+            raise Unavailable("write-behind is not available yet")
+        now = time.time()
+        entries = []
+        for new in values:
+            self._flights.pop(new.key, None)  # later readers must not join an older lookup
+            expires_at = None if new.ttl is None else now + new.ttl
+            entries.append(
+                Entry(new.value, new.content_type, self.clock.next(), expires_at, new.tags)
+            )
+        payloads = [entry.encode() for entry in entries]
+        async with self._deadline():
+            await self._write_durable(
+                [
+                    TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
+                    for new, entry, payload in zip(values, entries, payloads, strict=True)
+                ]
+            )
+            upper: list[Awaitable[None]] = []
+            for slot in self.slots[:-1]:
+                for new, entry, payload in zip(values, entries, payloads, strict=True):
+                    if strategy == "cache-aside":
+                        write = TierWrite(new.key, None, entry.version, TOMBSTONE_TTL)
+                    else:
+                        write = TierWrite(
+                            new.key, payload, entry.version, entry.ttl_in(slot.ttl, now)
+                        )
+                    upper.append(self._write_cache(slot, write))
+            await asyncio.gather(*upper)
+        return [entry.version for entry in entries]
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Tombstone ``keys`` in every tier, durable first."""
+        versions = []
+        for key in keys:
+            self._flights.pop(key, None)
+            versions.append(self.clock.next())
+        tombstones = [
+            TierWrite(key, None, version, TOMBSTONE_TTL)
+            for key, version in zip(keys, versions, strict=True)
+        ]
+        async with self._deadline():
+            await self._write_durable(tombstones)
+            await asyncio.gather(
+                *(self._write_cache(slot, t) for slot in self.slots[:-1] for t in tombstones)
+            )
+
+    async def _write_durable(self, writes: Sequence[TierWrite]) -> None:
+        durable = self.durable
+        try:
+            await asyncio.gather(*(durable.set(write) for write in writes))
+        except TierError as exc:
+            raise Unavailable(
+                f"the durable tier {durable.name!r} did not take the write: {exc}", durable.name
+            ) from exc
+
+    @staticmethod
+    async def _write_cache(slot: TierSlot, write: TierWrite) -> None:
+        # A cache tier that fails is skipped: the slot remembers the key as missed, so it
+        # will not serve what it holds for it until repaired.
+        try:
+            await slot.set(write)
+        except TierError:
+            slot.miss(write.key)
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                yield
+        except TimeoutError:
+            raise Unavailable(
+                f"the write did not complete within {self.request_timeout} s"
+            ) from None
+
+    # -- health --------------------------------------------------------------------------
+
+    def tier_states(self) -> list[dict[str, object]]:
+        return [
+            {
+                "name": slot.name,
+                "state": "up" if slot.state == "closed" else slot.state,
+                "missed_keys": len(slot.missed),
+            }
+            for slot in self.slots
+        ]
+
+    async def check_tiers(self) -> None:
+        """Probe tiers that are not known good, and repair those that came back."""
+        for slot in self.slots:
+            if slot.state != "closed" or slot.missed:
+                if slot.state != "closed" and not await slot.probe():
+                    continue
+                if slot.missed:
+                    try:
+                        await slot.repair(self.clock.next())
+                    except TierError as exc:
+                        log.warning("tier %s: repair failed: %s", slot.name, exc)
+
+    async def _watch_tiers(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            try:
+                await self.check_tiers()
+            except Exception:  # the monitor must outlive any surprise
+                log.exception("tier monitor failed")

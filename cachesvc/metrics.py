@@ -1,0 +1,116 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process).
+
+Tier series carry ``tier="<name>"``. Label children on the hot path are bound once per
+tier (``TierMetrics``) instead of looked up per request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cachesvc_requests",
+            "HTTP requests by operation and status.",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "cachesvc_request_duration_seconds",
+            "HTTP request latency by operation.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tier_hits = Counter(
+            "cachesvc_tier_hits", "Reads a tier answered.", ["tier"], registry=r
+        )
+        self.tier_misses = Counter(
+            "cachesvc_tier_misses", "Reads a tier did not hold.", ["tier"], registry=r
+        )
+        self.tier_errors = Counter(
+            "cachesvc_tier_errors",
+            "Failed tier calls by kind (timeout, unavailable, error).",
+            ["tier", "kind"],
+            registry=r,
+        )
+        self.tier_duration = Histogram(
+            "cachesvc_tier_call_duration_seconds",
+            "Latency of one (batched) tier call.",
+            ["tier", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tier_batch_size = Histogram(
+            "cachesvc_tier_batch_keys",
+            "Keys per coalesced tier call.",
+            ["tier", "operation"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.promotions = Counter(
+            "cachesvc_promotions",
+            "Entries copied into a tier from a lower one on read.",
+            ["tier"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "cachesvc_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ["tier"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "cachesvc_breaker_transitions",
+            "Circuit breaker state changes.",
+            ["tier", "state"],
+            registry=r,
+        )
+        self.missed_keys = Gauge(
+            "cachesvc_tier_missed_keys",
+            "Keys a tier missed writes for and must not serve until repaired.",
+            ["tier"],
+            registry=r,
+        )
+        self.repaired_keys = Counter(
+            "cachesvc_tier_repaired_keys",
+            "Missed keys deleted from a tier after it recovered.",
+            ["tier"],
+            registry=r,
+        )
+
+    def for_tier(self, tier: str) -> TierMetrics:
+        return TierMetrics(self, tier)
+
+
+class TierMetrics:
+    def __init__(self, metrics: Metrics, tier: str) -> None:
+        self.hits = metrics.tier_hits.labels(tier)
+        self.misses = metrics.tier_misses.labels(tier)
+        self.promotions = metrics.promotions.labels(tier)
+        self.get_duration = metrics.tier_duration.labels(tier, "get")
+        self.set_duration = metrics.tier_duration.labels(tier, "set")
+        self.get_batch = metrics.tier_batch_size.labels(tier, "get")
+        self.set_batch = metrics.tier_batch_size.labels(tier, "set")
+        self.missed_keys = metrics.missed_keys.labels(tier)
+        self.repaired_keys = metrics.repaired_keys.labels(tier)
+        self._errors = metrics.tier_errors
+        self._breaker_state = metrics.breaker_state.labels(tier)
+        self._transitions = metrics.breaker_transitions
+        self._tier = tier
+        self._breaker_state.set(0)
+
+    def error(self, kind: str) -> None:
+        self._errors.labels(self._tier, kind).inc()
+
+    def breaker(self, state: str) -> None:
+        self._breaker_state.set(BREAKER_STATES[state])
+        self._transitions.labels(self._tier, state).inc()

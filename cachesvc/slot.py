@@ -1,0 +1,251 @@
+"""One configured tier as the engine sees it.
+
+A ``TierSlot`` wraps a ``tiers.Tier`` with what every backend needs the same way:
+
+- **coalescing**: single-key gets and sets made in the same event-loop iteration are sent
+  as one ``get_many``/``set_many`` call (one MGET, multi-get, ``= ANY($1)`` or multi-row
+  upsert), and concurrent gets of one key share one lookup;
+- **a timeout per call** and **a circuit breaker**: after ``breaker_failures`` consecutive
+  failures calls fail fast for ``breaker_reset`` seconds, then one probe is let through;
+- **missed keys**: a write or delete this tier could not take is remembered, the tier is
+  not read for that key, and the key is deleted from it (a tombstone) once it answers
+  again — so it never serves a value it missed the replacement of. When too many keys
+  are missed to remember, the tier is not read at all for one tier ttl, after which
+  everything it held from before has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from cachesvc.metrics import TierMetrics
+from tiers.base import Tier, TierError, TierTimeout, TierUnavailable, TierWrite
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TOMBSTONE_TTL = 60.0
+"""How long a delete's tombstone blocks older writes: far longer than any in-flight fill
+(bounded by the request deadline) or write-behind retry can take to land."""
+
+MAX_MISSED_KEYS = 100_000
+
+
+class CircuitBreaker:
+    """Closed -> (``failures`` consecutive failures) -> open -> (``reset`` s) -> half-open,
+    where one probe call decides: success closes, failure opens again."""
+
+    def __init__(
+        self, failures: int, reset: float, on_change: Callable[[str], None] | None = None
+    ) -> None:
+        self.threshold = failures
+        self.reset = reset
+        self.state = "closed"
+        self._failures = 0
+        self._retry_at = 0.0
+        self._on_change = on_change
+
+    def allow(self) -> bool:
+        if self.state == "closed":
+            return True
+        if self.state == "open" and time.monotonic() >= self._retry_at:
+            self._set("half-open")
+            return True
+        return False  # open, or half-open with its probe in flight
+
+    def success(self) -> None:
+        self._failures = 0
+        if self.state != "closed":
+            self._set("closed")
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self.state == "half-open" or self._failures >= self.threshold:
+            self._retry_at = time.monotonic() + self.reset
+            if self.state != "open":
+                self._set("open")
+
+    def _set(self, state: str) -> None:
+        log.log(logging.WARNING if state == "open" else logging.INFO, "breaker %s", state)
+        self.state = state
+        if self._on_change is not None:
+            self._on_change(state)
+
+
+class TierSlot:
+    def __init__(
+        self,
+        tier: Tier,
+        *,
+        timeout: float,
+        breaker_failures: int,
+        breaker_reset: float,
+        metrics: TierMetrics,
+    ) -> None:
+        self.tier = tier
+        self.name = tier.name
+        self.ttl = tier.ttl
+        self.timeout = timeout
+        self.metrics = metrics
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics.breaker)
+        self.missed: set[str] = set()
+        self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
+        self._pending_gets: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._pending_sets: list[tuple[TierWrite, asyncio.Future[None]]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def readable(self, key: str) -> bool:
+        """Whether this tier may answer for ``key`` (it did not miss a write of it)."""
+        if self._blind_until and time.monotonic() < self._blind_until:
+            return False
+        return key not in self.missed
+
+    def get(self, key: str) -> Awaitable[bytes | None]:
+        if self.tier.in_process:
+            return self.tier.get(key)
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        waiters = self._pending_gets.get(key)
+        if waiters is not None:
+            waiters.append(future)
+        else:
+            if not self._pending_gets:
+                asyncio.get_running_loop().call_soon(self._flush_gets)
+            self._pending_gets[key] = [future]
+        return future
+
+    def _flush_gets(self) -> None:
+        pending, self._pending_gets = self._pending_gets, {}
+        self._spawn(self._run_gets(pending))
+
+    async def _run_gets(self, pending: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
+        keys = list(pending)
+        self.metrics.get_batch.observe(len(keys))
+        try:
+            with self.metrics.get_duration.time():
+                found = await self.call(self.tier.get_many(keys))
+        except TierError as exc:
+            for waiters in pending.values():
+                _fail(waiters, exc)
+            return
+        for key, payload in zip(keys, found, strict=True):
+            for waiter in pending[key]:
+                if not waiter.done():
+                    waiter.set_result(payload)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def set(self, write: TierWrite) -> None:
+        if self.tier.in_process:
+            await self.tier.set(write)
+        else:
+            await self._coalesced_set(write)
+
+    def _coalesced_set(self, write: TierWrite) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._pending_sets:
+            asyncio.get_running_loop().call_soon(self._flush_sets)
+        self._pending_sets.append((write, future))
+        return future
+
+    def _flush_sets(self) -> None:
+        pending, self._pending_sets = self._pending_sets, []
+        self._spawn(self._run_sets(pending))
+
+    async def _run_sets(self, pending: list[tuple[TierWrite, asyncio.Future[None]]]) -> None:
+        self.metrics.set_batch.observe(len(pending))
+        try:
+            with self.metrics.set_duration.time():
+                await self.call(self.tier.set_many([write for write, _ in pending]))
+        except TierError as exc:
+            _fail([future for _, future in pending], exc)
+            return
+        for _, future in pending:
+            if not future.done():
+                future.set_result(None)
+
+    def miss(self, key: str) -> None:
+        """Remember that this tier may hold a stale ``key``."""
+        if len(self.missed) >= MAX_MISSED_KEYS:
+            log.warning(
+                "tier %s missed more than %d keys: not read for %.0f s",
+                self.name,
+                MAX_MISSED_KEYS,
+                self.ttl,
+            )
+            self._blind_until = time.monotonic() + self.ttl
+            self.missed.clear()
+        else:
+            self.missed.add(key)
+        self.metrics.missed_keys.set(len(self.missed))
+
+    async def repair(self, version: int) -> None:
+        """Delete every missed key from the tier (tombstones at ``version``)."""
+        keys = list(self.missed)
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            await self.call(
+                self.tier.set_many([TierWrite(k, None, version, TOMBSTONE_TTL) for k in batch])
+            )
+            self.missed.difference_update(batch)
+            self.metrics.repaired_keys.inc(len(batch))
+            self.metrics.missed_keys.set(len(self.missed))
+        if keys:
+            log.info("tier %s repaired: %d missed keys deleted", self.name, len(keys))
+
+    # -- guarded calls -------------------------------------------------------------------
+
+    async def call(self, operation: Awaitable[T]) -> T:
+        """Run one tier operation under this tier's timeout and circuit breaker."""
+        if not self.breaker.allow():
+            if asyncio.iscoroutine(operation):
+                operation.close()
+            self.metrics.error("open")
+            raise TierUnavailable(f"tier {self.name}: circuit breaker open")
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await operation
+        except TimeoutError:
+            self.breaker.failure()
+            self.metrics.error("timeout")
+            raise TierTimeout(f"tier {self.name}: no answer within {self.timeout} s") from None
+        except TierError:
+            self.breaker.failure()
+            self.metrics.error("unavailable")
+            raise
+        self.breaker.success()
+        return result
+
+    async def probe(self) -> bool:
+        """Ping the tier (through the breaker); True when it answered."""
+        try:
+            await self.call(self.tier.ping())
+        except TierError:
+            return False
+        return True
+
+    @property
+    def state(self) -> str:
+        return self.breaker.state
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.tier.close()
+
+
+def _fail(waiters: Sequence[asyncio.Future[T]], exc: BaseException) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(exc)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import socket
 from collections.abc import AsyncIterator
+from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -13,12 +16,15 @@ from cachesvc import handlers
 from cachesvc.config import Settings, TierSettings
 from cachesvc.engine import Engine
 from cachesvc.handlers import ENGINE, SETTINGS
+from cachesvc.journal import Journal
 from cachesvc.metrics import Metrics
 from cachesvc.middlewares import auth_middleware, error_middleware
 from cachesvc.slot import TierSlot
 from tiers.registry import tier_class
 
 METRICS = web.AppKey("metrics", Metrics)
+# Any characters, newlines included: the handler validates the key and answers 400.
+KEY_ROUTE = r"/v1/cache/{key:[\s\S]*}"
 
 
 def build_engine(settings: Settings, metrics: Metrics) -> Engine:
@@ -36,7 +42,22 @@ def build_engine(settings: Settings, metrics: Metrics) -> Engine:
                 metrics=metrics.for_tier(tier_settings.name),
             )
         )
-    return Engine(slots, settings.server.request_timeout)
+    write = settings.write
+    journal = None
+    if write.journal_url is not None and len(slots) > 1:
+        journal = Journal(
+            write.journal_url,
+            write.journal_stream,
+            max_pending=write.journal_max_pending,
+            batch=write.flush_batch,
+            reclaim_after=write.reclaim_after,
+            max_attempts=write.max_attempts,
+            metrics=metrics,
+            # Stable across restarts in the same pod: the restarted sidecar takes up its
+            # own pending entries at once.
+            consumer=f"{socket.gethostname()}:{settings.server.port}",
+        )
+    return Engine(slots, settings.server.request_timeout, journal, write.drain_timeout)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -54,15 +75,17 @@ def create_app(settings: Settings) -> web.Application:
     app[ENGINE] = build_engine(settings, metrics)
     app.cleanup_ctx.append(_engine_lifecycle)
 
-    app.router.add_get("/v1/cache/{key:.*}", handlers.get_entry, name="get", allow_head=False)
-    app.router.add_put("/v1/cache/{key:.*}", handlers.put_entry, name="put")
-    app.router.add_delete("/v1/cache/{key:.*}", handlers.delete_entry, name="delete")
+    app.router.add_get(KEY_ROUTE, handlers.get_entry, name="get", allow_head=False)
+    app.router.add_put(KEY_ROUTE, handlers.put_entry, name="put")
+    app.router.add_delete(KEY_ROUTE, handlers.delete_entry, name="delete")
     app.router.add_post("/v1/bulk/get", handlers.bulk_get, name="bulk_get")
     app.router.add_post("/v1/bulk/set", handlers.bulk_set, name="bulk_set")
     app.router.add_post("/v1/bulk/delete", handlers.bulk_delete, name="bulk_delete")
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
+    openapi = (resources.files("cachesvc") / "openapi.json").read_bytes()
+    app.router.add_get("/openapi.json", functools.partial(serve_openapi, openapi), name="openapi")
     return app
 
 
@@ -86,6 +109,10 @@ async def readyz(request: web.Request) -> web.Response:
         {"status": "ready" if ready else "not ready", "tiers": tiers},
         status=200 if ready else 503,
     )
+
+
+async def serve_openapi(document: bytes, request: web.Request) -> web.Response:
+    return web.Response(body=document, content_type="application/json")
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

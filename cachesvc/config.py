@@ -75,6 +75,28 @@ class TierSettings(_Section):
 
 class WriteSettings(_Section):
     strategy: Strategy = "write-through"
+    # Write-behind journal (a Redis Stream, see cachesvc/journal.py). Default: the first
+    # redis:// tier; without one, write-behind answers 503 unless there is a single tier.
+    journal_url: str | None = None
+    journal_stream: str = "cachesvc:journal"
+    # Back-pressure: past this many pending writes, write-behind answers 503.
+    journal_max_pending: int = Field(100_000, ge=1)
+    flush_batch: int = Field(500, ge=1, le=10_000)
+    # SIGTERM waits this long for the journal to drain what this sidecar wrote.
+    drain_timeout: float = Field(10.0, ge=0)
+    # A peer's unacknowledged entries are claimed after this much idleness.
+    reclaim_after: float = Field(30.0, gt=0)
+    # Deliveries a refused (not unreachable) entry gets before it is dead-lettered.
+    max_attempts: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check_journal_url(self) -> WriteSettings:
+        if self.journal_url is not None and urlsplit(self.journal_url).scheme not in (
+            "redis",
+            "rediss",
+        ):
+            raise _FieldError("journal_url", "must be a redis:// or rediss:// URL")
+        return self
 
 
 class InvalidationSettings(_Section):
@@ -104,6 +126,15 @@ class Settings(_Section):
                 raise _FieldError(f"tiers[{position}].name", f"duplicate tier name {tier.name!r}")
             seen.add(tier.name)
         object.__setattr__(self, "tiers", named)
+        if self.write.journal_url is None:
+            redis_tier = next(
+                (t for t in named if t.parsed_url.scheme in ("redis", "rediss")), None
+            )
+            if redis_tier is not None:
+                journal_url = redis_tier.url.partition("?")[0]
+                object.__setattr__(
+                    self, "write", self.write.model_copy(update={"journal_url": journal_url})
+                )
         return self
 
     @property

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, VersionClock, decode_live
 from cachesvc.errors import Unavailable
+from cachesvc.journal import Journal, JournalUnavailable, Record, drain
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot
 from tiers.base import TierError, TierWrite
 
@@ -56,7 +57,13 @@ class NewValue:
 
 
 class Engine:
-    def __init__(self, slots: Sequence[TierSlot], request_timeout: float) -> None:
+    def __init__(
+        self,
+        slots: Sequence[TierSlot],
+        request_timeout: float,
+        journal: Journal | None = None,
+        drain_timeout: float = 10.0,
+    ) -> None:
         if not slots:
             raise ValueError("the engine needs at least one tier")
         self.slots = list(slots)
@@ -64,15 +71,37 @@ class Engine:
         self.durable = self.slots[-1]
         self.clock = VersionClock()
         self.request_timeout = request_timeout
+        self.journal = journal
+        self.drain_timeout = drain_timeout
         self._flights: dict[str, asyncio.Future[Hit | None]] = {}
+        # Write-behind writes of this process not yet applied below the top tier: reads
+        # that miss the top tier (evicted, or it failed) still see them.
+        self._unflushed: dict[str, tuple[Entry, bytes]] = {}
         self._monitor: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._stop_flushing = asyncio.Event()
 
     async def start(self) -> None:
         for slot in self.slots:
             await slot.tier.start()
         self._monitor = asyncio.create_task(self._watch_tiers(), name="cachesvc-tier-monitor")
+        if self.journal is not None and len(self.slots) > 1:
+            self._flusher = asyncio.create_task(
+                self.journal.run(self.apply_write_behind, self._stop_flushing),
+                name="cachesvc-write-behind",
+            )
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            drained = await drain(self._flusher, self._stop_flushing, self.drain_timeout)
+            if not drained:
+                log.warning(
+                    "write-behind journal not drained within %.1f s; the pending writes "
+                    "stay in the journal for the next start or a peer",
+                    self.drain_timeout,
+                )
+        if self.journal is not None:
+            await self.journal.close()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -95,6 +124,12 @@ class Engine:
             top.metrics.misses.inc()
         if len(self.slots) == 1:
             return None
+        unflushed = self._unflushed.get(key)
+        if unflushed is not None:
+            entry, payload = unflushed
+            if decode_live(payload, time.time()) is not None:
+                await self._promote(key, payload, entry, [top], time.time())
+                return Hit(entry, top.name)
         flight = self._flights.get(key)
         if flight is None:
             flight = asyncio.ensure_future(self._read_lower(key))
@@ -150,17 +185,18 @@ class Engine:
 
     async def put_many(self, values: Sequence[NewValue], strategy: Strategy) -> list[int]:
         """Store ``values``; returns their versions once the strategy's promise holds."""
-        if strategy == "write-behind":
-            raise Unavailable("write-behind is not available yet")
         now = time.time()
         entries = []
         for new in values:
-            self._flights.pop(new.key, None)  # later readers must not join an older lookup
+            self._forget(new.key)
             expires_at = None if new.ttl is None else now + new.ttl
             entries.append(
                 Entry(new.value, new.content_type, self.clock.next(), expires_at, new.tags)
             )
         payloads = [entry.encode() for entry in entries]
+        if strategy == "write-behind" and len(self.slots) > 1:
+            await self._write_behind(values, entries, payloads, now)
+            return [entry.version for entry in entries]
         async with self._deadline():
             await self._write_durable(
                 [
@@ -181,11 +217,95 @@ class Engine:
             await asyncio.gather(*upper)
         return [entry.version for entry in entries]
 
+    async def _write_behind(
+        self,
+        values: Sequence[NewValue],
+        entries: Sequence[Entry],
+        payloads: Sequence[bytes],
+        now: float,
+    ) -> None:
+        """Top tier and journal, concurrently; lower tiers later (``apply_write_behind``)."""
+        journal, top = self.journal, self.top
+        if journal is None:
+            raise Unavailable(
+                "write-behind needs a journal: configure a redis:// tier or [write].journal_url"
+            )
+        if not journal.has_room(len(values)):
+            raise Unavailable("write-behind journal is full; retry later or write through")
+
+        async def record(key: str, entry: Entry, payload: bytes) -> None:
+            await journal.append(key, payload)
+            self._unflushed[key] = (entry, payload)
+
+        async def store(key: str, entry: Entry, payload: bytes) -> None:
+            await top.set(TierWrite(key, payload, entry.version, entry.ttl_in(top.ttl, now)))
+
+        async with self._deadline():
+            recorded = asyncio.gather(
+                *(record(n.key, e, p) for n, e, p in zip(values, entries, payloads, strict=True))
+            )
+            stored = asyncio.gather(
+                *(store(n.key, e, p) for n, e, p in zip(values, entries, payloads, strict=True)),
+                return_exceptions=True,
+            )
+            try:
+                await recorded
+            except JournalUnavailable as exc:
+                await stored
+                raise Unavailable(f"write-behind journal: {exc}") from exc
+            failures = [
+                (new.key, result)
+                for new, result in zip(values, await stored, strict=True)
+                if isinstance(result, BaseException)
+            ]
+        for key, _ in failures:
+            top.miss(key)  # it may hold an older value; the journal has the new one
+        if failures:
+            raise Unavailable(f"the top tier did not take the write: {failures[0][1]}", top.name)
+
+    async def apply_write_behind(self, records: Sequence[Record]) -> None:
+        """Apply journal records to the tiers below the top, newest version per key.
+
+        Raises TierError when the durable tier did not commit (the journal retries); a
+        cache tier in between that fails is skipped and remembers the keys as missed.
+        """
+        newest: dict[str, Record] = {}
+        for rec in records:
+            held = newest.get(rec.key)
+            if held is None or held.entry.version < rec.entry.version:
+                newest[rec.key] = rec
+        now = time.time()
+        for slot in reversed(self.slots[1:]):  # durable first, as write-through does
+            writes = [
+                TierWrite(rec.key, rec.payload, rec.entry.version, ttl)
+                for rec in newest.values()
+                if (ttl := rec.entry.ttl_in(slot.ttl, now)) > 0
+            ]
+            if not writes:
+                continue
+            try:
+                await slot.set_many(writes)
+            except TierError:
+                if slot is self.durable:
+                    raise
+                for write in writes:
+                    slot.miss(write.key)
+        for key, rec in newest.items():
+            unflushed = self._unflushed.get(key)
+            if unflushed is not None and unflushed[0].version <= rec.entry.version:
+                del self._unflushed[key]
+
+    def _forget(self, key: str) -> None:
+        """A newer write or delete of ``key`` is under way: later readers must neither join
+        an older lookup nor see an older unflushed write-behind value."""
+        self._flights.pop(key, None)
+        self._unflushed.pop(key, None)
+
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Tombstone ``keys`` in every tier, durable first."""
         versions = []
         for key in keys:
-            self._flights.pop(key, None)
+            self._forget(key)
             versions.append(self.clock.next())
         tombstones = [
             TierWrite(key, None, version, TOMBSTONE_TTL)

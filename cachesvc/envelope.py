@@ -39,6 +39,15 @@ class Entry:
         return tier_ttl if remaining is None else min(remaining, tier_ttl)
 
 
+def decode_envelope(payload: bytes) -> Entry:
+    """The entry in ``payload``; ValueError when it is not one of ours."""
+    try:
+        value, content_type, version, expires_at, tags = msgpack.unpackb(payload)
+        return Entry(value, content_type, version, expires_at, tuple(tags))
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"not a cachesvc envelope: {exc}") from None
+
+
 def decode_live(payload: bytes | None, now: float) -> Entry | None:
     """The entry in ``payload`` unless it is absent, expired or unreadable.
 
@@ -48,12 +57,12 @@ def decode_live(payload: bytes | None, now: float) -> Entry | None:
     if payload is None:
         return None
     try:
-        value, content_type, version, expires_at, tags = msgpack.unpackb(payload)
-    except (ValueError, TypeError, msgpack.UnpackException):
+        entry = decode_envelope(payload)
+    except ValueError:
         return None
-    if expires_at is not None and expires_at <= now:
+    if entry.expires_at is not None and entry.expires_at <= now:
         return None
-    return Entry(value, content_type, version, expires_at, tuple(tags))
+    return entry
 
 
 class VersionClock:

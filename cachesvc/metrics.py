@@ -87,6 +87,32 @@ class Metrics:
             registry=r,
         )
 
+        self.journal_depth = Gauge(
+            "cachesvc_journal_depth",
+            "Write-behind writes recorded and not yet applied.",
+            registry=r,
+        )
+        self.journal_lag = Gauge(
+            "cachesvc_journal_lag_seconds",
+            "Age of the oldest write-behind write not yet applied.",
+            registry=r,
+        )
+        self.journal_flushed = Counter(
+            "cachesvc_journal_flushed",
+            "Write-behind writes applied to the lower tiers.",
+            registry=r,
+        )
+        self.journal_retried = Counter(
+            "cachesvc_journal_retried",
+            "Write-behind writes whose flush failed and is retried.",
+            registry=r,
+        )
+        self.journal_dead_lettered = Counter(
+            "cachesvc_journal_dead_lettered",
+            "Write-behind writes moved to the dead-letter stream after repeated refusal.",
+            registry=r,
+        )
+
     def for_tier(self, tier: str) -> TierMetrics:
         return TierMetrics(self, tier)
 

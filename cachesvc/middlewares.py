@@ -15,6 +15,11 @@ from cachesvc.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+_DETAILS = {
+    404: "no endpoint at this path; the API is under /v1/ (see /openapi.json)",
+    405: "method not allowed here; the Allow header lists the ones that are",
+}
+
 
 def error_middleware(metrics: Metrics) -> Middleware:
     """Every error becomes ``{"error", "detail"}`` JSON; every request is counted."""
@@ -33,7 +38,7 @@ def error_middleware(metrics: Metrics) -> Middleware:
             if exc.empty_body or exc.status < 400:
                 raise
             code = exc.reason.lower().replace(" ", "_")
-            response = error_response(exc.status, code, exc.text or exc.reason)
+            response = error_response(exc.status, code, _DETAILS.get(exc.status, exc.reason))
             response.headers.extend(
                 (name, value) for name, value in exc.headers.items() if name == "Allow"
             )

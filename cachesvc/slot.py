@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from cachesvc.batching import Batcher
 from cachesvc.metrics import TierMetrics
 from tiers.base import Tier, TierError, TierTimeout, TierUnavailable, TierWrite
 
@@ -94,9 +95,8 @@ class TierSlot:
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics.breaker)
         self.missed: set[str] = set()
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
-        self._pending_gets: dict[str, list[asyncio.Future[bytes | None]]] = {}
-        self._pending_sets: list[tuple[TierWrite, asyncio.Future[None]]] = []
-        self._background: set[asyncio.Task[None]] = set()
+        self._gets = Batcher(self._get_batch)
+        self._sets = Batcher(self._set_batch)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -109,34 +109,14 @@ class TierSlot:
     def get(self, key: str) -> Awaitable[bytes | None]:
         if self.tier.in_process:
             return self.tier.get(key)
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        waiters = self._pending_gets.get(key)
-        if waiters is not None:
-            waiters.append(future)
-        else:
-            if not self._pending_gets:
-                asyncio.get_running_loop().call_soon(self._flush_gets)
-            self._pending_gets[key] = [future]
-        return future
+        return self._gets.submit(key)
 
-    def _flush_gets(self) -> None:
-        pending, self._pending_gets = self._pending_gets, {}
-        self._spawn(self._run_gets(pending))
-
-    async def _run_gets(self, pending: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
-        keys = list(pending)
-        self.metrics.get_batch.observe(len(keys))
-        try:
-            with self.metrics.get_duration.time():
-                found = await self.call(self.tier.get_many(keys))
-        except TierError as exc:
-            for waiters in pending.values():
-                _fail(waiters, exc)
-            return
-        for key, payload in zip(keys, found, strict=True):
-            for waiter in pending[key]:
-                if not waiter.done():
-                    waiter.set_result(payload)
+    async def _get_batch(self, keys: list[str]) -> list[bytes | None]:
+        unique = list(dict.fromkeys(keys))  # concurrent gets of one key: one lookup
+        self.metrics.get_batch.observe(len(unique))
+        with self.metrics.get_duration.time():
+            found = dict(zip(unique, await self.call(self.tier.get_many(unique)), strict=True))
+        return [found[key] for key in keys]
 
     # -- writes --------------------------------------------------------------------------
 
@@ -144,30 +124,17 @@ class TierSlot:
         if self.tier.in_process:
             await self.tier.set(write)
         else:
-            await self._coalesced_set(write)
+            await self._sets.submit(write)
 
-    def _coalesced_set(self, write: TierWrite) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._pending_sets:
-            asyncio.get_running_loop().call_soon(self._flush_sets)
-        self._pending_sets.append((write, future))
-        return future
+    async def set_many(self, writes: Sequence[TierWrite]) -> None:
+        """One call for ``writes`` (already a batch), under the timeout and breaker."""
+        await self._set_batch(list(writes))
 
-    def _flush_sets(self) -> None:
-        pending, self._pending_sets = self._pending_sets, []
-        self._spawn(self._run_sets(pending))
-
-    async def _run_sets(self, pending: list[tuple[TierWrite, asyncio.Future[None]]]) -> None:
-        self.metrics.set_batch.observe(len(pending))
-        try:
-            with self.metrics.set_duration.time():
-                await self.call(self.tier.set_many([write for write, _ in pending]))
-        except TierError as exc:
-            _fail([future for _, future in pending], exc)
-            return
-        for _, future in pending:
-            if not future.done():
-                future.set_result(None)
+    async def _set_batch(self, writes: list[TierWrite]) -> list[None]:
+        self.metrics.set_batch.observe(len(writes))
+        with self.metrics.set_duration.time():
+            await self.call(self.tier.set_many(writes))
+        return [None] * len(writes)
 
     def miss(self, key: str) -> None:
         """Remember that this tier may hold a stale ``key``."""
@@ -189,9 +156,7 @@ class TierSlot:
         keys = list(self.missed)
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
-            await self.call(
-                self.tier.set_many([TierWrite(k, None, version, TOMBSTONE_TTL) for k in batch])
-            )
+            await self.set_many([TierWrite(k, None, version, TOMBSTONE_TTL) for k in batch])
             self.missed.difference_update(batch)
             self.metrics.repaired_keys.inc(len(batch))
             self.metrics.missed_keys.set(len(self.missed))
@@ -233,19 +198,7 @@ class TierSlot:
     def state(self) -> str:
         return self.breaker.state
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._gets.close()
+        await self._sets.close()
         await self.tier.close()
-
-
-def _fail(waiters: Sequence[asyncio.Future[T]], exc: BaseException) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_exception(exc)

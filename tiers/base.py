@@ -129,4 +129,3 @@ class Tier(abc.ABC):
 
     async def set(self, write: TierWrite) -> None:
         await self.set_many((write,))
-

@@ -34,9 +34,7 @@ def tier_class(scheme: str) -> type[Tier]:
     if target is None:
         plugin = next(iter(entry_points(group="cachesvc.tiers", name=scheme)), None)
         if plugin is None:
-            raise ValueError(
-                f"unknown scheme {scheme!r} (known: {', '.join(known_schemes())})"
-            )
+            raise ValueError(f"unknown scheme {scheme!r} (known: {', '.join(known_schemes())})")
         target = plugin.value
     module_name, _, class_name = target.partition(":")
     try:

@@ -1,0 +1,93 @@
+"""Real servers for the tests.
+
+Session fixtures (``redis_url``, ``memcached_url``, ``postgres_url``) use the server named by
+``CACHESVC_TEST_<NAME>_URL`` when set, else one private server started on first use and
+shared by the whole session. ``clean_*_url`` are the same servers, emptied before the test.
+Function fixtures (``redis_server``, ...) give a test its own server to kill, hang or restart.
+
+With ``CACHESVC_TEST_<NAME>_URL`` set, ``clean_*_url`` empties that server's database
+(FLUSHDB, flush_all, TRUNCATE cachesvc_entries): point it only at disposable data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.servers import (
+    MemcachedServer,
+    PostgresServer,
+    RedisServer,
+    Server,
+    flush_memcached,
+    flush_redis,
+    truncate_postgres,
+)
+
+
+def _shared_url(env_var: str, server_cls: Callable[[], Server]) -> Iterator[str]:
+    if url := os.environ.get(env_var):
+        yield url  # somebody else's server: start nothing, stop nothing
+        return
+    with server_cls() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    yield from _shared_url("CACHESVC_TEST_REDIS_URL", RedisServer)
+
+
+@pytest.fixture(scope="session")
+def memcached_url() -> Iterator[str]:
+    yield from _shared_url("CACHESVC_TEST_MEMCACHED_URL", MemcachedServer)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    yield from _shared_url("CACHESVC_TEST_POSTGRES_URL", PostgresServer)
+
+
+# Emptied before, not after, the test: a test then starts clean even if the previous one
+# crashed half-way, and a failing test's data is still there to look at.
+
+
+@pytest.fixture
+def clean_redis_url(redis_url: str) -> str:
+    flush_redis(redis_url)
+    return redis_url
+
+
+@pytest.fixture
+def clean_memcached_url(memcached_url: str) -> str:
+    flush_memcached(memcached_url)
+    return memcached_url
+
+
+@pytest.fixture
+def clean_postgres_url(postgres_url: str) -> str:
+    truncate_postgres(postgres_url)
+    return postgres_url
+
+
+# Always private, never the env-var server: these are for tests that break their server.
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def memcached_server() -> Iterator[MemcachedServer]:
+    with MemcachedServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server

@@ -1,0 +1,119 @@
+"""Write-behind survives ``kill -9`` of the sidecar and a Postgres outage (SPEC §6)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from tests.polling import until
+from tests.servers import PostgresServer
+from tests.service.test_write_behind import _all_found
+from tests.sidecar import Sidecar
+
+pytestmark = pytest.mark.faults
+
+
+def three_tier_config(redis_url: str, memcached_url: str, postgres_url: str) -> str:
+    return f"""
+[[tiers]]
+url = "{redis_url}"
+[[tiers]]
+url = "{memcached_url}"
+[[tiers]]
+url = "{postgres_url}"
+
+[write]
+drain_timeout = 15
+"""
+
+
+async def put_all(base: str, keys: list[str], concurrency: int = 16) -> list[str]:
+    """PUT each key write-behind; returns the keys answered 202 (the acknowledged ones)."""
+    acked: list[str] = []
+    queue = list(keys)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while queue:
+            key = queue.pop()
+            try:
+                async with session.put(
+                    f"{base}/v1/cache/{key}?strategy=write-behind", data=key.encode()
+                ) as response:
+                    if response.status == 202:
+                        acked.append(key)
+            except aiohttp.ClientError:
+                return  # the sidecar died under us: this write was not acknowledged
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return acked
+
+
+async def test_acked_writes_survive_kill_9_during_an_outage(
+    clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
+) -> None:
+    config = three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
+    sidecar = Sidecar(config).start()
+    try:
+        await asyncio.to_thread(postgres_server.stop_immediate)
+        keys = [f"k9-{n}" for n in range(300)]
+        acked = await put_all(sidecar.url, keys)
+        assert len(acked) == 300
+        sidecar.kill()  # SIGKILL: no drain, no goodbye
+
+        await asyncio.to_thread(postgres_server.start)
+        sidecar.start()  # same port: the same journal consumer takes up its pending writes
+        found = await until(
+            lambda: _all_found(postgres_server.url, acked), 30.0, "every acked write in l3"
+        )
+        missing = [key for key in acked if found.get(key) != key.encode()]
+        assert missing == []
+    finally:
+        sidecar.kill()
+
+
+async def test_acked_writes_survive_kill_9_under_load(
+    clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
+) -> None:
+    config = three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
+    sidecar = Sidecar(config).start()
+    try:
+        writing = asyncio.create_task(put_all(sidecar.url, [f"load-{n}" for n in range(3000)]))
+        await until(lambda: _some_acked(postgres_server.url), 10.0, "the flusher at work")
+        sidecar.kill()
+        acked = await writing
+        assert 0 < len(acked) < 3000, "the kill should land in the middle of the writes"
+
+        sidecar.start()
+        found = await until(
+            lambda: _all_found(postgres_server.url, acked), 30.0, "every acked write in l3"
+        )
+        assert [key for key in acked if found.get(key) != key.encode()] == []
+    finally:
+        sidecar.kill()
+
+
+async def _some_acked(postgres_url: str) -> bool:
+    try:
+        return bool(await _all_found(postgres_url, ["load-2999"]))
+    except Exception:
+        return False
+
+
+async def test_sigterm_drains_the_journal_before_exit(
+    clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
+) -> None:
+    config = three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
+    sidecar = Sidecar(config).start()
+    try:
+        await asyncio.to_thread(postgres_server.stop_immediate)
+        acked = await put_all(sidecar.url, [f"drain-{n}" for n in range(100)])
+        assert len(acked) == 100
+        await asyncio.to_thread(postgres_server.start)
+        assert await asyncio.to_thread(sidecar.terminate) == 0
+        # Checked once, right after exit: the drain happened before it, not after.
+        assert await _all_found(postgres_server.url, acked) is not None
+    finally:
+        sidecar.kill()

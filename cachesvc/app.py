@@ -15,11 +15,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cachesvc import handlers
 from cachesvc.config import Settings, TierSettings
 from cachesvc.engine import Engine
-from cachesvc.handlers import ENGINE, SETTINGS
+from cachesvc.handlers import ENGINE, INVALIDATOR, SETTINGS
+from cachesvc.invalidator import Invalidator
 from cachesvc.journal import Journal
 from cachesvc.metrics import Metrics
 from cachesvc.middlewares import auth_middleware, error_middleware
 from cachesvc.slot import TierSlot
+from invalidation.base import Listener
+from invalidation.postgres_notify import PostgresNotifyListener
+from invalidation.redis_pubsub import RedisPubSubListener
 from tiers.registry import tier_class
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -72,8 +76,10 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[ENGINE] = build_engine(settings, metrics)
+    app[ENGINE] = engine = build_engine(settings, metrics)
+    app[INVALIDATOR] = build_invalidator(settings, engine, metrics)
     app.cleanup_ctx.append(_engine_lifecycle)
+    app.cleanup_ctx.append(_invalidator_lifecycle)
 
     app.router.add_get(KEY_ROUTE, handlers.get_entry, name="get", allow_head=False)
     app.router.add_put(KEY_ROUTE, handlers.put_entry, name="put")
@@ -81,6 +87,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/bulk/get", handlers.bulk_get, name="bulk_get")
     app.router.add_post("/v1/bulk/set", handlers.bulk_set, name="bulk_set")
     app.router.add_post("/v1/bulk/delete", handlers.bulk_delete, name="bulk_delete")
+    app.router.add_post("/v1/invalidate", handlers.invalidate, name="invalidate")
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
@@ -89,11 +96,32 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def build_invalidator(settings: Settings, engine: Engine, metrics: Metrics) -> Invalidator:
+    config = settings.invalidation
+    listeners: list[Listener] = []
+    if config.url is not None:
+        listeners.append(RedisPubSubListener(config.url, config.channel, config.liveness_interval))
+    if config.postgres_url is not None:
+        listeners.append(
+            PostgresNotifyListener(
+                config.postgres_url, config.postgres_channel, config.liveness_interval
+            )
+        )
+    return Invalidator(engine, metrics, listeners, config.url, config.channel)
+
+
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     await engine.start()
     yield
     await engine.close()
+
+
+async def _invalidator_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    invalidator = app[INVALIDATOR]
+    await invalidator.start()
+    yield
+    await invalidator.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -104,11 +132,14 @@ async def readyz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     await asyncio.gather(*(slot.probe() for slot in engine.slots if slot.state == "closed"))
     tiers = engine.tier_states()
-    ready = all(tier["state"] == "up" for tier in tiers)
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", "tiers": tiers},
-        status=200 if ready else 503,
+    listeners = request.app[INVALIDATOR].states()
+    ready = all(tier["state"] == "up" for tier in tiers) and all(
+        state == "up" for state in listeners.values()
     )
+    body: dict[str, object] = {"status": "ready" if ready else "not ready", "tiers": tiers}
+    if listeners:
+        body["invalidation"] = listeners
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def serve_openapi(document: bytes, request: web.Request) -> web.Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -119,11 +118,14 @@ def publish_invalidation(
     if settings.invalidation.url is None:
         print("no [invalidation].url configured to publish to", file=sys.stderr)
         return 2
+    import time
+
+    from invalidation.events import InvalidationEvent
     from invalidation.redis_pubsub import publish
 
-    event = {"keys": keys, "prefixes": prefixes, "tags": tags}
+    event = InvalidationEvent(tuple(keys), tuple(prefixes), tuple(tags), sent_at=time.time())
     receivers = asyncio.run(
-        publish(settings.invalidation.url, settings.invalidation.channel, json.dumps(event))
+        publish(settings.invalidation.url, settings.invalidation.channel, event.to_json())
     )
     print(f"published to {settings.invalidation.channel} ({receivers} subscribers)")
     return 0

@@ -100,8 +100,25 @@ class WriteSettings(_Section):
 
 
 class InvalidationSettings(_Section):
+    # Redis pub/sub: the channel this sidecar subscribes to and publishes on.
     url: str | None = None
-    channel: str = "cachesvc:invalidate"
+    channel: str = Field("cachesvc:invalidate", min_length=1)
+    # Postgres LISTEN/NOTIFY: a second source, so a database trigger can invalidate.
+    postgres_url: str | None = None
+    postgres_channel: str = Field("cachesvc_invalidate", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    # A subscription silent for this long is checked (PING / SELECT 1).
+    liveness_interval: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> InvalidationSettings:
+        if self.url is not None and urlsplit(self.url).scheme not in ("redis", "rediss"):
+            raise _FieldError("url", "must be a redis:// or rediss:// URL")
+        if self.postgres_url is not None and urlsplit(self.postgres_url).scheme not in (
+            "postgresql",
+            "postgres",
+        ):
+            raise _FieldError("postgres_url", "must be a postgresql:// URL")
+        return self
 
 
 def _default_tiers() -> list[TierSettings]:

@@ -33,6 +33,7 @@ from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, VersionClock, decode_live
 from cachesvc.errors import Unavailable
 from cachesvc.journal import Journal, JournalUnavailable, Record, drain
+from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot
 from tiers.base import TierError, TierWrite
 
@@ -73,6 +74,9 @@ class Engine:
         self.request_timeout = request_timeout
         self.journal = journal
         self.drain_timeout = drain_timeout
+        # An entry lives at most the sum of the tier ttls after its version (every
+        # promotion may restart a tier's ttl): markers older than that hide nothing.
+        self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
         self._flights: dict[str, asyncio.Future[Hit | None]] = {}
         # Write-behind writes of this process not yet applied below the top tier: reads
         # that miss the top tier (evicted, or it failed) still see them.
@@ -115,7 +119,7 @@ class Engine:
         top = self.top
         if top.readable(key):
             try:
-                entry = decode_live(await top.get(key), time.time())
+                entry = self._fresh(key, await top.get(key), time.time())
             except TierError:
                 entry = None
             if entry is not None:
@@ -127,7 +131,7 @@ class Engine:
         unflushed = self._unflushed.get(key)
         if unflushed is not None:
             entry, payload = unflushed
-            if decode_live(payload, time.time()) is not None:
+            if self._fresh(key, payload, time.time()) is not None:
                 await self._promote(key, payload, entry, [top], time.time())
                 return Hit(entry, top.name)
         flight = self._flights.get(key)
@@ -136,7 +140,17 @@ class Engine:
             self._flights[key] = flight
             flight.add_done_callback(lambda done: self._land(key, done))
         # Shielded: one reader giving up must not cancel the lookup others wait for.
-        return await asyncio.shield(flight)
+        hit = await asyncio.shield(flight)
+        if hit is not None and self.markers.active and self.markers.hides(key, hit.entry):
+            return None  # invalidated while the lookup this read joined was under way
+        return hit
+
+    def _fresh(self, key: str, payload: bytes | None, now: float) -> Entry | None:
+        """The live entry in ``payload``, unless an invalidation marker hides it."""
+        entry = decode_live(payload, now)
+        if entry is not None and self.markers.active and self.markers.hides(key, entry):
+            return None
+        return entry
 
     def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:
         if self._flights.get(key) is flight:
@@ -156,7 +170,7 @@ class Engine:
                 except TierError:
                     continue
                 now = time.time()
-                entry = decode_live(payload, now)
+                entry = self._fresh(key, payload, now)
                 if entry is None:
                     slot.metrics.misses.inc()
                     continue

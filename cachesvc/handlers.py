@@ -20,11 +20,14 @@ from cachesvc.config import STRATEGIES, Settings, Strategy
 from cachesvc.engine import Engine, NewValue
 from cachesvc.envelope import DEFAULT_CONTENT_TYPE
 from cachesvc.errors import BadRequest, PayloadTooLarge
+from cachesvc.invalidator import Invalidator
+from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
 
 M = TypeVar("M", bound=BaseModel)
 
 ENGINE = web.AppKey("engine", Engine)
 SETTINGS = web.AppKey("settings", Settings)
+INVALIDATOR = web.AppKey("invalidator", Invalidator)
 
 CACHE_PREFIX = "/v1/cache/"
 MAX_KEY_BYTES = 250
@@ -122,8 +125,24 @@ async def put_entry(request: web.Request) -> web.StreamResponse:
 
 
 async def delete_entry(request: web.Request) -> web.StreamResponse:
-    await request.app[ENGINE].delete_many([key_of(request)])
+    await request.app[INVALIDATOR].invalidate(InvalidationEvent(keys=(key_of(request),)))
     return web.Response(status=204)
+
+
+async def invalidate(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request, request.app[SETTINGS].server.max_body_bytes)
+    try:
+        event = parse_event(body)
+    except MalformedEvent as exc:
+        raise BadRequest(str(exc)) from None
+    for key in event.keys:
+        validate_key(key)
+    for tag in event.tags:
+        validate_key(tag, "tag")
+    if not event:
+        raise BadRequest("nothing to invalidate: give keys, prefixes or tags")
+    await request.app[INVALIDATOR].invalidate(event)
+    return web.json_response({"status": "accepted"}, status=202)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -226,7 +245,8 @@ async def bulk_set(request: web.Request) -> web.StreamResponse:
 
 async def bulk_delete(request: web.Request) -> web.StreamResponse:
     body = await read_model(request, BulkKeys)
-    await request.app[ENGINE].delete_many([validate_key(key) for key in body.keys])
+    keys = tuple(validate_key(key) for key in body.keys)
+    await request.app[INVALIDATOR].invalidate(InvalidationEvent(keys=keys))
     return web.Response(status=204)
 
 

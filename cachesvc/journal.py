@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 from cachesvc.batching import Batcher
 from cachesvc.envelope import Entry, decode_envelope
 from cachesvc.metrics import Metrics
+from invalidation.base import Backoff
 from tiers.base import TierError, TierTimeout, TierUnavailable
 
 log = logging.getLogger(__name__)
@@ -308,24 +308,6 @@ class Journal:
     async def close(self) -> None:
         await self._appends.close()
         await self._client.aclose()
-
-
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog's recommendation):
-    peers retrying against a recovering tier spread out instead of arriving together."""
-
-    def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
-        self.base = base
-        self.cap = cap
-        self._attempt = 0
-
-    async def sleep(self) -> None:
-        delay = random.uniform(0, min(self.cap, self.base * 2**self._attempt))
-        self._attempt = min(self._attempt + 1, 16)
-        await asyncio.sleep(delay)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 def _id_time(entry_id: bytes) -> float:

@@ -113,6 +113,21 @@ class Metrics:
             registry=r,
         )
 
+        self.invalidation_events = Counter(
+            "cachesvc_invalidation_events",
+            "Invalidation events received, by source and outcome "
+            "(applied, malformed, own = this sidecar's, already applied).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.invalidation_latency = Histogram(
+            "cachesvc_invalidation_latency_seconds",
+            "From publishing (the event's sent_at) to applied here.",
+            ["source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def for_tier(self, tier: str) -> TierMetrics:
         return TierMetrics(self, tier)
 

@@ -94,6 +94,8 @@ class TierSlot:
         self.metrics = metrics
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics.breaker)
         self.missed: set[str] = set()
+        # Set while this (in-process) tier may be missing invalidation events.
+        self.suspended = False
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
         self._gets = Batcher(self._get_batch)
         self._sets = Batcher(self._set_batch)
@@ -101,8 +103,9 @@ class TierSlot:
     # -- reads ---------------------------------------------------------------------------
 
     def readable(self, key: str) -> bool:
-        """Whether this tier may answer for ``key`` (it did not miss a write of it)."""
-        if self._blind_until and time.monotonic() < self._blind_until:
+        """Whether this tier may answer for ``key``: it did not miss a write of it, nor
+        (in-process tiers) invalidation events."""
+        if self.suspended or (self._blind_until and time.monotonic() < self._blind_until):
             return False
         return key not in self.missed
 

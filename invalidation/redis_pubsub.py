@@ -2,7 +2,81 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from invalidation.base import Backoff, EventSink, Listener
+from invalidation.events import MalformedEvent, parse_event
+
+log = logging.getLogger(__name__)
+
+
+class RedisPubSubListener(Listener):
+    """SUBSCRIBE on ``channel``; a silent connection is detected by PINGing it.
+
+    A pub/sub connection that a proxy or ``CLIENT KILL`` dropped may look idle rather than
+    broken, so after ``liveness_interval`` seconds without traffic the listener PINGs, and
+    reconnects when no PONG arrives within another interval.
+    """
+
+    source = "redis"
+
+    def __init__(self, url: str, channel: str, liveness_interval: float = 5.0) -> None:
+        super().__init__()
+        self.url = url
+        self.channel = channel
+        self.liveness_interval = liveness_interval
+
+    async def run(self, sink: EventSink) -> None:
+        backoff = Backoff()
+        while True:
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
+            try:
+                await self._listen(client, sink, backoff)
+            except (RedisError, OSError) as exc:
+                log.warning("invalidation subscription to %s lost: %s", self.channel, exc)
+            finally:
+                if self.state == "up":
+                    sink.on_disconnect(self.source)
+                self.state = "down"
+                await client.aclose()
+            await backoff.sleep()
+
+    async def _listen(self, client: redis.Redis, sink: EventSink, backoff: Backoff) -> None:
+        async with client.pubsub() as pubsub:
+            await pubsub.subscribe(self.channel)
+            last_heard = time.monotonic()
+            ping_sent: float | None = None
+            while True:
+                message = await pubsub.get_message(timeout=min(1.0, self.liveness_interval))
+                now = time.monotonic()
+                if message is None:
+                    if ping_sent is not None and now - ping_sent > self.liveness_interval:
+                        raise RedisError("no PONG on the pub/sub connection")
+                    if ping_sent is None and now - last_heard > self.liveness_interval:
+                        await pubsub.ping()
+                        ping_sent = now
+                    continue
+                last_heard, ping_sent = now, None
+                kind = message["type"]
+                if kind == "subscribe":
+                    # Also after a reconnect inside redis-py: either way, a gap just ended.
+                    self.state = "up"
+                    backoff.reset()
+                    await sink.on_gap(self.source)
+                elif kind == "message":
+                    await self._deliver(message["data"], sink)
+
+    async def _deliver(self, raw: bytes, sink: EventSink) -> None:
+        try:
+            event = parse_event(raw)
+        except MalformedEvent as exc:
+            sink.on_malformed(raw, exc, self.source)
+            return
+        await sink.on_event(event, self.source)
 
 
 async def publish(url: str, channel: str, message: str) -> int:

@@ -124,6 +124,11 @@ class Tier(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+    async def clear(self) -> None:
+        """Drop every entry. Required of in-process tiers only: the engine clears them
+        when they may have missed invalidation events."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be cleared")
+
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,)))[0]
 

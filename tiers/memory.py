@@ -87,6 +87,9 @@ class MemoryTier(Tier):
         return None
 
     async def close(self) -> None:
+        await self.clear()
+
+    async def clear(self) -> None:
         self._slots.clear()
         self._bytes = 0
 

@@ -1,0 +1,71 @@
+"""Invalidation events over Postgres LISTEN/NOTIFY, so a database trigger can invalidate
+(see docs/invalidation-trigger.sql). Same JSON payload as the Redis channel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from invalidation.base import Backoff, EventSink, Listener
+from invalidation.events import MalformedEvent, parse_event
+
+log = logging.getLogger(__name__)
+
+_LOST = object()  # put on the queue when the connection terminates
+
+
+class PostgresNotifyListener(Listener):
+    """LISTEN on a dedicated connection (a pooled one would drop its listeners when
+    released), checked with ``SELECT 1`` after ``liveness_interval`` seconds of silence."""
+
+    source = "postgres"
+
+    def __init__(self, url: str, channel: str, liveness_interval: float = 5.0) -> None:
+        super().__init__()
+        self.url = url
+        self.channel = channel
+        self.liveness_interval = liveness_interval
+
+    async def run(self, sink: EventSink) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await self._listen(sink, backoff)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("LISTEN %s lost: %s", self.channel, exc)
+            finally:
+                if self.state == "up":
+                    sink.on_disconnect(self.source)
+                self.state = "down"
+            await backoff.sleep()
+
+    async def _listen(self, sink: EventSink, backoff: Backoff) -> None:
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        connection = await asyncpg.connect(self.url, timeout=2)
+        try:
+            connection.add_termination_listener(lambda _: queue.put_nowait(_LOST))
+            await connection.add_listener(
+                self.channel, lambda _conn, _pid, _channel, payload: queue.put_nowait(payload)
+            )
+            self.state = "up"
+            backoff.reset()
+            await sink.on_gap(self.source)
+            while True:
+                try:
+                    payload = await asyncio.wait_for(queue.get(), self.liveness_interval)
+                except TimeoutError:
+                    await connection.fetchval("SELECT 1", timeout=self.liveness_interval)
+                    continue
+                if payload is _LOST:
+                    raise OSError("connection terminated")
+                assert isinstance(payload, str)
+                try:
+                    event = parse_event(payload)
+                except MalformedEvent as exc:
+                    sink.on_malformed(payload, exc, self.source)
+                    continue
+                await sink.on_event(event, self.source)
+        finally:
+            connection.terminate()

@@ -1,0 +1,94 @@
+"""The race between a fill (a lower-tier hit being promoted) and an invalidation: the
+invalidation wins, whichever lands first (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import pytest
+
+from cachesvc.engine import Engine, NewValue
+from cachesvc.invalidator import Invalidator
+from cachesvc.metrics import Metrics
+from cachesvc.slot import TierSlot
+from invalidation.events import InvalidationEvent
+from tiers.memory import MemoryTier
+
+
+class SlowFillTier(MemoryTier):
+    """A lower tier whose reads answer only when the test lets them: the value is read,
+    then held, like a slow network reply while an invalidation arrives."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        super().__init__("l2", urlsplit("memory://"), 3600)
+        self.read_done = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        found = await super().get_many(keys)
+        self.read_done.set()
+        await self.release.wait()
+        return found
+
+
+@pytest.fixture
+async def engine() -> Engine:
+    metrics = Metrics()
+    top = MemoryTier("l1", urlsplit("memory://"), 300)
+    slots = [
+        TierSlot(
+            t, timeout=5, breaker_failures=3, breaker_reset=1, metrics=metrics.for_tier(t.name)
+        )
+        for t in (top, SlowFillTier())
+    ]
+    engine = Engine(slots, request_timeout=10)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        InvalidationEvent(keys=("k",)),
+        InvalidationEvent(tags=("t",)),
+        InvalidationEvent(prefixes=("k",)),
+    ],
+    ids=["key", "tag", "prefix"],
+)
+async def test_invalidation_during_a_fill_wins(engine: Engine, event: InvalidationEvent) -> None:
+    invalidator = Invalidator(engine, Metrics(), listeners=[])
+    await engine.put(NewValue("k", b"old", "text/plain", tags=("t",)), "write-through")
+    await engine.top.tier.clear()  # only l2 holds it: the next read fills l1
+    lower = engine.slots[1].tier
+    assert isinstance(lower, SlowFillTier)
+
+    reading = asyncio.create_task(engine.get("k"))
+    await lower.read_done.wait()  # the old value is on its way up
+    assert await invalidator.apply(event) is None
+    lower.release.set()
+    await reading  # began before the invalidation: either answer is linearizable
+
+    assert await engine.get("k") is None
+    assert await engine.get("k") is None  # and it did not come back by promotion
+
+
+async def test_readers_joining_a_fill_after_an_invalidation_see_it(engine: Engine) -> None:
+    invalidator = Invalidator(engine, Metrics(), listeners=[])
+    await engine.put(NewValue("k", b"old", "text/plain", tags=("t",)), "write-through")
+    await engine.top.tier.clear()
+    lower = engine.slots[1].tier
+    assert isinstance(lower, SlowFillTier)
+
+    first = asyncio.create_task(engine.get("k"))
+    await lower.read_done.wait()
+    await invalidator.apply(InvalidationEvent(tags=("t",)))
+    joined = asyncio.create_task(engine.get("k"))  # joins the lookup already under way
+    await asyncio.sleep(0)
+    lower.release.set()
+    await first
+    assert await joined is None

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import socket
 from collections.abc import AsyncIterator
-from importlib import resources
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -27,11 +27,12 @@ from invalidation.redis_pubsub import RedisPubSubListener
 from tiers.registry import tier_class
 
 METRICS = web.AppKey("metrics", Metrics)
+OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
 # Any characters, newlines included: the handler validates the key and answers 400.
 KEY_ROUTE = r"/v1/cache/{key:[\s\S]*}"
 
 
-def build_engine(settings: Settings, metrics: Metrics) -> Engine:
+def build_engine(settings: Settings, metrics: Metrics, worker: int = 0) -> Engine:
     slots = []
     for tier_settings in settings.tiers:
         url = tier_settings.parsed_url
@@ -46,25 +47,30 @@ def build_engine(settings: Settings, metrics: Metrics) -> Engine:
                 metrics=metrics.for_tier(tier_settings.name),
             )
         )
+    journal = build_journal(settings, metrics, worker) if len(slots) > 1 else None
+    return Engine(slots, settings.server.request_timeout, journal, settings.write.drain_timeout)
+
+
+def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal | None:
     write = settings.write
-    journal = None
-    if write.journal_url is not None and len(slots) > 1:
-        journal = Journal(
-            write.journal_url,
-            write.journal_stream,
-            max_pending=write.journal_max_pending,
-            batch=write.flush_batch,
-            reclaim_after=write.reclaim_after,
-            max_attempts=write.max_attempts,
-            metrics=metrics,
-            # Stable across restarts in the same pod: the restarted sidecar takes up its
-            # own pending entries at once.
-            consumer=f"{socket.gethostname()}:{settings.server.port}",
-        )
-    return Engine(slots, settings.server.request_timeout, journal, write.drain_timeout)
+    if write.journal_url is None:
+        return None
+    return Journal(
+        write.journal_url,
+        write.journal_stream,
+        max_pending=write.journal_max_pending,
+        batch=write.flush_batch,
+        reclaim_after=write.reclaim_after,
+        max_attempts=write.max_attempts,
+        metrics=metrics,
+        # Stable across restarts in the same pod: the restarted sidecar takes up its own
+        # pending entries at once instead of waiting for a peer to reclaim them.
+        consumer=f"{socket.gethostname()}:{settings.server.port}:{worker}",
+    )
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, worker: int = 0) -> web.Application:
+    """The app for ``settings``; ``worker`` tells apart the processes of ``--workers``."""
     metrics = Metrics()
     middlewares = [error_middleware(metrics)]
     if settings.server.auth_token is not None:
@@ -76,7 +82,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[ENGINE] = engine = build_engine(settings, metrics)
+    app[ENGINE] = engine = build_engine(settings, metrics, worker)
     app[INVALIDATOR] = build_invalidator(settings, engine, metrics)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_invalidator_lifecycle)
@@ -91,7 +97,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
-    openapi = (resources.files("cachesvc") / "openapi.json").read_bytes()
+    openapi = OPENAPI_DOCUMENT.read_bytes()
     app.router.add_get("/openapi.json", functools.partial(serve_openapi, openapi), name="openapi")
     return app
 

@@ -20,7 +20,10 @@ from tests.servers import free_port
 class Sidecar:
     """``python -m cachesvc serve`` on a free loopback port, with its output in a file."""
 
-    def __init__(self, config: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: str | None = None, env: dict[str, str] | None = None, *args: str
+    ) -> None:
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="cachesvc-sidecar-"))
@@ -38,6 +41,7 @@ class Sidecar:
         command = [sys.executable, "-m", "cachesvc", "serve", "--port", str(self.port)]
         if self.config_path is not None:
             command += ["--config", str(self.config_path)]
+        command += self.args
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 command,

@@ -60,6 +60,15 @@ url = "{postgres_url}"
     assert "l3=postgresql://" in sidecar.log
 
 
+def test_workers_share_the_port_and_stop_together() -> None:
+    with Sidecar(None, None, "--workers", "2") as sidecar:
+        for n in range(20):  # new connections: the kernel spreads them over the workers
+            assert request("PUT", f"{sidecar.url}/v1/cache/k{n}", b"v")[0] == 204
+        assert request("GET", sidecar.url + "/healthz")[0] == 200
+        assert sidecar.terminate() == 0
+    assert "Traceback" not in sidecar.log
+
+
 def test_non_loopback_bind_without_token_is_refused(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cachesvc", "serve", "--host", "0.0.0.0", "--port", "0"],

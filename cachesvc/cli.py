@@ -79,14 +79,13 @@ def is_loopback(host: str) -> bool:
 
 
 def configure_logging(settings: Settings) -> None:
+    from cachesvc.logs import JsonFormatter, RequestIdFilter, TextFormatter
+
     level = getattr(logging, settings.server.log_level.upper())
     handler = logging.StreamHandler()
-    if settings.server.log_format == "json":
-        from cachesvc.logs import JsonFormatter
-
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    json_lines = settings.server.log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from cachesvc.errors import ServiceError, Unauthorized
 from cachesvc.handlers import error_response
+from cachesvc.logs import CURRENT_REQUEST, RequestContext
 from cachesvc.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ def error_middleware(metrics: Metrics) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         route = request.match_info.route.name or "unmatched"
+        # Reset below: keep-alive requests of one connection share its task's context.
+        token = CURRENT_REQUEST.set(RequestContext(request))
         try:
             response = await handler(request)
         except ServiceError as exc:
@@ -45,6 +48,8 @@ def error_middleware(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unhandled error in %s %s", request.method, route)
             response = error_response(500, "internal_error", "unexpected server error")
+        finally:
+            CURRENT_REQUEST.reset(token)
         requests.labels(route, str(response.status)).inc()
         durations.labels(route).observe(time.perf_counter() - started)
         return response

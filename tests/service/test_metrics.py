@@ -1,0 +1,52 @@
+"""/metrics: Prometheus text with per-tier series after traffic (SPEC §3, issue 7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import flush_redis
+from tests.service.test_api import path
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_parse_and_carry_per_tier_series(
+    three_tier: TestClient[Any, Any], clean_redis_url: str
+) -> None:
+    await three_tier.put(path("m"), data=b"v")
+    await three_tier.get(path("m"))
+    flush_redis(clean_redis_url)
+    await three_tier.get(path("m"))  # an l1 miss, an l2 hit and a promotion into l1
+    await three_tier.get(path("absent"))
+
+    response = await three_tier.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    found = samples(await response.text())
+
+    assert found[("cachesvc_tier_hits_total", (("tier", "l1"),))] == 1
+    assert found[("cachesvc_tier_hits_total", (("tier", "l2"),))] == 1
+    assert found[("cachesvc_tier_misses_total", (("tier", "l1"),))] == 2
+    assert found[("cachesvc_tier_misses_total", (("tier", "l3"),))] == 1
+    assert found[("cachesvc_promotions_total", (("tier", "l1"),))] == 1
+    assert found[("cachesvc_requests_total", (("operation", "get"), ("status", "200")))] == 2
+    assert found[("cachesvc_requests_total", (("operation", "get"), ("status", "404")))] == 1
+    assert found[("cachesvc_requests_total", (("operation", "put"), ("status", "204")))] == 1
+    for tier in ("l1", "l2", "l3"):
+        assert found[("cachesvc_breaker_state", (("tier", tier),))] == 0
+        count = (
+            "cachesvc_tier_call_duration_seconds_count",
+            (("operation", "get"), ("tier", tier)),
+        )
+        assert found[count] >= 1
+    latency = ("cachesvc_request_duration_seconds_count", (("operation", "get"),))
+    assert found[latency] == 3

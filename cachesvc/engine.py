@@ -160,24 +160,32 @@ class Engine:
         return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
     async def _read_lower(self, key: str) -> Hit | None:
-        async with asyncio.timeout(self.request_timeout):
-            for position in range(1, len(self.slots)):
-                slot = self.slots[position]
-                if not slot.readable(key):
-                    continue
-                try:
-                    payload = await slot.get(key)
-                except TierError:
-                    continue
-                now = time.time()
-                entry = self._fresh(key, payload, now)
-                if entry is None:
-                    slot.metrics.misses.inc()
-                    continue
-                slot.metrics.hits.inc()
-                assert payload is not None
-                await self._promote(key, payload, entry, self.slots[:position], now)
-                return Hit(entry, slot.name)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await self._search_lower(key)
+        except TimeoutError:
+            raise Unavailable(
+                f"the lower tiers did not answer within request_timeout ({self.request_timeout} s)"
+            ) from None
+
+    async def _search_lower(self, key: str) -> Hit | None:
+        for position in range(1, len(self.slots)):
+            slot = self.slots[position]
+            if not slot.readable(key):
+                continue
+            try:
+                payload = await slot.get(key)
+            except TierError:
+                continue
+            now = time.time()
+            entry = self._fresh(key, payload, now)
+            if entry is None:
+                slot.metrics.misses.inc()
+                continue
+            slot.metrics.hits.inc()
+            assert payload is not None
+            await self._promote(key, payload, entry, self.slots[:position], now)
+            return Hit(entry, slot.name)
         return None
 
     async def _promote(

@@ -38,6 +38,10 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vn
 # SPEC §3: no whitespace (any Unicode space) and no control characters (C0, DEL, C1).
 _FORBIDDEN_IN_KEY = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _PUT_PARAMS = frozenset(("ttl", "strategy", "tags"))
+# RFC 9110 media type: type "/" subtype *( ";" parameter ), printable ASCII only — the
+# value goes back out as a response header, where CR/LF or non-ASCII would break it.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[\x20-\x7e\t]*)?")
 
 
 def validate_key(key: str, what: str = "key") -> str:
@@ -82,6 +86,14 @@ def parse_strategy(raw: str | None, default: Strategy) -> Strategy:
     return raw
 
 
+def validate_content_type(content_type: str) -> str:
+    if len(content_type) > 255 or not _MEDIA_TYPE.fullmatch(content_type):
+        raise BadRequest(
+            f"content type must be a media type like text/plain, got {content_type[:60]!r}"
+        )
+    return content_type
+
+
 def parse_tags(tags: Sequence[str]) -> tuple[str, ...]:
     if len(tags) > MAX_TAGS:
         raise BadRequest(f"at most {MAX_TAGS} tags per entry")
@@ -97,10 +109,18 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
         return error_response(404, "not_found", "no tier holds a live entry for this key")
     etag = f'"{hit.entry.version}"'
     headers = {"X-Cache-Tier": hit.tier, "ETag": etag}
-    if request.headers.get("If-None-Match") == etag:
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and etag_matches(if_none_match, etag):
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = hit.entry.content_type
     return web.Response(body=hit.entry.value, headers=headers)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 §13.1.2: ``*`` or a list of entity tags, compared weakly."""
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
 
 
 async def put_entry(request: web.Request) -> web.StreamResponse:
@@ -117,7 +137,9 @@ async def put_entry(request: web.Request) -> web.StreamResponse:
     raw_tags = query.get("tags", "")
     tags = parse_tags(raw_tags.split(",")) if raw_tags else ()
     value = await read_body(request, settings.server.max_body_bytes)
-    content_type = request.headers.get("Content-Type") or DEFAULT_CONTENT_TYPE
+    content_type = validate_content_type(
+        request.headers.get("Content-Type") or DEFAULT_CONTENT_TYPE
+    )
     new = NewValue(key, value, content_type, ttl, tags)
     version = await request.app[ENGINE].put(new, strategy)
     status = 202 if strategy == "write-behind" else 204
@@ -170,7 +192,7 @@ class BulkSetEntry(_BulkModel):
     value: str | bytes | None = None
     value_base64: str | None = None
     content_type: str = DEFAULT_CONTENT_TYPE
-    ttl: float | None = Field(None, gt=0, allow_inf_nan=False)
+    ttl: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
 
     @field_validator("value_base64")
@@ -231,7 +253,7 @@ async def bulk_set(request: web.Request) -> web.StreamResponse:
         NewValue(
             validate_key(item.key),
             item.payload(),
-            item.content_type,
+            validate_content_type(item.content_type),
             item.ttl,
             parse_tags(item.tags),
         )

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from cachesvc.config import Settings
+from cachesvc.handlers import ENGINE
 from tests.service.conftest import MakeClient, settings_for
 
 Client = TestClient[Any, Any]
@@ -86,6 +87,9 @@ async def test_if_none_match_answers_304(client: Client) -> None:
     etag = (await client.put(path("k"), data=b"v")).headers["ETag"]
     got = await client.get(path("k"), headers={"If-None-Match": etag})
     assert got.status == 304 and await got.read() == b""
+    for header in (f'"1", W/{etag}', "*"):
+        assert (await client.get(path("k"), headers={"If-None-Match": header})).status == 304
+    assert (await client.get(path("k"), headers={"If-None-Match": '"1"'})).status == 200
 
 
 @pytest.mark.parametrize(
@@ -317,3 +321,35 @@ def test_settings_for_builds_ordered_tiers() -> None:
     settings = settings_for("memory://", "memory://?max_items=10")
     assert [tier.name for tier in settings.tiers] == ["l1", "l2"]
     assert [tier.ttl for tier in settings.tiers] == [300, 3600]
+
+
+@pytest.mark.parametrize("content_type", ["foo", "text/plain\r\nX-Evil: 1", "tëxt/plain", "a/b/c"])
+async def test_bad_content_types_are_400(client: Client, content_type: str) -> None:
+    response = await client.post(
+        "/v1/bulk/set", json={"entries": [{"key": "k", "value": "v", "content_type": content_type}]}
+    )
+    await assert_error(response, 400)
+    await assert_error(await client.get(path("k")), 404)
+
+
+async def test_bad_put_content_type_is_400(client: Client) -> None:
+    await assert_error(await client.put(path("k"), data=b"v", headers={"Content-Type": "foo"}), 400)
+
+
+async def test_lower_tiers_past_the_deadline_answer_503(make_client: MakeClient) -> None:
+    from tests.unit.test_fill_races import SlowFillTier
+
+    client = await make_client(
+        Settings.model_validate(
+            {
+                "server": {"request_timeout": 0.2},
+                "tiers": [{"url": "memory://"}, {"url": "memory://"}],
+            }
+        )
+    )
+    engine = client.server.app[ENGINE]
+    slow = SlowFillTier()  # answers only when released: never, here
+    engine.slots[1].tier = slow
+    body = await assert_error(await client.get(path("k")), 503, "unavailable")
+    assert "request_timeout" in body["detail"]
+    slow.release.set()

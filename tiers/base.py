@@ -101,8 +101,8 @@ class Tier(abc.ABC):
         self.name = name
         self.ttl = ttl
 
-    @classmethod
-    def validate_url(cls, url: SplitResult) -> None:  # noqa: B027 - optional hook
+    @classmethod  # noqa: B027 - optional hook
+    def validate_url(cls, url: SplitResult) -> None:
         """Raise ValueError with a clear message when ``url`` cannot configure this tier."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook

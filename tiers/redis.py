@@ -1,0 +1,202 @@
+"""Redis tier: ``redis://[user:password@]host:port/db?prefix=cachesvc:`` (or ``rediss://``).
+
+Each entry is one string, ``pack_versioned(version, payload)``, under ``prefix + key``, with
+the tier's TTL as a PX expiry, so Redis expires entries by itself. Reads are one MGET per
+batch. A write is a Lua script that compares the 16-hex-digit version header of the stored
+value with the new one and only then SETs: Redis runs a script atomically, so concurrent
+sidecars can never let an older version replace a newer one. A batch of writes is one
+pipeline of EVALSHA calls.
+
+Query options other than ``prefix`` are redis-py's own (``socket_timeout``,
+``max_connections``, ...) and are passed on to it.
+
+Driver exceptions, mapped once in ``_mapped_errors``::
+
+    redis.TimeoutError, TimeoutError             -> TierTimeout
+    redis.ConnectionError (refused, reset, auth), -> TierUnavailable
+    other OSError
+    any other redis.RedisError (WRONGTYPE, OOM)  -> TierError
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from tiers.base import (
+    Tier,
+    TierError,
+    TierTimeout,
+    TierUnavailable,
+    TierWrite,
+    pack_versioned,
+    unpack_payload,
+    url_options,
+)
+
+_OWN_OPTIONS: dict[str, type] = {"prefix": str}
+# What redis-py itself reads from a URL query; anything else is a typo, not a setting.
+_DRIVER_OPTIONS: dict[str, type] = {
+    **dict.fromkeys(URL_QUERY_ARGUMENT_PARSERS, str),
+    **dict.fromkeys(
+        ("client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), str
+    ),
+}
+_DEFAULT_PREFIX = "cachesvc:"
+
+# KEYS[1]: the entry. ARGV[1]: the new versioned blob. ARGV[2]: its lifetime in milliseconds.
+# Versions are below 2^53, so tonumber(hex, 16) compares them exactly as doubles. A stored
+# value without a version header (some other program's key) is simply replaced.
+_CONDITIONAL_SET = b"""
+local current = redis.call('GET', KEYS[1])
+if current then
+  local stored = tonumber(string.sub(current, 1, 16), 16)
+  if stored and stored > tonumber(string.sub(ARGV[1], 1, 16), 16) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Run with EVALSHA; the script is loaded when Redis does not know it (first use, restart,
+# SCRIPT FLUSH).
+_CONDITIONAL_SET_SHA = hashlib.sha1(_CONDITIONAL_SET, usedforsecurity=False).hexdigest()
+
+# The engine bounds every call with its own timeout, so the driver must neither wait long for
+# a connection nor retry with backoff. One immediate retry on a connection error lets a pooled
+# connection that a Redis restart closed be replaced transparently; replaying a MGET or the
+# conditional SET is harmless.
+_CONNECT_TIMEOUT = 1.0
+_SOCKET_TIMEOUT = 5.0
+_RETRY = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+
+
+class RedisTier(Tier):
+    schemes = ("redis", "rediss")
+
+    def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
+        super().__init__(name, url, ttl)
+        self.prefix: str = self._own_options(url).get("prefix", _DEFAULT_PREFIX)
+        self._driver_url = _driver_url(url)
+        self._client: redis.asyncio.Redis | None = None
+
+    @classmethod
+    def validate_url(cls, url: SplitResult) -> None:
+        cls._own_options(url)
+        if not url.hostname:
+            raise ValueError(f"{url.scheme}:// needs a host, e.g. {url.scheme}://127.0.0.1:6379/0")
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        database = url.path.lstrip("/")
+        if database and not (database.isascii() and database.isdigit()):
+            raise ValueError(f"database {database!r} is not a number, e.g. /0")
+        try:
+            parse_url(_driver_url(url))
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @staticmethod
+    def _own_options(url: SplitResult) -> dict[str, Any]:
+        options = url_options(url, {**_OWN_OPTIONS, **_DRIVER_OPTIONS})
+        prefix = options.get("prefix", _DEFAULT_PREFIX)
+        if any(ch.isspace() or not ch.isprintable() for ch in prefix):
+            raise ValueError("option prefix must not contain whitespace or control characters")
+        return {name: options[name] for name in _OWN_OPTIONS if name in options}
+
+    async def start(self) -> None:
+        # No I/O here: the pool connects on first use, so a Redis that is down does not stop
+        # the sidecar from starting, and the tier works as soon as Redis is back.
+        self._client = redis.asyncio.Redis.from_url(
+            self._driver_url,
+            decode_responses=False,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            socket_timeout=_SOCKET_TIMEOUT,
+            retry=_RETRY,
+        )
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        client = self._started()
+        with self._mapped_errors():
+            stored = await client.mget([self.prefix + key for key in keys])
+        # decode_responses=False: values arrive as bytes, never str.
+        return [unpack_payload(cast(bytes | None, value)) for value in stored]
+
+    async def set_many(self, writes: Sequence[TierWrite]) -> None:
+        if not writes:
+            return
+        with self._mapped_errors():
+            # A pipeline runs the scripts in order, so when a key repeats in the batch the
+            # highest version still wins: a later, lower one is refused by the script.
+            results = await self._run_scripts(writes)
+            unknown = [w for w, r in zip(writes, results, strict=True) if _no_script(r)]
+            if unknown:
+                await self._started().script_load(_CONDITIONAL_SET)
+                results = [r for r in results if not _no_script(r)]
+                results += await self._run_scripts(unknown)
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+
+    async def ping(self) -> None:
+        client = self._started()
+        with self._mapped_errors():
+            await client.ping()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with self._mapped_errors():
+                await client.aclose()
+
+    async def _run_scripts(self, writes: Sequence[TierWrite]) -> list[Any]:
+        pipe = self._started().pipeline(transaction=False)
+        for write in writes:
+            pipe.evalsha(
+                _CONDITIONAL_SET_SHA,
+                1,
+                self.prefix + write.key,
+                pack_versioned(write.version, write.payload),
+                max(1, math.ceil(write.ttl * 1000)),
+            )
+        return list(await pipe.execute(raise_on_error=False))
+
+    def _started(self) -> redis.asyncio.Redis:
+        if self._client is None:
+            raise TierError(f"redis tier {self.name!r} is not started")
+        return self._client
+
+    @contextlib.contextmanager
+    def _mapped_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.exceptions.TimeoutError, TimeoutError) as exc:
+            raise TierTimeout(f"redis tier {self.name!r}: {exc}") from exc
+        except (redis.exceptions.ConnectionError, OSError) as exc:
+            raise TierUnavailable(f"redis tier {self.name!r}: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise TierError(f"redis tier {self.name!r}: {exc}") from exc
+
+
+def _no_script(result: object) -> bool:
+    return isinstance(result, redis.exceptions.NoScriptError)
+
+
+def _driver_url(url: SplitResult) -> str:
+    """The URL for redis-py: cachesvc's own options removed, the driver's kept."""
+    query = [
+        (name, value)
+        for name, value in parse_qsl(url.query, keep_blank_values=True)
+        if name not in _OWN_OPTIONS
+    ]
+    return urlunsplit(url._replace(query=urlencode(query), fragment=""))

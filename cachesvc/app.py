@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import socket
 from collections.abc import AsyncIterator
@@ -48,7 +47,19 @@ def build_engine(settings: Settings, metrics: Metrics, worker: int = 0) -> Engin
             )
         )
     journal = build_journal(settings, metrics, worker) if len(slots) > 1 else None
-    return Engine(slots, settings.server.request_timeout, journal, settings.write.drain_timeout)
+    return Engine(
+        slots,
+        settings.server.request_timeout,
+        journal,
+        settings.write.drain_timeout,
+        identity=sidecar_identity(settings, worker),
+    )
+
+
+def sidecar_identity(settings: Settings, worker: int) -> str:
+    """Stable across restarts in the same pod (host name, port, worker): what a sidecar
+    leaves unfinished — write-behind entries, missed keys — it takes up again at once."""
+    return f"{socket.gethostname()}:{settings.server.port}:{worker}"
 
 
 def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal | None:
@@ -63,9 +74,7 @@ def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal 
         reclaim_after=write.reclaim_after,
         max_attempts=write.max_attempts,
         metrics=metrics,
-        # Stable across restarts in the same pod: the restarted sidecar takes up its own
-        # pending entries at once instead of waiting for a peer to reclaim them.
-        consumer=f"{socket.gethostname()}:{settings.server.port}:{worker}",
+        consumer=sidecar_identity(settings, worker),
     )
 
 
@@ -136,8 +145,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    await asyncio.gather(*(slot.probe() for slot in engine.slots if slot.state == "closed"))
-    tiers = engine.tier_states()
+    tiers = await engine.tier_states()
     listeners = request.app[INVALIDATOR].states()
     ready = all(tier["state"] == "up" for tier in tiers) and all(
         state == "up" for state in listeners.values()

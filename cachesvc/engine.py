@@ -29,17 +29,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
+from cachesvc.batching import Batcher
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, VersionClock, decode_live
 from cachesvc.errors import Unavailable
 from cachesvc.journal import Journal, JournalUnavailable, Record, drain
 from cachesvc.markers import Markers
-from cachesvc.slot import TOMBSTONE_TTL, TierSlot
+from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
 from tiers.base import TierError, TierWrite
 
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL = 0.5
+
+
+async def _false() -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,7 @@ class Engine:
         request_timeout: float,
         journal: Journal | None = None,
         drain_timeout: float = 10.0,
+        identity: str = "cachesvc",
     ) -> None:
         if not slots:
             raise ValueError("the engine needs at least one tier")
@@ -74,6 +80,12 @@ class Engine:
         self.request_timeout = request_timeout
         self.journal = journal
         self.drain_timeout = drain_timeout
+        # Names this sidecar's record of missed keys: stable across restarts in one pod.
+        self.identity = identity
+        self._missed_loaded = False
+        # Writes that a cache tier missed are answered only once the miss is recorded in
+        # the durable tier; concurrent ones share one record write.
+        self._missed_records: Batcher[None, None] = Batcher(self._record_missed_batch)
         # An entry lives at most the sum of the tier ttls after its version (every
         # promotion may restart a tier's ttl): markers older than that hide nothing.
         self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
@@ -88,6 +100,7 @@ class Engine:
     async def start(self) -> None:
         for slot in self.slots:
             await slot.tier.start()
+        await self._sync_missed()  # before serving: what was missed before a restart
         self._monitor = asyncio.create_task(self._watch_tiers(), name="cachesvc-tier-monitor")
         if self.journal is not None and len(self.slots) > 1:
             self._flusher = asyncio.create_task(
@@ -110,6 +123,8 @@ class Engine:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        await self._sync_missed()  # the last repairs, for the next start
+        await self._missed_records.close()
         for slot in self.slots:
             await slot.close()
 
@@ -117,11 +132,12 @@ class Engine:
 
     async def get(self, key: str) -> Hit | None:
         top = self.top
+        top_failed = False
         if top.readable(key):
             try:
                 entry = self._fresh(key, await top.get(key), time.time())
             except TierError:
-                entry = None
+                entry, top_failed = None, True
             if entry is not None:
                 top.metrics.hits.inc()
                 return Hit(entry, top.name)
@@ -136,7 +152,7 @@ class Engine:
                 return Hit(entry, top.name)
         flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(self._read_lower(key))
+            flight = asyncio.ensure_future(self._read_lower(key, top_failed))
             self._flights[key] = flight
             flight.add_done_callback(lambda done: self._land(key, done))
         # Shielded: one reader giving up must not cancel the lookup others wait for.
@@ -159,16 +175,18 @@ class Engine:
     async def get_many(self, keys: Sequence[str]) -> list[Hit | None]:
         return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
-    async def _read_lower(self, key: str) -> Hit | None:
+    async def _read_lower(self, key: str, top_failed: bool) -> Hit | None:
         try:
             async with asyncio.timeout(self.request_timeout):
-                return await self._search_lower(key)
+                return await self._search_lower(key, {self.top} if top_failed else set())
         except TimeoutError:
             raise Unavailable(
                 f"the lower tiers did not answer within request_timeout ({self.request_timeout} s)"
             ) from None
 
-    async def _search_lower(self, key: str) -> Hit | None:
+    async def _search_lower(self, key: str, failed: set[TierSlot]) -> Hit | None:
+        """The first live entry below the top tier, promoted into the tiers above it —
+        except those that just failed: the read must not wait on a hung tier twice."""
         for position in range(1, len(self.slots)):
             slot = self.slots[position]
             if not slot.readable(key):
@@ -176,6 +194,7 @@ class Engine:
             try:
                 payload = await slot.get(key)
             except TierError:
+                failed.add(slot)
                 continue
             now = time.time()
             entry = self._fresh(key, payload, now)
@@ -184,7 +203,8 @@ class Engine:
                 continue
             slot.metrics.hits.inc()
             assert payload is not None
-            await self._promote(key, payload, entry, self.slots[:position], now)
+            above = [upper for upper in self.slots[:position] if upper not in failed]
+            await self._promote(key, payload, entry, above, now)
             return Hit(entry, slot.name)
         return None
 
@@ -280,8 +300,11 @@ class Engine:
                 for new, result in zip(values, await stored, strict=True)
                 if isinstance(result, BaseException)
             ]
+        versions = {new.key: entry.version for new, entry in zip(values, entries, strict=True)}
         for key, _ in failures:
-            top.miss(key)  # it may hold an older value; the journal has the new one
+            top.miss(key, versions[key])  # it may hold an older value; the journal has this
+        if failures:
+            await self._missed_records.submit(None)
         if failures:
             raise Unavailable(f"the top tier did not take the write: {failures[0][1]}", top.name)
 
@@ -311,7 +334,8 @@ class Engine:
                 if slot is self.durable:
                     raise
                 for write in writes:
-                    slot.miss(write.key)
+                    slot.miss(write.key, write.version)
+                await self._missed_records.submit(None)
         for key, rec in newest.items():
             unflushed = self._unflushed.get(key)
             if unflushed is not None and unflushed[0].version <= rec.entry.version:
@@ -348,14 +372,14 @@ class Engine:
                 f"the durable tier {durable.name!r} did not take the write: {exc}", durable.name
             ) from exc
 
-    @staticmethod
-    async def _write_cache(slot: TierSlot, write: TierWrite) -> None:
+    async def _write_cache(self, slot: TierSlot, write: TierWrite) -> None:
         # A cache tier that fails is skipped: the slot remembers the key as missed, so it
         # will not serve what it holds for it until repaired.
         try:
             await slot.set(write)
         except TierError:
-            slot.miss(write.key)
+            slot.miss(write.key, write.version)
+            await self._missed_records.submit(None)
 
     @contextlib.asynccontextmanager
     async def _deadline(self) -> AsyncIterator[None]:
@@ -369,27 +393,67 @@ class Engine:
 
     # -- health --------------------------------------------------------------------------
 
-    def tier_states(self) -> list[dict[str, object]]:
+    async def tier_states(self) -> list[dict[str, object]]:
+        """Each tier's state for /readyz. Tiers believed up are probed, so a dead one is
+        reported "down" at once instead of after its breaker opens."""
+        answered = await asyncio.gather(
+            *(slot.probe() if slot.state == "closed" else _false() for slot in self.slots)
+        )
         return [
             {
                 "name": slot.name,
-                "state": "up" if slot.state == "closed" else slot.state,
+                "state": slot.state if slot.state != "closed" else "up" if ok else "down",
                 "missed_keys": len(slot.missed),
             }
-            for slot in self.slots
+            for slot, ok in zip(self.slots, answered, strict=True)
         ]
 
     async def check_tiers(self) -> None:
-        """Probe tiers that are not known good, and repair those that came back."""
+        """Probe tiers that are not known good, repair those that came back, and keep
+        the record of missed keys in the durable tier."""
+        await self._sync_missed()
         for slot in self.slots:
             if slot.state != "closed" or slot.missed:
                 if slot.state != "closed" and not await slot.probe():
                     continue
                 if slot.missed:
                     try:
-                        await slot.repair(self.clock.next())
+                        await slot.repair()
                     except TierError as exc:
                         log.warning("tier %s: repair failed: %s", slot.name, exc)
+
+    async def _record_missed_batch(self, requests: list[None]) -> list[None]:
+        await self._sync_missed()
+        return requests
+
+    async def _sync_missed(self) -> None:
+        """Keep this sidecar's missed keys in the durable tier, under a name that
+        survives a restart (host, port, worker), and load them back after one.
+
+        What a cache tier missed lives in memory (``TierSlot.missed``); a sidecar
+        restarted while a tier was down would forget it and, once the tier is back, read
+        what it missed. The record is written whenever the missed keys change, read once
+        at start, and deleted when every missed key has been repaired.
+        """
+        caches = self.slots[:-1]
+        if not caches or self.durable.state == "open":
+            return
+        key = f"\x1fcachesvc-missed:{self.identity}"  # a control character: no client key
+        try:
+            if not self._missed_loaded:
+                stored = await self.durable.get_many([key])
+                restore_missed(caches, stored[0])
+                self._missed_loaded = True
+            if any(slot.missed_changed for slot in caches):
+                for slot in caches:
+                    slot.missed_changed = False
+                record = save_missed(caches)
+                lifetime = max(slot.ttl for slot in caches)
+                await self.durable.set_many([TierWrite(key, record, self.clock.next(), lifetime)])
+        except TierError as exc:
+            for slot in caches:
+                slot.missed_changed = True  # try again on the next round
+            log.debug("missed keys not synced with the durable tier: %s", exc)
 
     async def _watch_tiers(self) -> None:
         while True:

@@ -159,6 +159,8 @@ class Journal:
                     if not records and stop.is_set():
                         await asyncio.sleep(0.05)  # what is left is a peer's to apply
             except RedisError as exc:
+                if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+                    self._group_ready = False  # Redis lost it (restart, flush): create again
                 log.warning("journal unreachable: %s", exc)
                 await backoff.sleep()
                 continue

@@ -20,7 +20,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import msgpack
 
 from cachesvc.batching import Batcher
 from cachesvc.metrics import TierMetrics
@@ -93,7 +95,9 @@ class TierSlot:
         self.timeout = timeout
         self.metrics = metrics
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics.breaker)
-        self.missed: set[str] = set()
+        # key -> version of the newest write this tier missed for it
+        self.missed: dict[str, int] = {}
+        self.missed_changed = False  # not yet recorded in the durable tier
         # Set while this (in-process) tier may be missing invalidation events.
         self.suspended = False
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
@@ -113,6 +117,10 @@ class TierSlot:
         if self.tier.in_process:
             return self.tier.get(key)
         return self._gets.submit(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One call for ``keys`` (already a batch), under the timeout and breaker."""
+        return await self._get_batch(list(keys))
 
     async def _get_batch(self, keys: list[str]) -> list[bytes | None]:
         unique = list(dict.fromkeys(keys))  # concurrent gets of one key: one lookup
@@ -139,8 +147,8 @@ class TierSlot:
             await self.call(self.tier.set_many(writes))
         return [None] * len(writes)
 
-    def miss(self, key: str) -> None:
-        """Remember that this tier may hold a stale ``key``."""
+    def miss(self, key: str, version: int) -> None:
+        """Remember that this tier missed the write of ``key`` at ``version``."""
         if len(self.missed) >= MAX_MISSED_KEYS:
             log.warning(
                 "tier %s missed more than %d keys: not read for %.0f s",
@@ -151,20 +159,29 @@ class TierSlot:
             self._blind_until = time.monotonic() + self.ttl
             self.missed.clear()
         else:
-            self.missed.add(key)
+            self.missed[key] = max(version, self.missed.get(key, 0))
+        self.missed_changed = True
         self.metrics.missed_keys.set(len(self.missed))
 
-    async def repair(self, version: int) -> None:
-        """Delete every missed key from the tier (tombstones at ``version``)."""
-        keys = list(self.missed)
-        for start in range(0, len(keys), 1000):
-            batch = keys[start : start + 1000]
-            await self.set_many([TierWrite(k, None, version, TOMBSTONE_TTL) for k in batch])
-            self.missed.difference_update(batch)
+    async def repair(self) -> None:
+        """Delete every missed key from the tier.
+
+        The tombstone carries the missed write's own version: it replaces anything older
+        the tier may hold, and a promotion of that very write (equal version) may still
+        refill the tier right after.
+        """
+        missed = list(self.missed.items())
+        for start in range(0, len(missed), 1000):
+            batch = missed[start : start + 1000]
+            await self.set_many([TierWrite(k, None, v, TOMBSTONE_TTL) for k, v in batch])
+            for key, version in batch:
+                if self.missed.get(key) == version:  # not missed again meanwhile
+                    del self.missed[key]
+            self.missed_changed = True
             self.metrics.repaired_keys.inc(len(batch))
             self.metrics.missed_keys.set(len(self.missed))
-        if keys:
-            log.info("tier %s repaired: %d missed keys deleted", self.name, len(keys))
+        if missed:
+            log.info("tier %s repaired: %d missed keys deleted", self.name, len(missed))
 
     # -- guarded calls -------------------------------------------------------------------
 
@@ -205,3 +222,45 @@ class TierSlot:
         await self._gets.close()
         await self._sets.close()
         await self.tier.close()
+
+
+MAX_RECORDED_KEYS = 10_000  # per tier; past it the record says "do not read the tier"
+
+
+def save_missed(slots: Sequence[TierSlot]) -> bytes:
+    """The missed keys of ``slots`` as one record (see Engine._sync_missed)."""
+    record: dict[str, Any] = {}
+    now, wall = time.monotonic(), time.time()
+    for slot in slots:
+        blind_until = slot._blind_until
+        if len(slot.missed) > MAX_RECORDED_KEYS:
+            blind_until = max(blind_until, now + slot.ttl)
+        record[slot.name] = {
+            "keys": {} if len(slot.missed) > MAX_RECORDED_KEYS else slot.missed,
+            "blind_until": wall + (blind_until - now) if blind_until > now else 0,
+        }
+    payload: bytes = msgpack.packb(record)
+    return payload
+
+
+def restore_missed(slots: Sequence[TierSlot], payload: bytes | None) -> None:
+    """Merge a record written by this sidecar before it restarted."""
+    if payload is None:
+        return
+    try:
+        record = msgpack.unpackb(payload)
+    except (ValueError, msgpack.UnpackException):
+        log.warning("unreadable record of missed keys: ignored")
+        return
+    now, wall = time.monotonic(), time.time()
+    for slot in slots:
+        saved = record.get(slot.name) if isinstance(record, dict) else None
+        if not saved:
+            continue
+        for key, version in saved.get("keys", {}).items():
+            slot.miss(key, version)
+        if saved.get("blind_until", 0) > wall:
+            slot._blind_until = max(slot._blind_until, now + saved["blind_until"] - wall)
+        log.info(
+            "tier %s: %d missed keys restored from before a restart", slot.name, len(slot.missed)
+        )

@@ -206,6 +206,13 @@ class Engine:
             above = [upper for upper in self.slots[:position] if upper not in failed]
             await self._promote(key, payload, entry, above, now)
             return Hit(entry, slot.name)
+        if self.durable in failed:
+            # The one tier that holds every entry could not be asked: "not found" would
+            # be a guess. (A cache tier that failed does not matter: the durable tier
+            # holds all it could have held.)
+            raise Unavailable(
+                f"the durable tier {self.durable.name!r} did not answer", self.durable.name
+            )
         return None
 
     async def _promote(

@@ -6,7 +6,8 @@ A ``TierSlot`` wraps a ``tiers.Tier`` with what every backend needs the same way
   as one ``get_many``/``set_many`` call (one MGET, multi-get, ``= ANY($1)`` or multi-row
   upsert), and concurrent gets of one key share one lookup;
 - **a timeout per call** and **a circuit breaker**: after ``breaker_failures`` consecutive
-  failures calls fail fast for ``breaker_reset`` seconds, then one probe is let through;
+  failures calls fail fast; ``breaker_reset`` seconds later the engine's tier monitor
+  pings the tier (half-open) and a success closes the breaker;
 - **missed keys**: a write or delete this tier could not take is remembered, the tier is
   not read for that key, and the key is deleted from it (a tombstone) once it answers
   again — so it never serves a value it missed the replacement of. When too many keys
@@ -52,10 +53,12 @@ class CircuitBreaker:
         self._retry_at = 0.0
         self._on_change = on_change
 
-    def allow(self) -> bool:
+    def allow(self, probe: bool = False) -> bool:
+        """Whether a call may go to the tier. Only a ``probe`` (the tier monitor's ping)
+        half-opens an open breaker: no client request waits on a tier still down."""
         if self.state == "closed":
             return True
-        if self.state == "open" and time.monotonic() >= self._retry_at:
+        if probe and self.state == "open" and time.monotonic() >= self._retry_at:
             self._set("half-open")
             return True
         return False  # open, or half-open with its probe in flight
@@ -185,9 +188,9 @@ class TierSlot:
 
     # -- guarded calls -------------------------------------------------------------------
 
-    async def call(self, operation: Awaitable[T]) -> T:
+    async def call(self, operation: Awaitable[T], probe: bool = False) -> T:
         """Run one tier operation under this tier's timeout and circuit breaker."""
-        if not self.breaker.allow():
+        if not self.breaker.allow(probe):
             if asyncio.iscoroutine(operation):
                 operation.close()
             self.metrics.error("open")
@@ -209,7 +212,7 @@ class TierSlot:
     async def probe(self) -> bool:
         """Ping the tier (through the breaker); True when it answered."""
         try:
-            await self.call(self.tier.ping())
+            await self.call(self.tier.ping(), probe=True)
         except TierError:
             return False
         return True

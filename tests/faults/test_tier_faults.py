@@ -454,6 +454,9 @@ async def test_postgres_stopped_writes_answer_503_naming_l3_and_cached_reads_con
         reads.append(read := await timed_get(client, key))
         assert_served(read, key.encode())
     assert {r.tier for r in reads} == {"l1", "l2"}
+    # A key no cache tier holds: only l3 could say whether it exists, so no 404 guess.
+    missing = await client.get(path("pg-down:nowhere-above-l3"))
+    assert missing.status == 503 and (await missing.json())["tier"] == "l3"
     await until_not_ready(client, "l3", within=3.0)
 
     await asyncio.to_thread(postgres_server.restart)  # crash recovery, same port

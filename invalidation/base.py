@@ -33,7 +33,11 @@ class EventSink(Protocol):
 class Listener(abc.ABC):
     source: str  # for metrics and logs: "redis" or "postgres"
 
-    def __init__(self) -> None:
+    def __init__(self, url: str, channel: str, liveness_interval: float = 5.0) -> None:
+        self.url = url
+        self.channel = channel
+        # A subscription silent for this long is checked; one that fails it is replaced.
+        self.liveness_interval = liveness_interval
         self.state: State = "connecting"
 
     @abc.abstractmethod

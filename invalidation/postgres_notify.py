@@ -22,12 +22,6 @@ class PostgresNotifyListener(Listener):
 
     source = "postgres"
 
-    def __init__(self, url: str, channel: str, liveness_interval: float = 5.0) -> None:
-        super().__init__()
-        self.url = url
-        self.channel = channel
-        self.liveness_interval = liveness_interval
-
     async def run(self, sink: EventSink) -> None:
         backoff = Backoff()
         while True:

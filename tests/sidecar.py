@@ -17,6 +17,11 @@ from typing import Self
 from tests.servers import free_port
 
 
+def tiers_config(*urls: str) -> str:
+    """The ``[[tiers]]`` tables of a config file for ``urls``, in order."""
+    return "".join(f'[[tiers]]\nurl = "{url}"\n' for url in urls)
+
+
 class Sidecar:
     """``python -m cachesvc serve`` on a free loopback port, with its output in a file."""
 

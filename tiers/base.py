@@ -22,9 +22,9 @@ Exceptions (drivers' own exceptions never leave a tier)::
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import SplitResult, parse_qsl
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
 
 
 class TierError(Exception):
@@ -85,6 +85,17 @@ def url_options(url: SplitResult, allowed: dict[str, type]) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"option {name}={raw!r} is not a valid {kind.__name__}") from None
     return options
+
+
+def driver_url(url: SplitResult, own_options: Iterable[str]) -> str:
+    """``url`` for the driver: cachesvc's own query options removed, the driver's kept."""
+    own = set(own_options)
+    query = [
+        (name, value)
+        for name, value in parse_qsl(url.query, keep_blank_values=True)
+        if name not in own
+    ]
+    return urlunsplit(url._replace(query=urlencode(query), fragment=""))
 
 
 class Tier(abc.ABC):

@@ -38,7 +38,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
+from urllib.parse import SplitResult, parse_qsl
 
 import asyncpg
 import asyncpg.pool
@@ -49,6 +49,7 @@ from tiers.base import (
     TierTimeout,
     TierUnavailable,
     TierWrite,
+    driver_url,
     url_options,
 )
 
@@ -129,7 +130,7 @@ class PostgresTier(Tier):
         self.pool_size: int = options["pool_size"]
         self.sweep_interval: float = options["sweep_interval"]
         self.connect_timeout: float = options["connect_timeout"]
-        self._dsn = _driver_dsn(url)
+        self._dsn = driver_url(url, _OWN_OPTIONS)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._schema_ready = False
@@ -359,13 +360,3 @@ def _own_options(url: SplitResult) -> dict[str, Any]:
         if name in own and not own[name] > 0:
             raise ValueError(f"option {name} must be a positive number of seconds")
     return own
-
-
-def _driver_dsn(url: SplitResult) -> str:
-    """The DSN for asyncpg: cachesvc's own options removed, the driver's kept."""
-    query = [
-        (name, value)
-        for name, value in parse_qsl(url.query, keep_blank_values=True)
-        if name not in _OWN_OPTIONS
-    ]
-    return urlunsplit(url._replace(query=urlencode(query), fragment=""))

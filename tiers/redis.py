@@ -25,7 +25,7 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
+from urllib.parse import SplitResult
 
 import redis.asyncio
 import redis.exceptions
@@ -39,6 +39,7 @@ from tiers.base import (
     TierTimeout,
     TierUnavailable,
     TierWrite,
+    driver_url,
     pack_versioned,
     unpack_payload,
     url_options,
@@ -87,7 +88,7 @@ class RedisTier(Tier):
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         super().__init__(name, url, ttl)
         self.prefix: str = self._own_options(url).get("prefix", _DEFAULT_PREFIX)
-        self._driver_url = _driver_url(url)
+        self._driver_url = driver_url(url, _OWN_OPTIONS)
         self._client: redis.asyncio.Redis | None = None
 
     @classmethod
@@ -100,7 +101,7 @@ class RedisTier(Tier):
         if database and not (database.isascii() and database.isdigit()):
             raise ValueError(f"database {database!r} is not a number, e.g. /0")
         try:
-            parse_url(_driver_url(url))
+            parse_url(driver_url(url, _OWN_OPTIONS))
         except ValueError as exc:
             raise ValueError(str(exc)) from None
 
@@ -190,13 +191,3 @@ class RedisTier(Tier):
 
 def _no_script(result: object) -> bool:
     return isinstance(result, redis.exceptions.NoScriptError)
-
-
-def _driver_url(url: SplitResult) -> str:
-    """The URL for redis-py: cachesvc's own options removed, the driver's kept."""
-    query = [
-        (name, value)
-        for name, value in parse_qsl(url.query, keep_blank_values=True)
-        if name not in _OWN_OPTIONS
-    ]
-    return urlunsplit(url._replace(query=urlencode(query), fragment=""))

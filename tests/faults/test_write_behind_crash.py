@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -10,23 +11,13 @@ import pytest
 from tests.polling import until
 from tests.servers import PostgresServer
 from tests.service.test_write_behind import _all_found
-from tests.sidecar import Sidecar
+from tests.sidecar import Sidecar, tiers_config
 
 pytestmark = pytest.mark.faults
 
 
 def three_tier_config(redis_url: str, memcached_url: str, postgres_url: str) -> str:
-    return f"""
-[[tiers]]
-url = "{redis_url}"
-[[tiers]]
-url = "{memcached_url}"
-[[tiers]]
-url = "{postgres_url}"
-
-[write]
-drain_timeout = 15
-"""
+    return tiers_config(redis_url, memcached_url, postgres_url) + "[write]\ndrain_timeout = 15\n"
 
 
 async def put_all(base: str, keys: list[str], concurrency: int = 16) -> list[str]:
@@ -51,69 +42,56 @@ async def put_all(base: str, keys: list[str], concurrency: int = 16) -> list[str
     return acked
 
 
-async def test_acked_writes_survive_kill_9_during_an_outage(
+@pytest.fixture
+def sidecar(
     clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
-) -> None:
-    config = three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
-    sidecar = Sidecar(config).start()
-    try:
-        await asyncio.to_thread(postgres_server.stop_immediate)
-        keys = [f"k9-{n}" for n in range(300)]
-        acked = await put_all(sidecar.url, keys)
-        assert len(acked) == 300
-        sidecar.kill()  # SIGKILL: no drain, no goodbye
+) -> Iterator[Sidecar]:
+    with Sidecar(
+        three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
+    ) as sidecar:
+        yield sidecar
 
-        await asyncio.to_thread(postgres_server.start)
-        sidecar.start()  # same port: the same journal consumer takes up its pending writes
-        found = await until(
-            lambda: _all_found(postgres_server.url, acked), 30.0, "every acked write in l3"
-        )
-        missing = [key for key in acked if found.get(key) != key.encode()]
-        assert missing == []
-    finally:
-        sidecar.kill()
+
+async def missing_in_l3(postgres_url: str, acked: list[str]) -> list[str]:
+    """The acknowledged writes l3 does not hold (waiting up to 30 s for the flusher)."""
+    found = await until(lambda: _all_found(postgres_url, acked), 30.0, "every acked write in l3")
+    return [key for key in acked if found.get(key) != key.encode()]
+
+
+async def test_acked_writes_survive_kill_9_during_an_outage(
+    sidecar: Sidecar, postgres_server: PostgresServer
+) -> None:
+    await asyncio.to_thread(postgres_server.stop_immediate)
+    acked = await put_all(sidecar.url, [f"k9-{n}" for n in range(300)])
+    assert len(acked) == 300
+    sidecar.kill()  # SIGKILL: no drain, no goodbye
+
+    await asyncio.to_thread(postgres_server.start)
+    sidecar.start()  # same port: the same journal consumer takes up its pending writes
+    assert await missing_in_l3(postgres_server.url, acked) == []
 
 
 async def test_acked_writes_survive_kill_9_under_load(
-    clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
+    sidecar: Sidecar, postgres_server: PostgresServer
 ) -> None:
-    config = three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
-    sidecar = Sidecar(config).start()
-    try:
-        writing = asyncio.create_task(put_all(sidecar.url, [f"load-{n}" for n in range(3000)]))
-        await until(lambda: _some_acked(postgres_server.url), 10.0, "the flusher at work")
-        sidecar.kill()
-        acked = await writing
-        assert 0 < len(acked) < 3000, "the kill should land in the middle of the writes"
+    writing = asyncio.create_task(put_all(sidecar.url, [f"load-{n}" for n in range(3000)]))
+    # put_all writes from the end of the list: the first write is load-2999.
+    await until(lambda: _all_found(postgres_server.url, ["load-2999"]), 10.0, "the flusher at work")
+    sidecar.kill()
+    acked = await writing
+    assert 0 < len(acked) < 3000, "the kill should land in the middle of the writes"
 
-        sidecar.start()
-        found = await until(
-            lambda: _all_found(postgres_server.url, acked), 30.0, "every acked write in l3"
-        )
-        assert [key for key in acked if found.get(key) != key.encode()] == []
-    finally:
-        sidecar.kill()
-
-
-async def _some_acked(postgres_url: str) -> bool:
-    try:
-        return bool(await _all_found(postgres_url, ["load-2999"]))
-    except Exception:
-        return False
+    sidecar.start()
+    assert await missing_in_l3(postgres_server.url, acked) == []
 
 
 async def test_sigterm_drains_the_journal_before_exit(
-    clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
+    sidecar: Sidecar, postgres_server: PostgresServer
 ) -> None:
-    config = three_tier_config(clean_redis_url, clean_memcached_url, postgres_server.url)
-    sidecar = Sidecar(config).start()
-    try:
-        await asyncio.to_thread(postgres_server.stop_immediate)
-        acked = await put_all(sidecar.url, [f"drain-{n}" for n in range(100)])
-        assert len(acked) == 100
-        await asyncio.to_thread(postgres_server.start)
-        assert await asyncio.to_thread(sidecar.terminate) == 0
-        # Checked once, right after exit: the drain happened before it, not after.
-        assert await _all_found(postgres_server.url, acked) is not None
-    finally:
-        sidecar.kill()
+    await asyncio.to_thread(postgres_server.stop_immediate)
+    acked = await put_all(sidecar.url, [f"drain-{n}" for n in range(100)])
+    assert len(acked) == 100
+    await asyncio.to_thread(postgres_server.start)
+    assert await asyncio.to_thread(sidecar.terminate) == 0
+    # Checked once, right after exit: the drain happened before it, not after.
+    assert await _all_found(postgres_server.url, acked) is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sidecar import Sidecar
+from tests.sidecar import Sidecar, tiers_config
 
 
 def request(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -44,14 +44,7 @@ def test_embedded_default_serves_without_servers_and_exits_0_on_sigterm() -> Non
 def test_three_tier_sidecar_exits_0_on_sigterm(
     redis_url: str, memcached_url: str, postgres_url: str
 ) -> None:
-    config = f"""
-[[tiers]]
-url = "{redis_url}"
-[[tiers]]
-url = "{memcached_url}"
-[[tiers]]
-url = "{postgres_url}"
-"""
+    config = tiers_config(redis_url, memcached_url, postgres_url)
     with Sidecar(config) as sidecar:
         assert request("PUT", sidecar.url + "/v1/cache/k", b"v")[0] == 204
         assert request("GET", sidecar.url + "/v1/cache/k")[2] == b"v"

@@ -6,7 +6,11 @@ tier (``TierMetrics``) instead of looked up per request.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
@@ -17,19 +21,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "cachesvc_requests",
-            "HTTP requests by operation and status.",
-            ["operation", "status"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "cachesvc_request_duration_seconds",
-            "HTTP request latency by operation.",
-            ["operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        # Per request: plain numbers, turned into Prometheus families when scraped.
+        self.requests = RequestStats()
+        r.register(self.requests)
         self.tier_hits = Counter(
             "cachesvc_tier_hits", "Reads a tier answered.", ["tier"], registry=r
         )
@@ -130,6 +124,55 @@ class Metrics:
 
     def for_tier(self, tier: str) -> TierMetrics:
         return TierMetrics(self, tier)
+
+
+class RequestStats:
+    """``cachesvc_requests_total`` and ``cachesvc_request_duration_seconds``, counted in
+    plain dicts and read out at scrape time.
+
+    prometheus-client's labelled children take a label lookup and a lock per call; on an
+    L1 hit that measured about 15% of the sidecar's throughput (wrk, 64 connections). The
+    event loop is one thread, so plain increments are safe here.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        # operation -> [count per bucket (the last one: +Inf)..., sum of seconds]
+        self.latencies: dict[str, list[float]] = {}
+
+    def record(self, operation: str, status: int, seconds: float) -> None:
+        key = (operation, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        latency = self.latencies.get(operation)
+        if latency is None:
+            latency = self.latencies[operation] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        latency[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        latency[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "cachesvc_requests",
+            "HTTP requests by operation and status.",
+            labels=["operation", "status"],
+        )
+        for (operation, status), count in sorted(self.counts.items()):
+            requests.add_metric([operation, str(status)], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "cachesvc_request_duration_seconds",
+            "HTTP request latency by operation.",
+            labels=["operation"],
+        )
+        bounds = [*map(str, _LATENCY_BUCKETS), "+Inf"]
+        for operation, latency in sorted(self.latencies.items()):
+            *counts, seconds = latency
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, in_bucket in zip(bounds, counts, strict=True):
+                cumulative += in_bucket
+                buckets.append((bound, cumulative))
+            durations.add_metric([operation], buckets, seconds)
+        yield durations
 
 
 class TierMetrics:

@@ -24,8 +24,7 @@ _DETAILS = {
 
 def error_middleware(metrics: Metrics) -> Middleware:
     """Every error becomes ``{"error", "detail"}`` JSON; every request is counted."""
-    requests = metrics.requests
-    durations = metrics.request_duration
+    record = metrics.requests.record
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -50,8 +49,7 @@ def error_middleware(metrics: Metrics) -> Middleware:
             response = error_response(500, "internal_error", "unexpected server error")
         finally:
             CURRENT_REQUEST.reset(token)
-        requests.labels(route, str(response.status)).inc()
-        durations.labels(route).observe(time.perf_counter() - started)
+        record(route, response.status, time.perf_counter() - started)
         return response
 
     return middleware

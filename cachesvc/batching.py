@@ -1,8 +1,10 @@
-"""Coalescing: calls submitted in the same event-loop iteration run as one batch.
+"""Coalescing: calls submitted while a tier is busy run as one batch.
 
 The hot path's answer to per-call client overhead (one MGET instead of N GETs, one
-multi-row upsert instead of N commits): callers get a future each; the batch runs on the
-next loop iteration, so it costs no added latency beyond the requests already queued.
+multi-row upsert instead of N commits). Callers get a future each. A batch starts on the
+next event-loop iteration, so an idle tier adds no latency; while ``max_in_flight``
+batches are already under way, new calls wait and leave together when one finishes
+(group commit), so under load batches grow instead of queueing for connections.
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ Out = TypeVar("Out")
 
 
 class Batcher(Generic[In, Out]):
-    def __init__(self, run: Callable[[list[In]], Awaitable[Sequence[Out]]]) -> None:
+    def __init__(
+        self, run: Callable[[list[In]], Awaitable[Sequence[Out]]], max_in_flight: int = 4
+    ) -> None:
         self._run = run
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._scheduled = False
         self._items: list[In] = []
         self._waiters: list[asyncio.Future[Out]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def submit(self, item: In) -> asyncio.Future[Out]:
         loop = asyncio.get_running_loop()
-        if not self._items:
+        if not self._scheduled and self._in_flight < self._max_in_flight:
+            self._scheduled = True
             loop.call_soon(self._flush)
         # One future per caller: a caller that gives up cancels only its own.
         waiter: asyncio.Future[Out] = loop.create_future()
@@ -33,8 +41,12 @@ class Batcher(Generic[In, Out]):
         return waiter
 
     def _flush(self) -> None:
+        self._scheduled = False
+        if not self._items:
+            return
         items, waiters = self._items, self._waiters
         self._items, self._waiters = [], []
+        self._in_flight += 1
         task = asyncio.ensure_future(self._settle(items, waiters))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -47,6 +59,11 @@ class Batcher(Generic[In, Out]):
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
+        finally:
+            self._in_flight -= 1
+            if self._items and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
         for waiter, result in zip(waiters, results, strict=True):
             if not waiter.done():
                 waiter.set_result(result)

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from tiers.registry import tier_class
 
 ENV_PREFIX = "CACHESVC_"
-# Variables with the prefix that are not settings: the config path, the test suite's servers.
-_NOT_SETTINGS = ("CACHESVC_CONFIG", "CACHESVC_TEST_")
+# Variables with the prefix that are not settings: the config path, the test suite's
+# servers, the Locust workload (bench/workload.py).
+_NOT_SETTINGS = ("CACHESVC_CONFIG", "CACHESVC_TEST_", "CACHESVC_LOAD_")
 _ENV_ALIASES = {"CACHESVC_AUTH_TOKEN": ("server", "auth_token")}
 
 Strategy = Literal["write-through", "write-behind", "cache-aside"]

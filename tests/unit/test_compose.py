@@ -154,5 +154,5 @@ def test_the_token_reaches_the_sidecar_and_its_load_test(services: dict[str, Ser
     assert load_settings(source, environ={}).server.host == "0.0.0.0"
     for name in named(services, lambda s: image(s).startswith("locustio/locust")):
         env = environment(services[name])
-        given = env.get("CACHESVC_TOKEN") or env.get("CACHESVC_AUTH_TOKEN")
+        given = env.get("CACHESVC_AUTH_TOKEN")
         assert given == token, f"{name} does not send the sidecar's token"

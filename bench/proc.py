@@ -1,0 +1,156 @@
+"""Processes the benchmarks start and watch: the peers, CPU pinning, RSS and fd readings.
+
+Linux only (/proc and sched_setaffinity), like tests/servers.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from tests.servers import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- CPUs -----------------------------------------------------------------------------------
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(load CPUs, server CPUs): the server under test gets the last CPU to itself, the
+    load generator and the backing servers share the others. None on a single CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return set(cpus[:-1]), {cpus[-1]}
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` (threads made later inherit from the thread making them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+# -- readings -------------------------------------------------------------------------------
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"/proc/{pid}/status has no {field}")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size now."""
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The highest resident set size since the process started (VmHWM)."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+# -- peers ----------------------------------------------------------------------------------
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 2xx; RuntimeError when ``proc`` exits or time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if 200 <= response.status < 300:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.02)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+class Peer:
+    """``python -m bench.peers KIND ...`` on a free loopback port."""
+
+    def __init__(self, kind: str, *args: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._args = args
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> Self:
+        command = [sys.executable, "-m", "bench.peers", self.kind, "--port", str(self.port)]
+        self._proc = subprocess.Popen([*command, *self._args], cwd=REPO, stdin=subprocess.DEVNULL)
+        try:
+            wait_http(self.url + "/healthz", timeout, self._proc)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for a CPU) of the process's main thread, the
+    one running the event loop. Waiting means something else held its CPU."""
+    with open(f"/proc/{pid}/schedstat") as stat:
+        on_cpu, waiting, _ = stat.read().split()
+    return int(on_cpu), int(waiting)
+
+
+def load_average() -> float:
+    with open("/proc/loadavg") as loadavg:
+        return float(loadavg.read().split()[0])

@@ -26,14 +26,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from cachesvc.batching import Batcher
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, VersionClock, decode_live
 from cachesvc.errors import Unavailable
-from cachesvc.journal import Journal, JournalUnavailable, Record, drain
+from cachesvc.journal import Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
 from tiers.base import TierError, TierWrite
@@ -45,6 +45,18 @@ MONITOR_INTERVAL = 0.5
 
 async def _false() -> bool:
     return False
+
+
+async def _settle(calls: Sequence[Awaitable[None]]) -> list[BaseException | None]:
+    """Await every call; what each raised, or None. (One call, the common case, is
+    awaited directly: gather would wrap it in a task of its own.)"""
+    if len(calls) == 1:
+        try:
+            await calls[0]
+        except Exception as exc:
+            return [exc]
+        return [None]
+    return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,24 +258,19 @@ class Engine:
         if strategy == "write-behind" and len(self.slots) > 1:
             await self._write_behind(values, entries, payloads, now)
             return [entry.version for entry in entries]
-        async with self._deadline():
-            await self._write_durable(
-                [
-                    TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
-                    for new, entry, payload in zip(values, entries, payloads, strict=True)
-                ]
-            )
-            upper: list[Awaitable[None]] = []
-            for slot in self.slots[:-1]:
-                for new, entry, payload in zip(values, entries, payloads, strict=True):
-                    if strategy == "cache-aside":
-                        write = TierWrite(new.key, None, entry.version, TOMBSTONE_TTL)
-                    else:
-                        write = TierWrite(
-                            new.key, payload, entry.version, entry.ttl_in(slot.ttl, now)
-                        )
-                    upper.append(self._write_cache(slot, write))
-            await asyncio.gather(*upper)
+        durable_writes = [
+            TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
+            for new, entry, payload in zip(values, entries, payloads, strict=True)
+        ]
+        cache_writes = []
+        for slot in self.slots[:-1]:
+            for new, entry, payload in zip(values, entries, payloads, strict=True):
+                if strategy == "cache-aside":
+                    write = TierWrite(new.key, None, entry.version, TOMBSTONE_TTL)
+                else:
+                    write = TierWrite(new.key, payload, entry.version, entry.ttl_in(slot.ttl, now))
+                cache_writes.append((slot, write))
+        await self._store(durable_writes, cache_writes)
         return [entry.version for entry in entries]
 
     async def _write_behind(
@@ -282,38 +289,33 @@ class Engine:
         if not journal.has_room(len(values)):
             raise Unavailable("write-behind journal is full; retry later or write through")
 
-        async def record(key: str, entry: Entry, payload: bytes) -> None:
-            await journal.append(key, payload)
-            self._unflushed[key] = (entry, payload)
-
-        async def store(key: str, entry: Entry, payload: bytes) -> None:
-            await top.set(TierWrite(key, payload, entry.version, entry.ttl_in(top.ttl, now)))
-
-        async with self._deadline():
-            recorded = asyncio.gather(
-                *(record(n.key, e, p) for n, e, p in zip(values, entries, payloads, strict=True))
-            )
-            stored = asyncio.gather(
-                *(store(n.key, e, p) for n, e, p in zip(values, entries, payloads, strict=True)),
-                return_exceptions=True,
-            )
-            try:
-                await recorded
-            except JournalUnavailable as exc:
-                await stored
-                raise Unavailable(f"write-behind journal: {exc}") from exc
-            failures = [
-                (new.key, result)
-                for new, result in zip(values, await stored, strict=True)
-                if isinstance(result, BaseException)
-            ]
-        versions = {new.key: entry.version for new, entry in zip(values, entries, strict=True)}
-        for key, _ in failures:
-            top.miss(key, versions[key])  # it may hold an older value; the journal has this
-        if failures:
+        top_writes = [
+            TierWrite(new.key, payload, entry.version, entry.ttl_in(top.ttl, now))
+            for new, entry, payload in zip(values, entries, payloads, strict=True)
+        ]
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                stored, recorded = await asyncio.gather(
+                    _settle([top.set(write) for write in top_writes]),
+                    _settle([journal.append(w.key, w.payload or b"") for w in top_writes]),
+                )
+        except TimeoutError:
+            raise Unavailable(
+                f"the write did not complete within {self.request_timeout} s"
+            ) from None
+        for write, entry, result in zip(top_writes, entries, recorded, strict=True):
+            if result is None:
+                self._unflushed[write.key] = (entry, write.payload or b"")
+        missed = [(w, r) for w, r in zip(top_writes, stored, strict=True) if r is not None]
+        for write, _ in missed:
+            top.miss(write.key, write.version)  # it may hold an older value
+        if missed:
             await self._missed_records.submit(None)
-        if failures:
-            raise Unavailable(f"the top tier did not take the write: {failures[0][1]}", top.name)
+        journal_failure = next((r for r in recorded if r is not None), None)
+        if journal_failure is not None:
+            raise Unavailable(f"write-behind journal: {journal_failure}") from journal_failure
+        if missed:
+            raise Unavailable(f"the top tier did not take the write: {missed[0][1]}", top.name)
 
     async def apply_write_behind(self, records: Sequence[Record]) -> None:
         """Apply journal records to the tiers below the top, newest version per key.
@@ -364,35 +366,40 @@ class Engine:
             TierWrite(key, None, version, TOMBSTONE_TTL)
             for key, version in zip(keys, versions, strict=True)
         ]
-        async with self._deadline():
-            await self._write_durable(tombstones)
-            await asyncio.gather(
-                *(self._write_cache(slot, t) for slot in self.slots[:-1] for t in tombstones)
-            )
+        await self._store(tombstones, [(slot, t) for slot in self.slots[:-1] for t in tombstones])
 
-    async def _write_durable(self, writes: Sequence[TierWrite]) -> None:
+    async def _store(
+        self,
+        durable_writes: Sequence[TierWrite],
+        cache_writes: Sequence[tuple[TierSlot, TierWrite]],
+    ) -> None:
+        """The durable tier first — its failure is the caller's 503 — then the cache tiers,
+        whose failures are remembered as missed keys; all within the request deadline.
+
+        Writes go to the slots' batchers as futures: no task per write.
+        """
         durable = self.durable
         try:
-            await asyncio.gather(*(durable.set(write) for write in writes))
-        except TierError as exc:
-            raise Unavailable(
-                f"the durable tier {durable.name!r} did not take the write: {exc}", durable.name
-            ) from exc
-
-    async def _write_cache(self, slot: TierSlot, write: TierWrite) -> None:
-        # A cache tier that fails is skipped: the slot remembers the key as missed, so it
-        # will not serve what it holds for it until repaired.
-        try:
-            await slot.set(write)
-        except TierError:
-            slot.miss(write.key, write.version)
-            await self._missed_records.submit(None)
-
-    @contextlib.asynccontextmanager
-    async def _deadline(self) -> AsyncIterator[None]:
-        try:
             async with asyncio.timeout(self.request_timeout):
-                yield
+                results = await _settle([durable.set(write) for write in durable_writes])
+                for result in results:
+                    if isinstance(result, TierError):
+                        raise Unavailable(
+                            f"the durable tier {durable.name!r} did not take the write: {result}",
+                            durable.name,
+                        ) from result
+                    if result is not None:
+                        raise result
+                results = await _settle([slot.set(write) for slot, write in cache_writes])
+                missed = False
+                for (slot, write), result in zip(cache_writes, results, strict=True):
+                    if isinstance(result, TierError):
+                        slot.miss(write.key, write.version)
+                        missed = True
+                    elif result is not None:
+                        raise result
+                if missed:
+                    await self._missed_records.submit(None)
         except TimeoutError:
             raise Unavailable(
                 f"the write did not complete within {self.request_timeout} s"

@@ -134,11 +134,10 @@ class TierSlot:
 
     # -- writes --------------------------------------------------------------------------
 
-    async def set(self, write: TierWrite) -> None:
+    def set(self, write: TierWrite) -> Awaitable[None]:
         if self.tier.in_process:
-            await self.tier.set(write)
-        else:
-            await self._sets.submit(write)
+            return self.tier.set(write)
+        return self._sets.submit(write)
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         """One call for ``writes`` (already a batch), under the timeout and breaker."""

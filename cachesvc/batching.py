@@ -54,10 +54,15 @@ class Batcher(Generic[In, Out]):
     async def _settle(self, items: list[In], waiters: list[asyncio.Future[Out]]) -> None:
         try:
             results = await self._run(items)
-        except Exception as exc:  # every caller gets the batch's failure
+        except BaseException as exc:  # every caller gets the batch's failure
             for waiter in waiters:
                 if not waiter.done():
-                    waiter.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        waiter.cancel()
+                    else:
+                        waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         finally:
             self._in_flight -= 1
@@ -69,6 +74,10 @@ class Batcher(Generic[In, Out]):
                 waiter.set_result(result)
 
     async def close(self) -> None:
+        """Cancel the batches under way and the calls still queued: no caller waits on."""
+        for waiter in self._waiters:
+            waiter.cancel()
+        self._items, self._waiters = [], []
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

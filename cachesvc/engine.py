@@ -36,7 +36,7 @@ from cachesvc.errors import Unavailable
 from cachesvc.journal import Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
-from tiers.base import TierError, TierWrite
+from tiers.base import TierError, TierTimeout, TierWrite
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ MONITOR_INTERVAL = 0.5
 
 async def _false() -> bool:
     return False
+
+
+def _succeeded(call: Awaitable[None]) -> bool:
+    """Whether a settled write call succeeded. Calls to in-process tiers are coroutines
+    that finish without waiting, so only futures can still be pending or cancelled."""
+    if not isinstance(call, asyncio.Future):
+        return True
+    return call.done() and not call.cancelled() and call.exception() is None
 
 
 async def _settle(calls: Sequence[Awaitable[None]]) -> list[BaseException | None]:
@@ -95,8 +103,9 @@ class Engine:
         # Names this sidecar's record of missed keys: stable across restarts in one pod.
         self.identity = identity
         self._missed_loaded = False
-        # Writes that a cache tier missed are answered only once the miss is recorded in
-        # the durable tier; concurrent ones share one record write.
+        # Writes that a cache tier missed are answered only after an attempt to record the
+        # miss in the durable tier (if that fails, the monitor retries every round);
+        # concurrent ones share one record write.
         self._missed_records: Batcher[None, None] = Batcher(self._record_missed_batch)
         # An entry lives at most the sum of the tier ttls after its version (every
         # promotion may restart a tier's ttl): markers older than that hide nothing.
@@ -104,7 +113,8 @@ class Engine:
         self._flights: dict[str, asyncio.Future[Hit | None]] = {}
         # Write-behind writes of this process not yet applied below the top tier: reads
         # that miss the top tier (evicted, or it failed) still see them.
-        self._unflushed: dict[str, tuple[Entry, bytes]] = {}
+        # key -> (entry, payload, wall-clock time after which it is no longer served)
+        self._unflushed: dict[str, tuple[Entry, bytes, float]] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._stop_flushing = asyncio.Event()
@@ -155,12 +165,18 @@ class Engine:
                 return Hit(entry, top.name)
             top.metrics.misses.inc()
         if len(self.slots) == 1:
+            if top_failed:  # the only tier is the durable one: "not found" would be a guess
+                raise Unavailable(f"the tier {top.name!r} did not answer", top.name)
             return None
         unflushed = self._unflushed.get(key)
         if unflushed is not None:
-            entry, payload = unflushed
-            if self._fresh(key, payload, time.time()) is not None:
-                await self._promote(key, payload, entry, [top], time.time())
+            entry, payload, until = unflushed
+            now = time.time()
+            if until < now:  # the top tier would have dropped it by now too
+                del self._unflushed[key]
+            elif self._fresh(key, payload, now) is not None:
+                if not top_failed and top.readable(key):
+                    await self._promote(key, payload, entry, [top], now)
                 return Hit(entry, top.name)
         flight = self._flights.get(key)
         if flight is None:
@@ -284,15 +300,21 @@ class Engine:
         journal, top = self.journal, self.top
         if journal is None:
             raise Unavailable(
-                "write-behind needs a journal: configure a redis:// tier or [write].journal_url"
+                "write-behind needs a journal: configure a redis:// tier or [write].journal_url",
+                "journal",
             )
         if not journal.has_room(len(values)):
-            raise Unavailable("write-behind journal is full; retry later or write through")
+            raise Unavailable(
+                "write-behind journal is full; retry later or write through", "journal"
+            )
 
         top_writes = [
             TierWrite(new.key, payload, entry.version, entry.ttl_in(top.ttl, now))
             for new, entry, payload in zip(values, entries, payloads, strict=True)
         ]
+        # Visible to reads of this process at once, in version order: set before any await.
+        for write, entry in zip(top_writes, entries, strict=True):
+            self._unflushed[write.key] = (entry, write.payload or b"", now + top.ttl)
         try:
             async with asyncio.timeout(self.request_timeout):
                 stored, recorded = await asyncio.gather(
@@ -300,20 +322,32 @@ class Engine:
                     _settle([journal.append(w.key, w.payload or b"") for w in top_writes]),
                 )
         except TimeoutError:
+            for write in top_writes:
+                self._forget_unflushed(write.key, write.version)
+                top.miss(write.key, write.version)
+            await self._missed_records.submit(None)
             raise Unavailable(
-                f"the write did not complete within {self.request_timeout} s"
+                f"the write did not complete within {self.request_timeout} s", top.name
             ) from None
-        for write, entry, result in zip(top_writes, entries, recorded, strict=True):
-            if result is None:
-                self._unflushed[write.key] = (entry, write.payload or b"")
+        for write, stored_result, recorded_result in zip(top_writes, stored, recorded, strict=True):
+            if recorded_result is not None:
+                # Not journaled: the lower tiers will never get it, so neither the
+                # overlay nor the top tier may keep serving it.
+                self._forget_unflushed(write.key, write.version)
+                if stored_result is None:
+                    top.miss(write.key, write.version)
         missed = [(w, r) for w, r in zip(top_writes, stored, strict=True) if r is not None]
         for write, _ in missed:
             top.miss(write.key, write.version)  # it may hold an older value
         if missed:
             await self._missed_records.submit(None)
+        if any(result is not None for result in recorded):
+            await self._missed_records.submit(None)
         journal_failure = next((r for r in recorded if r is not None), None)
         if journal_failure is not None:
-            raise Unavailable(f"write-behind journal: {journal_failure}") from journal_failure
+            raise Unavailable(
+                f"write-behind journal: {journal_failure}", "journal"
+            ) from journal_failure
         if missed:
             raise Unavailable(f"the top tier did not take the write: {missed[0][1]}", top.name)
 
@@ -346,9 +380,12 @@ class Engine:
                     slot.miss(write.key, write.version)
                 await self._missed_records.submit(None)
         for key, rec in newest.items():
-            unflushed = self._unflushed.get(key)
-            if unflushed is not None and unflushed[0].version <= rec.entry.version:
-                del self._unflushed[key]
+            self._forget_unflushed(key, rec.entry.version)
+
+    def _forget_unflushed(self, key: str, version: int) -> None:
+        unflushed = self._unflushed.get(key)
+        if unflushed is not None and unflushed[0].version <= version:
+            del self._unflushed[key]
 
     def _forget(self, key: str) -> None:
         """A newer write or delete of ``key`` is under way: later readers must neither join
@@ -356,17 +393,38 @@ class Engine:
         self._flights.pop(key, None)
         self._unflushed.pop(key, None)
 
-    async def delete_many(self, keys: Sequence[str]) -> None:
-        """Tombstone ``keys`` in every tier, durable first."""
+    async def delete_many(
+        self, keys: Sequence[str], version: int | None = None, local_only: bool = False
+    ) -> None:
+        """Tombstone ``keys`` in every tier, durable first — or, ``local_only``, in the
+        in-process tiers only (a peer already did the shared ones) — at ``version``
+        (default: a new one per key)."""
         versions = []
         for key in keys:
             self._forget(key)
-            versions.append(self.clock.next())
-        tombstones = [
-            TierWrite(key, None, version, TOMBSTONE_TTL)
+            versions.append(version or self.clock.next())
+        if local_only:
+            for slot in self.slots:
+                if slot.tier.in_process:
+                    await slot.tier.set_many(
+                        [
+                            TierWrite(k, None, v, TOMBSTONE_TTL)
+                            for k, v in zip(keys, versions, strict=True)
+                        ]
+                    )
+            return
+        # In the durable tier a tombstone lives as long as anything may still be applied
+        # there: a write-behind record replayed late must not bring a deleted value back.
+        durable_tombstones = [
+            TierWrite(key, None, version, max(TOMBSTONE_TTL, self.durable.ttl))
             for key, version in zip(keys, versions, strict=True)
         ]
-        await self._store(tombstones, [(slot, t) for slot in self.slots[:-1] for t in tombstones])
+        cache_tombstones = [
+            (slot, TierWrite(key, None, version, TOMBSTONE_TTL))
+            for slot in self.slots[:-1]
+            for key, version in zip(keys, versions, strict=True)
+        ]
+        await self._store(durable_tombstones, cache_tombstones)
 
     async def _store(
         self,
@@ -379,6 +437,7 @@ class Engine:
         Writes go to the slots' batchers as futures: no task per write.
         """
         durable = self.durable
+        cache_calls = []
         try:
             async with asyncio.timeout(self.request_timeout):
                 results = await _settle([durable.set(write) for write in durable_writes])
@@ -390,20 +449,29 @@ class Engine:
                         ) from result
                     if result is not None:
                         raise result
-                results = await _settle([slot.set(write) for slot, write in cache_writes])
-                missed = False
-                for (slot, write), result in zip(cache_writes, results, strict=True):
-                    if isinstance(result, TierError):
-                        slot.miss(write.key, write.version)
-                        missed = True
-                    elif result is not None:
-                        raise result
-                if missed:
-                    await self._missed_records.submit(None)
+                cache_calls = [slot.set(write) for slot, write in cache_writes]
+                results = await _settle(cache_calls)
         except TimeoutError:
-            raise Unavailable(
-                f"the write did not complete within {self.request_timeout} s"
-            ) from None
+            if not cache_calls:
+                raise Unavailable(
+                    f"the durable tier {durable.name!r} did not answer within "
+                    f"request_timeout ({self.request_timeout} s)",
+                    durable.name,
+                ) from None
+            # Stored durably; the cache tiers that did not answer in time missed it.
+            results = [
+                None if _succeeded(call) else TierTimeout("request deadline")
+                for call in cache_calls
+            ]
+        missed = False
+        for (slot, write), result in zip(cache_writes, results, strict=True):
+            if isinstance(result, TierError):
+                slot.miss(write.key, write.version)
+                missed = True
+            elif result is not None:
+                raise result
+        if missed:
+            await self._missed_records.submit(None)
 
     # -- health --------------------------------------------------------------------------
 

@@ -80,3 +80,8 @@ class VersionClock:
     def next(self) -> int:
         self._last = max(time.time_ns() // 1000, self._last + 1)
         return self._last
+
+    def witness(self, version: int) -> None:
+        """A peer's version was seen: later versions here must be newer (a hybrid
+        logical clock's receive rule)."""
+        self._last = max(self._last, version)

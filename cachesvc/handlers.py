@@ -171,9 +171,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"body exceeds {limit} bytes") from None
+    if len(body) > limit:  # a chunked body just past the limit
+        raise PayloadTooLarge(f"body exceeds {limit} bytes")
+    return body
 
 
 # -- bulk ----------------------------------------------------------------------------------

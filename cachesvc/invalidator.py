@@ -96,36 +96,45 @@ class Invalidator:
 
     async def invalidate(self, event: InvalidationEvent) -> None:
         """Apply ``event`` here, then tell the peers; Unavailable when either fell short."""
-        shortfall = await self.apply(event)
+        version = self.engine.clock.next()
+        shortfall = await self.apply(event, version)
         if self._redis is not None:
             message = InvalidationEvent(
-                event.keys, event.prefixes, event.tags, origin=self.origin, sent_at=time.time()
+                event.keys,
+                event.prefixes,
+                event.tags,
+                origin=self.origin,
+                sent_at=time.time(),
+                version=version,
             ).to_json()
             try:
                 await self._redis.publish(self.channel, message)
             except RedisError as exc:
                 raise Unavailable(
-                    f"invalidated here, but peer sidecars were not told: {exc}"
+                    f"invalidated here, but peer sidecars were not told: {exc}", "invalidation"
                 ) from exc
         if shortfall is not None:
             raise shortfall
 
-    async def apply(self, event: InvalidationEvent) -> Unavailable | None:
-        """Apply ``event`` to every tier; returns why the durable tier fell short, if it did
-        (the event is applied regardless: markers cover what tombstones could not)."""
-        version = self.engine.clock.next()
+    async def apply(
+        self, event: InvalidationEvent, version: int, local_only: bool = False
+    ) -> Unavailable | None:
+        """Apply ``event`` at ``version`` to every tier (``local_only``: to the in-process
+        tiers and this sidecar's markers: a peer did the shared part); returns why the
+        durable tier fell short, if it did (the event is applied regardless: markers cover
+        what tombstones could not)."""
         markers = [("p", prefix) for prefix in event.prefixes]
         markers += [("t", tag) for tag in event.tags]
         shortfall = None
         if event.keys:
             try:
-                await self.engine.delete_many(list(event.keys))
+                await self.engine.delete_many(list(event.keys), version, local_only)
             except Unavailable as exc:
                 markers += [("k", key) for key in event.keys]
                 shortfall = exc
         for kind, name in markers:
             self.markers.add(kind, name, version)
-        if markers:
+        if markers and not local_only:
             await self._share_markers(markers, version)
         return shortfall
 
@@ -159,7 +168,15 @@ class Invalidator:
         if event.origin == self.origin:
             self._events.labels(source, "own").inc()
             return
-        shortfall = await self.apply(event)
+        from_peer = event.origin is not None and event.version is not None
+        if event.version is not None:
+            version = event.version
+        elif event.sent_at is not None:
+            version = int(event.sent_at * 1_000_000)
+        else:
+            version = self.engine.clock.next()
+        self.engine.clock.witness(version)
+        shortfall = await self.apply(event, version, local_only=from_peer)
         if shortfall is not None:
             log.warning("invalidation from %s: %s (hidden by markers)", source, shortfall.detail)
         self._events.labels(source, "applied").inc()

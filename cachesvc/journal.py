@@ -179,6 +179,10 @@ class Journal:
                 log.warning("journal unreachable while acknowledging: %s", exc)
                 own_pending = True
                 await backoff.sleep()
+            except Exception:  # the flusher must outlive any surprise: PUTs still get 202
+                log.exception("write-behind flush failed; retrying")
+                own_pending = True
+                await backoff.sleep()
             else:
                 backoff.reset()
 

@@ -165,6 +165,12 @@ async def test_body_over_limit_is_413(make_client: MakeClient) -> None:
             yield b"y" * 200
 
     await assert_error(await client.put(path("k"), data=chunks()), 413)
+
+    async def one_past_the_limit() -> Any:
+        yield b"z" * 1000
+        yield b"z" * 25
+
+    await assert_error(await client.put(path("k"), data=one_past_the_limit()), 413)
     assert (await client.put(path("k"), data=b"x" * 1024)).status == 204
     assert len(await (await client.get(path("k"))).read()) == 1024
 
@@ -353,3 +359,11 @@ async def test_lower_tiers_past_the_deadline_answer_503(make_client: MakeClient)
     body = await assert_error(await client.get(path("k")), 503, "unavailable")
     assert "request_timeout" in body["detail"]
     slow.release.set()
+
+
+async def test_a_single_network_tier_that_is_down_answers_503_not_404(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(settings_for("redis://127.0.0.1:1/0"))  # nothing listens
+    body = await assert_error(await client.get(path("k")), 503, "unavailable")
+    assert body["tier"] == "l1"

@@ -208,3 +208,31 @@ async def test_in_process_tier_is_not_trusted_across_a_subscription_gap(
 
 async def _not_ready(client: Client) -> bool:
     return (await client.get("/readyz")).status == 503
+
+
+async def test_a_peers_invalidation_never_hides_a_later_acknowledged_write(
+    make_client: MakeClient, clean_redis_url: str, clean_postgres_url: str
+) -> None:
+    # DELETE then PUT on the first sidecar; the second applies the DELETE's event after
+    # the PUT was acknowledged, and must not tombstone the shared tier over it.
+    config = settings("memory://", clean_postgres_url, invalidation={"url": clean_redis_url})
+    first, second = await make_client(config), await make_client(config)
+    await until(lambda: ready(first), 5.0, "first subscribed")
+    await until(lambda: ready(second), 5.0, "second subscribed")
+    await first.put(path("k", "tags=t"), data=b"old")
+    assert (await first.delete(path("k"))).status == 204
+    assert (await first.put(path("k", "tags=t"), data=b"new")).status == 204
+    await until(lambda: _applied(second), 1.0, "the second sidecar applied the event")
+    assert await served_by(second, "k") == ("l2", b"new")
+    await first.post("/v1/invalidate", json={"tags": ["t"]})
+    assert (await first.put(path("k", "tags=t"), data=b"newer")).status == 204
+    await until(lambda: _applied(second, 2), 1.0, "the tag event applied")
+    assert (await served_by(second, "k"))[1] == b"newer"
+
+
+async def _applied(client: Client, count: int = 1) -> bool:
+    metrics = await (await client.get("/metrics")).text()
+    line = 'cachesvc_invalidation_events_total{outcome="applied",source="redis"}'
+    return any(
+        row.startswith(line) and float(row.split()[-1]) >= count for row in metrics.splitlines()
+    )

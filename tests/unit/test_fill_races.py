@@ -69,7 +69,7 @@ async def test_invalidation_during_a_fill_wins(engine: Engine, event: Invalidati
 
     reading = asyncio.create_task(engine.get("k"))
     await lower.read_done.wait()  # the old value is on its way up
-    assert await invalidator.apply(event) is None
+    assert await invalidator.apply(event, engine.clock.next()) is None
     lower.release.set()
     await reading  # began before the invalidation: either answer is linearizable
 
@@ -86,7 +86,7 @@ async def test_readers_joining_a_fill_after_an_invalidation_see_it(engine: Engin
 
     first = asyncio.create_task(engine.get("k"))
     await lower.read_done.wait()
-    await invalidator.apply(InvalidationEvent(tags=("t",)))
+    await invalidator.apply(InvalidationEvent(tags=("t",)), engine.clock.next())
     joined = asyncio.create_task(engine.get("k"))  # joins the lookup already under way
     await asyncio.sleep(0)
     lower.release.set()

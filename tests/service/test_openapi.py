@@ -91,7 +91,18 @@ async def test_served_document_is_the_packaged_file(make_client: MakeClient) -> 
 # msgpack is the bulk endpoints' second body format; schemathesis knows only JSON-like ones.
 @schemathesis.serializer("application/msgpack")
 def _pack(ctx: schemathesis.SerializationContext, value: Any) -> bytes:
-    packed: bytes = msgpack.packb(value)
+    # JSON integers are unbounded, msgpack's are 64-bit: a generated integer beyond that
+    # goes as a string (still not what the schema asks for, so still invalid input).
+    def fit(item: Any) -> Any:
+        if isinstance(item, int) and not isinstance(item, bool):
+            return item if -(2**63) <= item < 2**64 else str(item)
+        if isinstance(item, dict):
+            return {key: fit(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [fit(inner) for inner in item]
+        return item
+
+    packed: bytes = msgpack.packb(fit(value))
     return packed
 
 
@@ -174,6 +185,9 @@ def test_sequences_of_requests_get_documented_answers(sidecar: Sidecar) -> None:
             deadline=None,
             derandomize=True,
             database=None,
+            # A failure is reported as found: shrinking a sequence of HTTP calls against a
+            # live server can outlast any test timeout.
+            phases=[hypothesis.Phase.generate],
             suppress_health_check=[hypothesis.HealthCheck.too_slow],
         )
     )

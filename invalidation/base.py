@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import random
 from typing import Literal, Protocol
 
 from invalidation.events import InvalidationEvent, MalformedEvent
+
+log = logging.getLogger(__name__)
 
 State = Literal["connecting", "up", "down"]
 
@@ -40,9 +43,27 @@ class Listener(abc.ABC):
         self.liveness_interval = liveness_interval
         self.state: State = "connecting"
 
-    @abc.abstractmethod
+    # What losing the connection raises: logged, then reconnect after a backoff.
+    connection_errors: tuple[type[BaseException], ...]
+
     async def run(self, sink: EventSink) -> None:
         """Listen until cancelled; never returns or raises on connection trouble."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self.listen(sink, backoff)
+            except self.connection_errors as exc:
+                log.warning("%s invalidation source %s lost: %s", self.source, self.channel, exc)
+            finally:
+                if self.state == "up":
+                    sink.on_disconnect(self.source)
+                self.state = "down"
+            await backoff.sleep()
+
+    @abc.abstractmethod
+    async def listen(self, sink: EventSink, backoff: Backoff) -> None:
+        """Connect, subscribe (then set ``state = "up"``, reset ``backoff`` and call
+        ``sink.on_gap``) and deliver events until the connection fails."""
 
 
 class Backoff:

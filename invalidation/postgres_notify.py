@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import asyncpg
 
 from invalidation.base import Backoff, EventSink, Listener
 from invalidation.events import MalformedEvent, parse_event
-
-log = logging.getLogger(__name__)
 
 _LOST = object()  # put on the queue when the connection terminates
 
@@ -22,20 +19,9 @@ class PostgresNotifyListener(Listener):
 
     source = "postgres"
 
-    async def run(self, sink: EventSink) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                await self._listen(sink, backoff)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("LISTEN %s lost: %s", self.channel, exc)
-            finally:
-                if self.state == "up":
-                    sink.on_disconnect(self.source)
-                self.state = "down"
-            await backoff.sleep()
+    connection_errors = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
-    async def _listen(self, sink: EventSink, backoff: Backoff) -> None:
+    async def listen(self, sink: EventSink, backoff: Backoff) -> None:
         queue: asyncio.Queue[object] = asyncio.Queue()
         connection = await asyncpg.connect(self.url, timeout=2)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 import redis.asyncio as redis
@@ -10,8 +9,6 @@ from redis.exceptions import RedisError
 
 from invalidation.base import Backoff, EventSink, Listener
 from invalidation.events import MalformedEvent, parse_event
-
-log = logging.getLogger(__name__)
 
 
 class RedisPubSubListener(Listener):
@@ -24,22 +21,16 @@ class RedisPubSubListener(Listener):
 
     source = "redis"
 
-    async def run(self, sink: EventSink) -> None:
-        backoff = Backoff()
-        while True:
-            client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
-            try:
-                await self._listen(client, sink, backoff)
-            except (RedisError, OSError) as exc:
-                log.warning("invalidation subscription to %s lost: %s", self.channel, exc)
-            finally:
-                if self.state == "up":
-                    sink.on_disconnect(self.source)
-                self.state = "down"
-                await client.aclose()
-            await backoff.sleep()
+    connection_errors = (RedisError, OSError)
 
-    async def _listen(self, client: redis.Redis, sink: EventSink, backoff: Backoff) -> None:
+    async def listen(self, sink: EventSink, backoff: Backoff) -> None:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
+        try:
+            await self._subscribed(client, sink, backoff)
+        finally:
+            await client.aclose()
+
+    async def _subscribed(self, client: redis.Redis, sink: EventSink, backoff: Backoff) -> None:
         async with client.pubsub() as pubsub:
             await pubsub.subscribe(self.channel)
             last_heard = time.monotonic()

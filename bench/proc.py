@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from tests.servers import free_port
 
@@ -141,6 +141,19 @@ class Peer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing to files (Agg), or None when matplotlib is not
+    installed (the ``bench`` extra): the benchmarks then skip their plots."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def schedstat(pid: int) -> tuple[int, int]:

@@ -519,12 +519,8 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = proc.pyplot()
+    if plt is None:
         return False
     names = [row.scenario for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))

@@ -212,12 +212,8 @@ def verdict(samples: Sequence[Sample]) -> Verdict:
 
 
 def plot(samples: Sequence[Sample], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = proc.pyplot()
+    if plt is None:
         return False
     t = [s.t for s in samples]
     warmup_end = samples[len(samples) // 3].t if len(samples) >= 3 else 0

@@ -14,7 +14,7 @@ import logging
 import random
 from typing import Literal, Protocol
 
-from invalidation.events import InvalidationEvent, MalformedEvent
+from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,15 @@ class Listener(abc.ABC):
                     sink.on_disconnect(self.source)
                 self.state = "down"
             await backoff.sleep()
+
+    async def deliver(self, raw: bytes | str, sink: EventSink) -> None:
+        """Hand one received message to ``sink``: an event, or a malformed one."""
+        try:
+            event = parse_event(raw)
+        except MalformedEvent as exc:
+            sink.on_malformed(raw, exc, self.source)
+            return
+        await sink.on_event(event, self.source)
 
     @abc.abstractmethod
     async def listen(self, sink: EventSink, backoff: Backoff) -> None:

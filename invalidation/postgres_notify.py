@@ -8,7 +8,6 @@ import asyncio
 import asyncpg
 
 from invalidation.base import Backoff, EventSink, Listener
-from invalidation.events import MalformedEvent, parse_event
 
 _LOST = object()  # put on the queue when the connection terminates
 
@@ -41,11 +40,6 @@ class PostgresNotifyListener(Listener):
                 if payload is _LOST:
                     raise OSError("connection terminated")
                 assert isinstance(payload, str)
-                try:
-                    event = parse_event(payload)
-                except MalformedEvent as exc:
-                    sink.on_malformed(payload, exc, self.source)
-                    continue
-                await sink.on_event(event, self.source)
+                await self.deliver(payload, sink)
         finally:
             connection.terminate()

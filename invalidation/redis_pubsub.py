@@ -8,7 +8,6 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from invalidation.base import Backoff, EventSink, Listener
-from invalidation.events import MalformedEvent, parse_event
 
 
 class RedisPubSubListener(Listener):
@@ -53,15 +52,7 @@ class RedisPubSubListener(Listener):
                     backoff.reset()
                     await sink.on_gap(self.source)
                 elif kind == "message":
-                    await self._deliver(message["data"], sink)
-
-    async def _deliver(self, raw: bytes, sink: EventSink) -> None:
-        try:
-            event = parse_event(raw)
-        except MalformedEvent as exc:
-            sink.on_malformed(raw, exc, self.source)
-            return
-        await sink.on_event(event, self.source)
+                    await self.deliver(message["data"], sink)
 
 
 async def publish(url: str, channel: str, message: str) -> int:

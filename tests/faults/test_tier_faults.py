@@ -13,7 +13,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -183,6 +183,25 @@ async def test_l1_hung_reads_fall_through_skip_it_and_use_it_again(
     assert (first.tier, second.tier) == ("l2", "l1")
 
 
+async def read_through_repair(
+    client: Client, tier: str, read_all: Callable[[], Awaitable[None]], resumed_at: float
+) -> tuple[float, int]:
+    """Read every key round after round from the moment ``tier`` answers again until it is
+    repaired (up, no missed keys) and ten rounds more; returns (seconds to repair, rounds).
+    Fails if the repair takes over 10 s."""
+    rounds = 0
+    repaired_after: float | None = None
+    while repaired_after is None or rounds < 10:
+        await read_all()
+        rounds += 1
+        if repaired_after is None:
+            _, tiers = await readiness(client)
+            if tiers[tier]["state"] == "up" and tiers[tier]["missed_keys"] == 0:
+                repaired_after = time.monotonic() - resumed_at
+        assert time.monotonic() - resumed_at < 10, f"{tier} was not repaired within 10 s"
+    return repaired_after, rounds
+
+
 # -- 2. L2 hung during a write ---------------------------------------------------------------
 
 
@@ -230,16 +249,9 @@ async def test_l2_hung_during_writes_never_serves_the_old_values(
     resumed_at = time.monotonic()
 
     # From the moment l2 answers again, through its repair, and after it.
-    rounds = 0
-    repaired_after: float | None = None
-    while repaired_after is None or rounds < 10:
-        await read_all(flush_l1=True)
-        rounds += 1
-        if repaired_after is None:
-            _, tiers = await readiness(client)
-            if tiers["l2"]["state"] == "up" and tiers["l2"]["missed_keys"] == 0:
-                repaired_after = time.monotonic() - resumed_at
-        assert time.monotonic() - resumed_at < 10, "l2 was not repaired within 10 s"
+    repaired_after, rounds = await read_through_repair(
+        client, "l2", lambda: read_all(flush_l1=True), resumed_at
+    )
     # What l2 itself holds: never "old" (a tombstone, nothing, or "new").
     l2 = engine_of(client).slots[1]
     held = {key: await l2.tier.get(key) for key in keys}
@@ -603,16 +615,9 @@ async def test_a_tier_that_missed_a_delete_never_serves_the_deleted_value(
     finally:
         await asyncio.to_thread(server.resume)
     resumed_at = time.monotonic()
-    rounds = 0
-    repaired_after: float | None = None
-    while repaired_after is None or rounds < 10:
-        await read_all(flush_l1=hung == "l2")
-        rounds += 1
-        if repaired_after is None:
-            _, tiers = await readiness(client)
-            if tiers[hung]["state"] == "up" and tiers[hung]["missed_keys"] == 0:
-                repaired_after = time.monotonic() - resumed_at
-        assert time.monotonic() - resumed_at < 10, f"{hung} was not repaired within 10 s"
+    repaired_after, rounds = await read_through_repair(
+        client, hung, lambda: read_all(flush_l1=hung == "l2"), resumed_at
+    )
     slot = next(s for s in engine_of(client).slots if s.name == hung)
     held = [key for key in keys if await slot.tier.get(key) is not None]
     report(

@@ -132,14 +132,23 @@ async def _subscribed(redis: Redis) -> bool:
     return bool(counts and counts[0][1] >= 1)
 
 
-async def test_a_peer_sidecar_drops_what_the_first_invalidated(
+@pytest.fixture
+async def peers(
     make_client: MakeClient, clean_redis_url: str, clean_postgres_url: str
-) -> None:
-    # Each sidecar has its own in-process l1; they share l2 (Postgres) and the channel.
+) -> tuple[Client, Client]:
+    """Two subscribed sidecars, each with its own in-process l1, sharing l2 (Postgres)
+    and the channel."""
     config = settings("memory://", clean_postgres_url, invalidation={"url": clean_redis_url})
     first, second = await make_client(config), await make_client(config)
     await until(lambda: ready(first), 5.0, "first subscribed")
     await until(lambda: ready(second), 5.0, "second subscribed")
+    return first, second
+
+
+async def test_a_peer_sidecar_drops_what_the_first_invalidated(
+    peers: tuple[Client, Client],
+) -> None:
+    first, second = peers
     for key in ("k", "t1", "pre:1"):
         await first.put(path(key, "tags=t" if key == "t1" else ""), data=b"v")
         assert (await served_by(second, key))[0] == "l2"
@@ -211,14 +220,11 @@ async def _not_ready(client: Client) -> bool:
 
 
 async def test_a_peers_invalidation_never_hides_a_later_acknowledged_write(
-    make_client: MakeClient, clean_redis_url: str, clean_postgres_url: str
+    peers: tuple[Client, Client],
 ) -> None:
     # DELETE then PUT on the first sidecar; the second applies the DELETE's event after
     # the PUT was acknowledged, and must not tombstone the shared tier over it.
-    config = settings("memory://", clean_postgres_url, invalidation={"url": clean_redis_url})
-    first, second = await make_client(config), await make_client(config)
-    await until(lambda: ready(first), 5.0, "first subscribed")
-    await until(lambda: ready(second), 5.0, "second subscribed")
+    first, second = peers
     await first.put(path("k", "tags=t"), data=b"old")
     assert (await first.delete(path("k"))).status == 204
     assert (await first.put(path("k", "tags=t"), data=b"new")).status == 204

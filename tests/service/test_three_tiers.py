@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from cachesvc.engine import Engine
 from cachesvc.envelope import decode_live
 from cachesvc.handlers import ENGINE
+from tests.polling import until
 from tests.servers import flush_memcached, flush_redis
 from tests.service.test_api import assert_error, path
 
@@ -93,13 +94,11 @@ async def test_ttl_expires_in_every_tier(three_tier: Client) -> None:
     slots = engine_of(three_tier).slots
     # Memcached counts whole seconds, so its copy may outlive the TTL by up to a second;
     # the envelope's own expiry hides it from reads either way.
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        remaining = [slot.name for slot in slots if await slot.tier.get("ttl") is not None]
-        if not remaining:
-            break
-        await asyncio.sleep(0.05)
-    assert remaining == []
+
+    async def gone_everywhere() -> bool:
+        return all([await slot.tier.get("ttl") is None for slot in slots])
+
+    await until(gone_everywhere, 3.0, "the entry expired in every tier")
     await assert_error(await three_tier.get(path("ttl")), 404)
 
 

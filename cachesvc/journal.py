@@ -90,7 +90,14 @@ class Journal:
         self.consumer = consumer
         self._client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
+        # Back-pressure counts the stream exactly, appends racing a count included: a
+        # count (XLEN with the newest ID, atomically) holds every append whose ID is not
+        # after that newest ID; appends finished since it was asked for and not covered
+        # are added, and appends under way are counted until they finish.
         self._depth = 0
+        self._counted_up_to = b"0-0"
+        self._appending = 0
+        self._appended_since_count: list[bytes] = []
         self._last_appended = b"0-0"
         self._group_ready = False
         self._attempts: dict[bytes, int] = {}
@@ -103,17 +110,24 @@ class Journal:
     # -- producer side -------------------------------------------------------------------
 
     def has_room(self, count: int) -> bool:
-        return self._depth + count <= self.max_pending
+        return self._depth + self._appending + count <= self.max_pending
 
     async def append(self, key: str, payload: bytes) -> None:
         """Record a write durably; raises JournalUnavailable."""
         if not self.has_room(1):
             raise JournalUnavailable(f"journal full ({self._depth} pending writes)")
-        self._depth += 1
+        self._appending += 1
         try:
-            self._last_appended = await self._appends.submit((key, payload))
+            entry_id = await self._appends.submit((key, payload))
         except RedisError as exc:
             raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
+        finally:
+            self._appending -= 1
+        self._appended_since_count.append(entry_id)
+        if _id_after(entry_id, self._counted_up_to):
+            self._depth += 1
+        if _id_after(entry_id, self._last_appended):
+            self._last_appended = entry_id
 
     async def _append_batch(self, items: list[tuple[str, bytes]]) -> list[bytes]:
         await self._ensure_group()
@@ -191,11 +205,16 @@ class Journal:
         return self._oldest_id is None or _id_after(self._oldest_id, self._last_appended)
 
     async def _refresh_depth(self) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
+        self._appended_since_count = []
+        async with self._client.pipeline(transaction=True) as pipe:
             pipe.xlen(self.stream)
             pipe.xrange(self.stream, "-", "+", count=1)
-            depth, oldest = await pipe.execute()
-        self._depth = depth
+            pipe.xrevrange(self.stream, "+", "-", count=1)
+            depth, oldest, newest = await pipe.execute()
+        self._counted_up_to = newest[0][0] if newest else b"0-0"
+        self._depth = depth + sum(
+            _id_after(entry_id, self._counted_up_to) for entry_id in self._appended_since_count
+        )
         self._oldest_id = oldest[0][0] if oldest else None
         self.m_depth.set(depth)
         self.m_lag.set(0.0 if not oldest else max(0.0, time.time() - _id_time(oldest[0][0])))

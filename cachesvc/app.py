@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cachesvc import handlers
 from cachesvc.config import Settings, TierSettings
 from cachesvc.engine import Engine
-from cachesvc.handlers import ENGINE, INVALIDATOR, SETTINGS
+from cachesvc.handlers import ENGINE, INVALIDATOR, METRICS, SETTINGS
 from cachesvc.invalidator import Invalidator
 from cachesvc.journal import Journal
 from cachesvc.metrics import Metrics
@@ -25,7 +25,6 @@ from invalidation.postgres_notify import PostgresNotifyListener
 from invalidation.redis_pubsub import RedisPubSubListener
 from tiers.registry import tier_class
 
-METRICS = web.AppKey("metrics", Metrics)
 OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
 # Any characters, newlines included: the handler validates the key and answers 400.
 KEY_ROUTE = r"/v1/cache/{key:[\s\S]*}"

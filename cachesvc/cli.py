@@ -110,24 +110,48 @@ def serve(settings: Settings, workers: int) -> int:
 
 def serve_worker(settings: Settings, worker: int) -> int:
     """One event loop serving the app; returns 0 after a graceful SIGTERM/SIGINT."""
+    if worker:
+        configure_logging(settings)
+    loop = _new_event_loop()
+    try:
+        loop.run_until_complete(_serve(settings, worker))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+    return 0
+
+
+async def _serve(settings: Settings, worker: int) -> None:
     from aiohttp import web
 
     from cachesvc.app import create_app
+    from cachesvc.front import FrontDoorRunner
 
-    if worker:
-        configure_logging(settings)
     server = settings.server
-    web.run_app(
-        create_app(settings, worker=worker),
-        host=server.host,
-        port=server.port,
-        reuse_port=worker > 0 or None,
-        access_log=logging.getLogger("cachesvc.access") if server.access_log else None,
-        shutdown_timeout=server.shutdown_timeout,
-        print=lambda message: log.info("%s", message.strip()) if worker <= 1 else None,
-        loop=_new_event_loop(),
-    )
-    return 0
+    app = create_app(settings, worker=worker)
+    if server.access_log:
+        # An access log line per request is aiohttp's: every connection goes to it.
+        runner = web.AppRunner(
+            app,
+            access_log=logging.getLogger("cachesvc.access"),
+            shutdown_timeout=server.shutdown_timeout,
+        )
+    else:
+        runner = FrontDoorRunner(app, access_log=None, shutdown_timeout=server.shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, server.host, server.port, reuse_port=worker > 0 or None)
+        await site.start()
+        if worker <= 1:
+            log.info("serving on %s", site.name)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing requests under way (at most %g s)", server.shutdown_timeout)
+    finally:
+        await runner.cleanup()
 
 
 def supervise(settings: Settings, workers: int) -> int:

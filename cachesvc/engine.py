@@ -154,16 +154,27 @@ class Engine:
 
     async def get(self, key: str) -> Hit | None:
         top = self.top
-        top_failed = False
-        if top.readable(key):
-            try:
-                entry = self._fresh(key, await top.get(key), time.time())
-            except TierError:
-                entry, top_failed = None, True
-            if entry is not None:
-                top.metrics.hits.inc()
-                return Hit(entry, top.name)
+        if not top.readable(key):
+            return await self.get_below(key, top_failed=False)
+        try:
+            payload = await top.get(key)
+        except TierError:
+            return await self.get_below(key, top_failed=True)
+        return self.top_hit(key, payload) or await self.get_below(key, top_failed=False)
+
+    def top_hit(self, key: str, payload: bytes | None) -> Hit | None:
+        """The hit in what the top tier answered for ``key``, if it is live."""
+        top = self.top
+        entry = self._fresh(key, payload, time.time())
+        if entry is None:
             top.metrics.misses.inc()
+            return None
+        top.metrics.hits.inc()
+        return Hit(entry, top.name)
+
+    async def get_below(self, key: str, top_failed: bool) -> Hit | None:
+        """The rest of a read the top tier did not answer (or failed, ``top_failed``)."""
+        top = self.top
         if len(self.slots) == 1:
             if top_failed:  # the only tier is the durable one: "not found" would be a guess
                 raise Unavailable(f"the tier {top.name!r} did not answer", top.name)

@@ -8,19 +8,21 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import msgpack
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cachesvc.config import STRATEGIES, Settings, Strategy
-from cachesvc.engine import Engine, NewValue
+from cachesvc.engine import Engine, Hit, NewValue
 from cachesvc.envelope import DEFAULT_CONTENT_TYPE
-from cachesvc.errors import BadRequest, PayloadTooLarge
+from cachesvc.errors import BadRequest, PayloadTooLarge, ServiceError
 from cachesvc.invalidator import Invalidator
+from cachesvc.metrics import Metrics
 from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
 
 M = TypeVar("M", bound=BaseModel)
@@ -28,6 +30,7 @@ M = TypeVar("M", bound=BaseModel)
 ENGINE = web.AppKey("engine", Engine)
 SETTINGS = web.AppKey("settings", Settings)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+METRICS = web.AppKey("metrics", Metrics)
 
 CACHE_PREFIX = "/v1/cache/"
 MAX_KEY_BYTES = 250
@@ -54,9 +57,13 @@ def validate_key(key: str, what: str = "key") -> str:
 
 
 def key_of(request: web.Request) -> str:
-    """The key of /v1/cache/{key}, decoded from the raw path so that an encoded ``/``,
-    ``?``, ``#`` or ``%`` is part of the key, and invalid UTF-8 is refused."""
-    raw = request.raw_path.partition("?")[0]
+    return key_in_target(request.raw_path)
+
+
+def key_in_target(target: str) -> str:
+    """The key of a ``/v1/cache/{key}`` request target, decoded from the raw target so that
+    an encoded ``/``, ``?``, ``#`` or ``%`` is part of the key; invalid UTF-8 is refused."""
+    raw = target.partition("?")[0]
     if not raw.startswith(CACHE_PREFIX):
         raise BadRequest("the key must follow /v1/cache/")
     try:
@@ -101,19 +108,51 @@ def parse_tags(tags: Sequence[str]) -> tuple[str, ...]:
 
 
 # -- single key ----------------------------------------------------------------------------
+# The single-key operations are answered by the front door (cachesvc.front) on its fast
+# path and by these handlers on connections it handed to aiohttp: both build their answer
+# with the functions below.
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, headers=self.headers, body=self.body)
+
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+def json_reply(status: int, document: Any) -> Reply:
+    return Reply(status, {"Content-Type": JSON_TYPE}, json.dumps(document).encode())
+
+
+def error_reply(exc: ServiceError) -> Reply:
+    return json_reply(exc.status, exc.body())
+
+
+NOT_FOUND = json_reply(
+    404, {"error": "not_found", "detail": "no tier holds a live entry for this key"}
+)
+
+
+def get_reply(hit: Hit | None, if_none_match: str | None) -> Reply:
+    if hit is None:
+        return NOT_FOUND
+    etag = f'"{hit.entry.version}"'
+    headers = {"X-Cache-Tier": hit.tier, "ETag": etag}
+    if if_none_match is not None and etag_matches(if_none_match, etag):
+        return Reply(304, headers)
+    headers["Content-Type"] = hit.entry.content_type
+    return Reply(200, headers, hit.entry.value)
 
 
 async def get_entry(request: web.Request) -> web.StreamResponse:
     hit = await request.app[ENGINE].get(key_of(request))
-    if hit is None:
-        return error_response(404, "not_found", "no tier holds a live entry for this key")
-    etag = f'"{hit.entry.version}"'
-    headers = {"X-Cache-Tier": hit.tier, "ETag": etag}
-    if_none_match = request.headers.get("If-None-Match")
-    if if_none_match is not None and etag_matches(if_none_match, etag):
-        return web.Response(status=304, headers=headers)
-    headers["Content-Type"] = hit.entry.content_type
-    return web.Response(body=hit.entry.value, headers=headers)
+    return get_reply(hit, request.headers.get("If-None-Match")).response()
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:
@@ -123,27 +162,39 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
 
 
-async def put_entry(request: web.Request) -> web.StreamResponse:
-    key = key_of(request)
-    query = request.query
+def new_value(
+    target: str, headers: Mapping[str, str], value: bytes, settings: Settings
+) -> tuple[NewValue, Strategy]:
+    """What a ``PUT /v1/cache/{key}`` asks to store, and how. ``headers`` are looked up
+    by lower-case name."""
+    key = key_in_target(target)
+    query: dict[str, str] = {}
+    for name, param in parse_qsl(target.partition("?")[2], keep_blank_values=True):
+        query.setdefault(name, param)
     unknown = set(query) - _PUT_PARAMS
     if unknown:
         raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
-    settings = request.app[SETTINGS]
     strategy = parse_strategy(
-        query.get("strategy") or request.headers.get("X-Cache-Strategy"), settings.write.strategy
+        query.get("strategy") or headers.get("x-cache-strategy"), settings.write.strategy
     )
     ttl = parse_ttl(query.get("ttl"))
     raw_tags = query.get("tags", "")
     tags = parse_tags(raw_tags.split(",")) if raw_tags else ()
+    content_type = validate_content_type(headers.get("content-type") or DEFAULT_CONTENT_TYPE)
+    return NewValue(key, value, content_type, ttl, tags), strategy
+
+
+def put_reply(version: int, strategy: Strategy) -> Reply:
+    return Reply(202 if strategy == "write-behind" else 204, {"ETag": f'"{version}"'})
+
+
+async def put_entry(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    key_of(request)  # a bad key is answered before the body is read
     value = await read_body(request, settings.server.max_body_bytes)
-    content_type = validate_content_type(
-        request.headers.get("Content-Type") or DEFAULT_CONTENT_TYPE
-    )
-    new = NewValue(key, value, content_type, ttl, tags)
+    new, strategy = new_value(request.raw_path, request.headers, value, settings)
     version = await request.app[ENGINE].put(new, strategy)
-    status = 202 if strategy == "write-behind" else 204
-    return web.Response(status=status, headers={"ETag": f'"{version}"'})
+    return put_reply(version, strategy).response()
 
 
 async def delete_entry(request: web.Request) -> web.StreamResponse:
@@ -309,5 +360,5 @@ def encode_response(request: web.Request, document: Any, status: int = 200) -> w
     return web.json_response(document, status=status)
 
 
-def error_response(status: int, code: str, detail: str, **extra: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail, **extra}, status=status)
+def error_response(status: int, code: str, detail: str) -> web.Response:
+    return json_reply(status, {"error": code, "detail": detail}).response()

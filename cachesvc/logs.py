@@ -12,21 +12,22 @@ import json
 import logging
 import time
 import uuid
-
-from aiohttp import web
+from collections.abc import Mapping
 
 
 class RequestContext:
-    __slots__ = ("_id", "request")
+    """The request a log line belongs to; ``headers`` are looked up by lower-case name."""
 
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
+    __slots__ = ("_id", "headers")
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        self.headers = headers
         self._id: str | None = None
 
     @property
     def id(self) -> str:
         if self._id is None:
-            given = self.request.headers.get("X-Request-Id", "")[:64]
+            given = self.headers.get("x-request-id", "")[:64]
             self._id = given or uuid.uuid4().hex[:16]
         return self._id
 

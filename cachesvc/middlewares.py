@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from cachesvc.errors import ServiceError, Unauthorized
-from cachesvc.handlers import error_response
+from cachesvc.handlers import error_reply, error_response
 from cachesvc.logs import CURRENT_REQUEST, RequestContext
 from cachesvc.metrics import Metrics
 
@@ -31,11 +31,11 @@ def error_middleware(metrics: Metrics) -> Middleware:
         started = time.perf_counter()
         route = request.match_info.route.name or "unmatched"
         # Reset below: keep-alive requests of one connection share its task's context.
-        token = CURRENT_REQUEST.set(RequestContext(request))
+        token = CURRENT_REQUEST.set(RequestContext(request.headers))
         try:
             response = await handler(request)
         except ServiceError as exc:
-            response = web.json_response(exc.body(), status=exc.status)
+            response = error_reply(exc).response()
         except web.HTTPException as exc:
             if exc.empty_body or exc.status < 400:
                 raise

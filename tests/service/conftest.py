@@ -1,4 +1,5 @@
-"""HTTP-level tests through the real app (aiohttp's test server on a loopback port)."""
+"""HTTP-level tests through the real app and its front door (aiohttp's test server with
+the sidecar's runner, on a loopback port)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseRunner, TestClient, TestServer
 
 from cachesvc.app import create_app
 from cachesvc.config import Settings
+from cachesvc.front import FrontDoorRunner
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class SidecarTestServer(TestServer):
+    """aiohttp's test server, serving through the front door as ``cachesvc serve`` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return FrontDoorRunner(self.app, **kwargs)
 
 
 def settings_for(*tier_urls: str, **sections: dict[str, Any]) -> Settings:
@@ -26,7 +35,7 @@ async def make_client() -> AsyncIterator[MakeClient]:
     clients: list[TestClient[Any, Any]] = []
 
     async def make(settings: Settings | None = None) -> TestClient[Any, Any]:
-        client = TestClient(TestServer(create_app(settings or Settings())))
+        client = TestClient(SidecarTestServer(create_app(settings or Settings())))
         await client.start_server()
         clients.append(client)
         return client

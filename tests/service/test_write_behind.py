@@ -74,7 +74,7 @@ async def test_rapid_writes_of_one_key_leave_the_last_in_every_tier(
 ) -> None:
     for n in range(50):
         response = await three_tier.put(path("hot", "strategy=write-behind"), data=b"%d" % n)
-        assert response.status == 202
+        assert response.status == 202, await response.text()
     await until(lambda: _all_equal(three_tier, "hot", b"49"), 5.0, "the last write everywhere")
     await until(lambda: _is_zero(journal_depth(clean_redis_url)), 5.0, "an empty journal")
 

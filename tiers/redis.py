@@ -55,22 +55,24 @@ _DRIVER_OPTIONS: dict[str, type] = {
 }
 _DEFAULT_PREFIX = "cachesvc:"
 
-# KEYS[1]: the entry. ARGV[1]: the new versioned blob. ARGV[2]: its lifetime in milliseconds.
-# Versions are below 2^53, so tonumber(hex, 16) compares them exactly as doubles. A stored
-# value without a version header (some other program's key) is simply replaced.
+# KEYS: the entries. ARGV[2i-1], ARGV[2i]: KEYS[i]'s new versioned blob and its lifetime in
+# milliseconds. One call stores a whole batch (one command for redis-py to pack and parse,
+# instead of one per key); keys repeated in it are stored in order, so the highest version
+# still wins. Versions are below 2^53, so tonumber(hex, 16) compares them exactly as
+# doubles. A stored value without a version header (some other program's key) is replaced.
 _CONDITIONAL_SET = b"""
-local current = redis.call('GET', KEYS[1])
-if current then
-  local stored = tonumber(string.sub(current, 1, 16), 16)
-  if stored and stored > tonumber(string.sub(ARGV[1], 1, 16), 16) then
-    return 0
+for i, key in ipairs(KEYS) do
+  local blob = ARGV[2 * i - 1]
+  local current = redis.call('GET', key)
+  local stored = current and tonumber(string.sub(current, 1, 16), 16)
+  if not (stored and stored > tonumber(string.sub(blob, 1, 16), 16)) then
+    redis.call('SET', key, blob, 'PX', ARGV[2 * i])
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+return 0
 """
-# Run with EVALSHA; the script is loaded when Redis does not know it (first use, restart,
-# SCRIPT FLUSH).
+# Keys per script call: a script blocks Redis while it runs, so a huge batch is split.
+_KEYS_PER_CALL = 200
 _CONDITIONAL_SET_SHA = hashlib.sha1(_CONDITIONAL_SET, usedforsecurity=False).hexdigest()
 
 # The engine bounds every call with its own timeout, so the driver must neither wait long for
@@ -136,11 +138,10 @@ class RedisTier(Tier):
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         if not writes:
             return
+        chunks = [writes[i : i + _KEYS_PER_CALL] for i in range(0, len(writes), _KEYS_PER_CALL)]
         with self._mapped_errors():
-            # A pipeline runs the scripts in order, so when a key repeats in the batch the
-            # highest version still wins: a later, lower one is refused by the script.
-            results = await self._run_scripts(writes)
-            unknown = [w for w, r in zip(writes, results, strict=True) if _no_script(r)]
+            results = await self._run_scripts(chunks)
+            unknown = [c for c, r in zip(chunks, results, strict=True) if _no_script(r)]
             if unknown:
                 await self._started().script_load(_CONDITIONAL_SET)
                 results = [r for r in results if not _no_script(r)]
@@ -160,16 +161,14 @@ class RedisTier(Tier):
             with self._mapped_errors():
                 await client.aclose()
 
-    async def _run_scripts(self, writes: Sequence[TierWrite]) -> list[Any]:
+    async def _run_scripts(self, chunks: Sequence[Sequence[TierWrite]]) -> list[Any]:
         pipe = self._started().pipeline(transaction=False)
-        for write in writes:
-            pipe.evalsha(
-                _CONDITIONAL_SET_SHA,
-                1,
-                self.prefix + write.key,
-                pack_versioned(write.version, write.payload),
-                max(1, math.ceil(write.ttl * 1000)),
-            )
+        for chunk in chunks:
+            arguments: list[bytes | str | int] = [self.prefix + write.key for write in chunk]
+            for write in chunk:
+                arguments.append(pack_versioned(write.version, write.payload))
+                arguments.append(max(1, math.ceil(write.ttl * 1000)))
+            pipe.evalsha(_CONDITIONAL_SET_SHA, len(chunk), *arguments)
         return list(await pipe.execute(raise_on_error=False))
 
     def _started(self) -> redis.asyncio.Redis:

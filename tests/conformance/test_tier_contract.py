@@ -218,6 +218,17 @@ async def test_duplicate_key_in_one_batch_highest_version_wins(
     assert await tier.get_many([key("k"), key("tomb")]) == [b"v3", None]
 
 
+async def test_large_batch_with_repeats_keeps_every_highest_version(tier: Tier, key: Key) -> None:
+    # Larger than one Redis script call takes (200 keys): the split must keep the order.
+    keys = [key(f"big{n}") for n in range(450)]
+    await tier.set_many([w(k, b"older", V + 10) for k in keys[::2]])
+    batch = [w(k, b"first", V + 1) for k in keys] + [w(k, b"last", V + 2) for k in keys]
+    await tier.set_many(batch)
+    assert await tier.get_many(keys) == [
+        b"older" if n % 2 == 0 else b"last" for n in range(len(keys))
+    ]
+
+
 async def test_concurrent_writers_keep_the_highest_version(
     tier: Tier, key: Key, make_tier: MakeTier, tier_url: SplitResult
 ) -> None:

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cachesvc.batching import Batcher
 from cachesvc.config import Strategy
@@ -36,7 +37,7 @@ from cachesvc.errors import Unavailable
 from cachesvc.journal import Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
-from tiers.base import TierError, TierTimeout, TierWrite
+from tiers.base import TierError, TierWrite
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,6 @@ MONITOR_INTERVAL = 0.5
 
 async def _false() -> bool:
     return False
-
-
-def _succeeded(call: Awaitable[None]) -> bool:
-    """Whether a settled write call succeeded. Calls to in-process tiers are coroutines
-    that finish without waiting, so only futures can still be pending or cancelled."""
-    if not isinstance(call, asyncio.Future):
-        return True
-    return call.done() and not call.cancelled() and call.exception() is None
 
 
 async def _settle(calls: Sequence[Awaitable[None]]) -> list[BaseException | None]:
@@ -65,6 +58,14 @@ async def _settle(calls: Sequence[Awaitable[None]]) -> list[BaseException | None
             return [exc]
         return [None]
     return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+class _StoreJob(NamedTuple):
+    """One caller's writes for ``Engine._store``."""
+
+    durable_writes: Sequence[TierWrite]
+    cache_writes: Sequence[tuple[TierSlot, TierWrite]]
+    deadline: float  # event-loop time
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class Engine:
         # miss in the durable tier (if that fails, the monitor retries every round);
         # concurrent ones share one record write.
         self._missed_records: Batcher[None, None] = Batcher(self._record_missed_batch)
+        self._stores: Batcher[_StoreJob, None] = Batcher(self._store_group)
         # An entry lives at most the sum of the tier ttls after its version (every
         # promotion may restart a tier's ttl): markers older than that hide nothing.
         self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
@@ -146,6 +148,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self._sync_missed()  # the last repairs, for the next start
+        await self._stores.close()
         await self._missed_records.close()
         for slot in self.slots:
             await slot.close()
@@ -445,44 +448,55 @@ class Engine:
         """The durable tier first — its failure is the caller's 503 — then the cache tiers,
         whose failures are remembered as missed keys; all within the request deadline.
 
-        Writes go to the slots' batchers as futures: no task per write.
+        Concurrent calls are stored together (``_store_group``): one ``set_many`` per
+        tier for all of them, and one wake-up per caller.
         """
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        await self._stores.submit(_StoreJob(durable_writes, cache_writes, deadline))
+
+    async def _store_group(self, jobs: list[_StoreJob]) -> list[None]:
         durable = self.durable
-        cache_calls = []
+        durable_writes = [write for job in jobs for write in job.durable_writes]
+        by_slot: dict[TierSlot, list[TierWrite]] = {}
+        for job in jobs:
+            for slot, write in job.cache_writes:
+                by_slot.setdefault(slot, []).append(write)
+        deadline = min(job.deadline for job in jobs)  # the earliest caller's
         try:
-            async with asyncio.timeout(self.request_timeout):
-                results = await _settle([durable.set(write) for write in durable_writes])
-                for result in results:
-                    if isinstance(result, TierError):
-                        raise Unavailable(
-                            f"the durable tier {durable.name!r} did not take the write: {result}",
-                            durable.name,
-                        ) from result
-                    if result is not None:
-                        raise result
-                cache_calls = [slot.set(write) for slot, write in cache_writes]
-                results = await _settle(cache_calls)
+            async with asyncio.timeout_at(deadline):
+                await durable.set_many(durable_writes)
         except TimeoutError:
-            if not cache_calls:
-                raise Unavailable(
-                    f"the durable tier {durable.name!r} did not answer within "
-                    f"request_timeout ({self.request_timeout} s)",
-                    durable.name,
-                ) from None
-            # Stored durably; the cache tiers that did not answer in time missed it.
-            results = [
-                None if _succeeded(call) else TierTimeout("request deadline")
-                for call in cache_calls
-            ]
+            raise Unavailable(
+                f"the durable tier {durable.name!r} did not answer within "
+                f"request_timeout ({self.request_timeout} s)",
+                durable.name,
+            ) from None
+        except TierError as exc:
+            raise Unavailable(
+                f"the durable tier {durable.name!r} did not take the write: {exc}", durable.name
+            ) from exc
+        # Stored durably. A cache tier that fails or does not answer in time missed it.
+        calls = {
+            slot: asyncio.ensure_future(slot.set_many(writes)) for slot, writes in by_slot.items()
+        }
+        if calls:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait(calls.values(), timeout=max(0.0, deadline - loop.time()))
         missed = False
-        for (slot, write), result in zip(cache_writes, results, strict=True):
-            if isinstance(result, TierError):
+        for slot, call in calls.items():
+            if not call.done():
+                call.cancel()
+            elif not call.cancelled() and (failure := call.exception()) is not None:
+                if not isinstance(failure, TierError):
+                    raise failure
+            else:
+                continue
+            for write in by_slot[slot]:
                 slot.miss(write.key, write.version)
-                missed = True
-            elif result is not None:
-                raise result
+            missed = True
         if missed:
             await self._missed_records.submit(None)
+        return [None] * len(jobs)
 
     # -- health --------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from cachesvc.batching import Batcher
@@ -68,14 +67,12 @@ class _StoreJob(NamedTuple):
     deadline: float  # event-loop time
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
     entry: Entry
     tier: str
 
 
-@dataclass(frozen=True, slots=True)
-class NewValue:
+class NewValue(NamedTuple):
     key: str
     value: bytes
     content_type: str
@@ -276,7 +273,43 @@ class Engine:
 
     async def put_many(self, values: Sequence[NewValue], strategy: Strategy) -> list[int]:
         """Store ``values``; returns their versions once the strategy's promise holds."""
+        if self.writes_behind(strategy):
+            now = time.time()
+            entries = self._new_entries(values, now)
+            payloads = [entry.encode() for entry in entries]
+            await self._write_behind(values, entries, payloads, now)
+            return [entry.version for entry in entries]
+        versions, stored = self.put_through(values, strategy)
+        await stored
+        return versions
+
+    def writes_behind(self, strategy: Strategy) -> bool:
+        return strategy == "write-behind" and len(self.slots) > 1
+
+    def put_through(
+        self, values: Sequence[NewValue], strategy: Strategy
+    ) -> tuple[list[int], asyncio.Future[None]]:
+        """Start a write-through or cache-aside write of ``values``: their versions, and a
+        future done when the write's promise holds (without a task per caller: the front
+        door answers from the future's callback)."""
         now = time.time()
+        entries = self._new_entries(values, now)
+        durable_writes = []
+        cache_writes = []
+        for new, entry in zip(values, entries, strict=True):
+            payload = entry.encode()
+            durable_writes.append(
+                TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
+            )
+            for slot in self.slots[:-1]:
+                if strategy == "cache-aside":
+                    write = TierWrite(new.key, None, entry.version, TOMBSTONE_TTL)
+                else:
+                    write = TierWrite(new.key, payload, entry.version, entry.ttl_in(slot.ttl, now))
+                cache_writes.append((slot, write))
+        return [entry.version for entry in entries], self._store(durable_writes, cache_writes)
+
+    def _new_entries(self, values: Sequence[NewValue], now: float) -> list[Entry]:
         entries = []
         for new in values:
             self._forget(new.key)
@@ -284,24 +317,7 @@ class Engine:
             entries.append(
                 Entry(new.value, new.content_type, self.clock.next(), expires_at, new.tags)
             )
-        payloads = [entry.encode() for entry in entries]
-        if strategy == "write-behind" and len(self.slots) > 1:
-            await self._write_behind(values, entries, payloads, now)
-            return [entry.version for entry in entries]
-        durable_writes = [
-            TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
-            for new, entry, payload in zip(values, entries, payloads, strict=True)
-        ]
-        cache_writes = []
-        for slot in self.slots[:-1]:
-            for new, entry, payload in zip(values, entries, payloads, strict=True):
-                if strategy == "cache-aside":
-                    write = TierWrite(new.key, None, entry.version, TOMBSTONE_TTL)
-                else:
-                    write = TierWrite(new.key, payload, entry.version, entry.ttl_in(slot.ttl, now))
-                cache_writes.append((slot, write))
-        await self._store(durable_writes, cache_writes)
-        return [entry.version for entry in entries]
+        return entries
 
     async def _write_behind(
         self,
@@ -440,11 +456,11 @@ class Engine:
         ]
         await self._store(durable_tombstones, cache_tombstones)
 
-    async def _store(
+    def _store(
         self,
         durable_writes: Sequence[TierWrite],
         cache_writes: Sequence[tuple[TierSlot, TierWrite]],
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """The durable tier first — its failure is the caller's 503 — then the cache tiers,
         whose failures are remembered as missed keys; all within the request deadline.
 
@@ -452,7 +468,7 @@ class Engine:
         tier for all of them, and one wake-up per caller.
         """
         deadline = asyncio.get_running_loop().time() + self.request_timeout
-        await self._stores.submit(_StoreJob(durable_writes, cache_writes, deadline))
+        return self._stores.submit(_StoreJob(durable_writes, cache_writes, deadline))
 
     async def _store_group(self, jobs: list[_StoreJob]) -> list[None]:
         durable = self.durable

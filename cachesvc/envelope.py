@@ -9,15 +9,14 @@ promoted entry keeps its remaining lifetime across tiers and processes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgpack
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     value: bytes
     content_type: str
     version: int

@@ -222,7 +222,13 @@ class FrontDoor(asyncio.Protocol):
             self._get(key_in_target(target), headers)
         elif method == b"PUT":
             new, strategy = new_value(target, headers, body, entrance.settings)
-            self._run(_put(entrance.engine, new, strategy), headers)
+            if entrance.engine.writes_behind(strategy):
+                self._run(_put(entrance.engine, new, strategy), headers)
+            else:
+                versions, stored = entrance.engine.put_through([new], strategy)
+                stored.add_done_callback(
+                    lambda done: self._stored(done, put_reply(versions[0], strategy))
+                )
         else:
             event = InvalidationEvent(keys=(key_in_target(target),))
             self._run(_delete(entrance.invalidator, event), headers)
@@ -256,6 +262,19 @@ class FrontDoor(asyncio.Protocol):
             self._run(_get_below(self.entrance.engine, key, headers, top_failed=False), headers)
         else:
             self.answer(get_reply(hit, headers.get("if-none-match")))
+
+    def _stored(self, stored: asyncio.Future[None], reply: Reply) -> None:
+        """Answer ``reply`` once the write's promise holds, else its failure."""
+        if stored.cancelled():  # the sidecar is stopping
+            self.answer(_INTERNAL_ERROR)
+            return
+        failure = stored.exception()
+        if isinstance(failure, ServiceError):
+            self.answer(error_reply(failure))
+        elif failure is not None:
+            self._failed(failure)
+        else:
+            self.answer(reply)
 
     def _run(self, work: Coroutine[Any, Any, Reply], headers: dict[str, str]) -> None:
         """Answer with what ``work`` returns, in a task of its own."""

@@ -9,8 +9,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import msgpack
@@ -113,8 +112,7 @@ def parse_tags(tags: Sequence[str]) -> tuple[str, ...]:
 # with the functions below.
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     status: int
     headers: dict[str, str]
     body: bytes = b""

@@ -36,8 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
@@ -57,8 +56,7 @@ class JournalUnavailable(Exception):
     """The journal could not record a write (Redis down) or is full."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     id: bytes
     key: str
     payload: bytes

@@ -9,10 +9,10 @@ Here an L1 hit that the top tier answers is a few dict lookups and one write; no
 made unless the read goes below the top tier or is a write.
 
 What the front door answers itself is a deliberately narrow subset of HTTP/1.1: an
-origin-form target under ``/v1/cache/``, ``HTTP/1.1``, well-formed ``name: value`` fields,
-at most one ``Content-Length``, no ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, a
-body within ``max_body_bytes``. Anything else — every other path, method or version, and
-any request it does not fully understand — goes to aiohttp together with the bytes
+origin-form target under ``/v1/cache/``, ``HTTP/1.1``, well-formed ``name: value`` fields
+with a ``Host``, at most one ``Content-Length``, no ``Transfer-Encoding``, ``Expect`` or
+``Upgrade``, a body within ``max_body_bytes``. Anything else — every other path, method or
+version, and any request it does not fully understand — goes to aiohttp with the bytes
 received so far, and the connection stays with aiohttp from then on. So aiohttp's
 hardened parser decides everything unusual, and both paths build their answers with the
 same functions (``cachesvc.handlers``).
@@ -73,6 +73,7 @@ _SINGLE_FIELDS = frozenset(
 )
 _ROUTES = {b"GET": "get", b"PUT": "put", b"DELETE": "delete"}  # the aiohttp route names
 _INTERNAL_ERROR = json_reply(500, {"error": "internal_error", "detail": "unexpected server error"})
+_NO_CONTENT = frozenset((204, 304))
 _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus
 }
@@ -94,7 +95,9 @@ class _Date:
 
 
 def encode_reply(reply: Reply, close: bool) -> bytes:
-    head = [_STATUS_LINES[reply.status], _Date.now(), f"Content-Length: {len(reply.body)}\r\n"]
+    head = [_STATUS_LINES[reply.status], _Date.now()]
+    if reply.status not in _NO_CONTENT:  # RFC 9110 §8.6: never on a 204, nor a 304 here
+        head.append(f"Content-Length: {len(reply.body)}\r\n")
     head.extend(f"{name}: {value}\r\n" for name, value in reply.headers.items())
     if close:
         head.append("Connection: close\r\n")
@@ -180,7 +183,7 @@ class FrontDoor(asyncio.Protocol):
                 self._hand_over()
                 return False
             headers[name] = raw_value.strip(b" \t").decode("utf-8", "surrogateescape")
-        if not _HAND_OVER_FIELDS.isdisjoint(headers):
+        if not _HAND_OVER_FIELDS.isdisjoint(headers) or "host" not in headers:
             self._hand_over()
             return False
         length_field = headers.get("content-length", "0")

@@ -250,6 +250,7 @@ class _Node(aiomcache.Client):
 
         async def pipeline(conn: Connection) -> list[bool | None]:
             answers: list[bool | None] = []
+            commands = []
             for store in stores:
                 line = b"%s %s 0 %d %d" % (
                     store.command,
@@ -259,7 +260,8 @@ class _Node(aiomcache.Client):
                 )
                 if store.cas is not None:
                     line += b" %d" % store.cas
-                conn.writer.write(b"%s\r\n%s\r\n" % (line, store.value))
+                commands.append(b"%s\r\n%s\r\n" % (line, store.value))
+            conn.writer.write(b"".join(commands))  # one send for the batch, not one per key
             await conn.writer.drain()
             for _ in stores:
                 # readuntil, unlike readline, raises at EOF instead of returning b"".

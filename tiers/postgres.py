@@ -187,6 +187,7 @@ class PostgresTier(Tier):
             min_size=0,
             max_size=self.pool_size,
             timeout=self.connect_timeout,
+            reset=_nothing_to_reset,
         )
         self._sweeper = asyncio.create_task(
             self._sweep_forever(), name=f"cachesvc-sweep-{self.name}"
@@ -360,3 +361,11 @@ def _own_options(url: SplitResult) -> dict[str, Any]:
         if name in own and not own[name] > 0:
             raise ValueError(f"option {name} must be a positive number of seconds")
     return own
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """What the pool runs on a connection it takes back, after asyncpg's own clean-up (an
+    open transaction rolled back). asyncpg's default adds a round trip per call
+    (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``) for session
+    state this tier never creates: no SET, cursor, LISTEN or session-level lock (the DDL's
+    advisory lock is transaction-scoped)."""

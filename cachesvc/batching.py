@@ -28,9 +28,14 @@ class Batcher(Generic[In, Out]):
         self._items: list[In] = []
         self._waiters: list[asyncio.Future[Out]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # The loop of the first call, kept: asyncio.get_running_loop() checks the process
+        # id with a getpid() system call every time.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, item: In) -> asyncio.Future[Out]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         if not self._scheduled and self._in_flight < self._max_in_flight:
             self._scheduled = True
             loop.call_soon(self._flush)

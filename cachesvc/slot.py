@@ -104,6 +104,7 @@ class TierSlot:
         # Set while this (in-process) tier may be missing invalidation events.
         self.suspended = False
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._gets = Batcher(self._get_batch)
         self._sets = Batcher(self._set_batch)
 
@@ -121,7 +122,10 @@ class TierSlot:
         caller can check ``done()`` and go on without waiting (the front door does)."""
         if not self.tier.in_process:
             return self._gets.submit(key)
-        answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
+        answer: asyncio.Future[bytes | None] = loop.create_future()
         try:
             answer.set_result(finished(self.tier.get(key)))
         except TierError as exc:

@@ -263,9 +263,7 @@ class _Node(aiomcache.Client):
                 commands.append(b"%s\r\n%s\r\n" % (line, store.value))
             conn.writer.write(b"".join(commands))  # one send for the batch, not one per key
             await conn.writer.drain()
-            for _ in stores:
-                # readuntil, unlike readline, raises at EOF instead of returning b"".
-                answer = (await conn.reader.readuntil(b"\r\n"))[:-2]
+            for answer in await _read_lines(conn.reader, len(stores)):
                 if answer in _STORE_ANSWERS:
                     answers.append(answer == b"STORED")
                 elif answer.startswith(b"SERVER_ERROR object too large"):
@@ -361,6 +359,18 @@ async def _all(aws: Iterable[Awaitable[_T]]) -> list[_T]:
         if isinstance(result, BaseException):
             raise result
     return cast(list[_T], results)
+
+
+async def _read_lines(reader: asyncio.StreamReader, count: int) -> list[bytes]:
+    """The next ``count`` lines, without their CRLF: read in as few calls as the data comes
+    in, not one per line. Only for answers that are all single lines (store commands)."""
+    data = b""
+    while data.count(b"\r\n") < count:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise asyncio.IncompleteReadError(data, None)  # EOF: the connection is lost
+        data += chunk
+    return data.split(b"\r\n", count)[:count]
 
 
 def _exptime(ttl: float) -> int:

@@ -162,14 +162,26 @@ class RedisTier(Tier):
                 await client.aclose()
 
     async def _run_scripts(self, chunks: Sequence[Sequence[TierWrite]]) -> list[Any]:
-        pipe = self._started().pipeline(transaction=False)
-        for chunk in chunks:
-            arguments: list[bytes | str | int] = [self.prefix + write.key for write in chunk]
-            for write in chunk:
-                arguments.append(pack_versioned(write.version, write.payload))
-                arguments.append(max(1, math.ceil(write.ttl * 1000)))
+        """One script call per chunk; what each answered or raised."""
+        calls = [self._script_arguments(chunk) for chunk in chunks]
+        client = self._started()
+        if len(calls) == 1:  # the common case: redis-py's pipeline machinery costs more
+            try:
+                return [await client.evalsha(_CONDITIONAL_SET_SHA, len(chunks[0]), *calls[0])]
+            except redis.exceptions.ResponseError as exc:
+                return [exc]
+        pipe = client.pipeline(transaction=False)
+        for chunk, arguments in zip(chunks, calls, strict=True):
             pipe.evalsha(_CONDITIONAL_SET_SHA, len(chunk), *arguments)
         return list(await pipe.execute(raise_on_error=False))
+
+    def _script_arguments(self, chunk: Sequence[TierWrite]) -> list[bytes | str | int]:
+        """KEYS, then ARGV, of the script call for ``chunk``."""
+        arguments: list[bytes | str | int] = [self.prefix + write.key for write in chunk]
+        for write in chunk:
+            arguments.append(pack_versioned(write.version, write.payload))
+            arguments.append(max(1, math.ceil(write.ttl * 1000)))
+        return arguments
 
     def _started(self) -> redis.asyncio.Redis:
         if self._client is None:

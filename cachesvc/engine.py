@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import NamedTuple
 
 from cachesvc.batching import Batcher
@@ -36,7 +36,7 @@ from cachesvc.errors import Unavailable
 from cachesvc.journal import Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
-from tiers.base import TierError, TierWrite
+from tiers.base import TierError, TierTimeout, TierWrite
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ class Engine:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-        await self._sync_missed()  # the last repairs, for the next start
         await self._stores.close()
+        await self._sync_missed()  # the last repairs, for the next start
         await self._missed_records.close()
         for slot in self.slots:
             await slot.close()
@@ -477,16 +477,22 @@ class Engine:
         for job in jobs:
             for slot, write in job.cache_writes:
                 by_slot.setdefault(slot, []).append(write)
-        deadline = min(job.deadline for job in jobs)  # the earliest caller's
+        # The latest caller's deadline: a write queued behind busy groups must not cut the
+        # shared call short for the others (an earlier caller waits at most its queueing
+        # time longer).
+        deadline = max(job.deadline for job in jobs)
         try:
             async with asyncio.timeout_at(deadline):
                 await durable.set_many(durable_writes)
-        except TimeoutError:
+        except (TimeoutError, TierTimeout) as exc:
+            # It may have committed: the cache tiers above may now hold an older value.
+            self._missed_by(by_slot, by_slot.keys())
+            await self._missed_records.submit(None)
             raise Unavailable(
                 f"the durable tier {durable.name!r} did not answer within "
                 f"request_timeout ({self.request_timeout} s)",
                 durable.name,
-            ) from None
+            ) from exc
         except TierError as exc:
             raise Unavailable(
                 f"the durable tier {durable.name!r} did not take the write: {exc}", durable.name
@@ -495,24 +501,33 @@ class Engine:
         calls = {
             slot: asyncio.ensure_future(slot.set_many(writes)) for slot, writes in by_slot.items()
         }
-        if calls:
-            loop = asyncio.get_running_loop()
-            await asyncio.wait(calls.values(), timeout=max(0.0, deadline - loop.time()))
-        missed = False
-        for slot, call in calls.items():
-            if not call.done():
-                call.cancel()
-            elif not call.cancelled() and (failure := call.exception()) is not None:
-                if not isinstance(failure, TierError):
-                    raise failure
-            else:
-                continue
-            for write in by_slot[slot]:
-                slot.miss(write.key, write.version)
-            missed = True
-        if missed:
+        unexpected: BaseException | None = None
+        try:
+            if calls:
+                loop = asyncio.get_running_loop()
+                await asyncio.wait(calls.values(), timeout=max(0.0, deadline - loop.time()))
+        finally:  # also when this group is cancelled: no call outlives it unaccounted
+            failed = []
+            for slot, call in calls.items():
+                if not call.done():
+                    call.cancel()
+                elif not call.cancelled() and (failure := call.exception()) is None:
+                    continue
+                elif not call.cancelled() and not isinstance(failure, TierError):
+                    unexpected = unexpected or failure
+                failed.append(slot)
+            self._missed_by(by_slot, failed)
+        if failed:
             await self._missed_records.submit(None)
+        if unexpected is not None:
+            raise unexpected
         return [None] * len(jobs)
+
+    @staticmethod
+    def _missed_by(writes: dict[TierSlot, list[TierWrite]], slots: Iterable[TierSlot]) -> None:
+        for slot in slots:
+            for write in writes[slot]:
+                slot.miss(write.key, write.version)
 
     # -- health --------------------------------------------------------------------------
 

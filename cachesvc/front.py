@@ -25,11 +25,12 @@ does; on shutdown idle connections close at once and busy ones after their answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -60,16 +61,28 @@ from tiers.base import TierError
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default
-MAX_HEAD_BYTES = 8190  # aiohttp's limit for a request line or a field
+# Idle keep-alive connections close after this; the aiohttp runner is given the same.
+KEEPALIVE_TIMEOUT = 75.0
+MAX_HEAD_BYTES = 8190  # a longer request head goes to aiohttp (its line/field limit)
+MAX_FIELDS = 100  # more fields go to aiohttp (it refuses more than 128)
+REQUESTS_PER_TURN = 64  # pipelined requests answered before yielding the event loop
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _REQUEST_LINE = re.compile(rb"(GET|PUT|DELETE) (/v1/cache/[\x21-\x7e]*) HTTP/1\.1\r\n")
 # Field lines as RFC 9112 allows them, without obs-fold: token ":" OWS value OWS CRLF.
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 # Fields that, present at all, send the request to aiohttp; and those that may not repeat.
 _HAND_OVER_FIELDS = frozenset(("transfer-encoding", "expect", "upgrade"))
 _SINGLE_FIELDS = frozenset(
-    ("content-length", "content-type", "authorization", "if-none-match", "x-cache-strategy")
+    (
+        "host",
+        "connection",
+        "content-length",
+        "content-type",
+        "authorization",
+        "if-none-match",
+        "x-cache-strategy",
+    )
 )
 _ROUTES = {b"GET": "get", b"PUT": "put", b"DELETE": "delete"}  # the aiohttp route names
 _INTERNAL_ERROR = json_reply(500, {"error": "internal_error", "detail": "unexpected server error"})
@@ -110,7 +123,10 @@ class FrontDoor(asyncio.Protocol):
     def __init__(self, entrance: Entrance) -> None:
         self.entrance = entrance
         self.transport: asyncio.Transport | None = None
+        # Received bytes; those before ``pos`` are consumed (parsing at an offset keeps a
+        # long pipeline from being copied once per request).
         self.buffer = b""
+        self.pos = 0
         self.busy = False  # a request is being answered
         self.close_after = False  # after the answer under way
         self.processing = False
@@ -118,6 +134,7 @@ class FrontDoor(asyncio.Protocol):
         self.started = 0.0
         self.last_active = 0.0
         self.reading_paused = False
+        self.writing_paused = False  # the transport's buffer is full: answer nothing more
         self._keepalive: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -129,9 +146,13 @@ class FrontDoor(asyncio.Protocol):
         self._keepalive = self.entrance.loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer = self.buffer + data if self.buffer else data
-        if self.busy:
-            if len(self.buffer) > self.entrance.buffer_limit and not self.reading_paused:
+        if self.pos < len(self.buffer):
+            self.buffer = self.buffer[self.pos :] + data
+        else:
+            self.buffer = data
+        self.pos = 0
+        if self.busy or self.writing_paused:
+            if len(self.buffer) > self.entrance.buffer_limit:
                 self._pause_reading()
             return
         self.process()
@@ -140,42 +161,72 @@ class FrontDoor(asyncio.Protocol):
         self._leave()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
-        self._resume_reading()
-        if not self.busy:
-            self.process()
+        self.writing_paused = False
+        if len(self.buffer) - self.pos <= self.entrance.buffer_limit:
+            self._resume_reading()
+        self.process()
 
     # -- requests ------------------------------------------------------------------------
 
     def process(self) -> None:
-        """Answer the complete requests in the buffer, one at a time."""
+        """Answer the complete requests in the buffer, one at a time; at most
+        ``REQUESTS_PER_TURN`` before other connections get the event loop."""
         if self.processing:
             return
         self.processing = True
         try:
-            while self.buffer and not self.busy and self.transport is not None:
-                if not self._next_request():
-                    break
+            for _ in range(REQUESTS_PER_TURN):
+                if not self._ready() or not self._next_request():
+                    return
+            if self._ready():
+                self.entrance.loop.call_soon(self.process)
         finally:
             self.processing = False
+
+    def _ready(self) -> bool:
+        """Whether a buffered request may be started now."""
+        transport = self.transport
+        return (
+            self.pos < len(self.buffer)
+            and not self.busy
+            and not self.writing_paused
+            and transport is not None
+            and not transport.is_closing()
+        )
 
     def _next_request(self) -> bool:
         """Start answering the request at the head of the buffer; False when more bytes
         are needed first (or the connection went to aiohttp)."""
-        buffer = self.buffer
-        end = buffer.find(b"\r\n\r\n")
+        buffer, pos = self.buffer, self.pos
+        end = buffer.find(b"\r\n\r\n", pos)
         if end < 0:
-            if len(buffer) > MAX_HEAD_BYTES:
+            # Not complete yet: wait, unless it cannot become a request the front door
+            # takes (aiohttp then answers it at once, e.g. 400 for a bare LF or non-HTTP).
+            first_line_end = buffer.find(b"\n", pos)
+            if (
+                len(buffer) - pos > MAX_HEAD_BYTES
+                or (first_line_end >= 0 and _REQUEST_LINE.match(buffer, pos) is None)
+                or _BARE_LF.search(buffer, pos) is not None
+            ):
                 self._hand_over()
             return False
-        line = _REQUEST_LINE.match(buffer)
-        if line is None or _FIELD_LINES.fullmatch(buffer, line.end(), end + 2) is None:
+        line = _REQUEST_LINE.match(buffer, pos)
+        if (
+            line is None
+            or end - pos > MAX_HEAD_BYTES
+            or _FIELD_LINES.fullmatch(buffer, line.end(), end + 2) is None
+        ):
             self._hand_over()
             return False
         headers: dict[str, str] = {}
-        fields = buffer[line.end() : end].split(b"\r\n") if end + 2 > line.end() else ()
+        fields = buffer[line.end() : end].split(b"\r\n") if end + 2 > line.end() else []
+        if len(fields) > MAX_FIELDS:
+            self._hand_over()
+            return False
         for field in fields:
             raw_name, _, raw_value = field.partition(b":")
             name = raw_name.decode("ascii").lower()
@@ -198,7 +249,7 @@ class FrontDoor(asyncio.Protocol):
         if len(buffer) < body_start + length:
             return False  # the rest of the body is on its way
         body = buffer[body_start : body_start + length]
-        self.buffer = buffer[body_start + length :]
+        self.pos = body_start + length
         connection = headers.get("connection", "").lower()
         self.close_after = "close" in connection
         method = line.group(1)
@@ -206,13 +257,20 @@ class FrontDoor(asyncio.Protocol):
         self.busy = True
         self.started = time.perf_counter()
         self.route = _ROUTES[method]
-        try:
+        with self._answering_failures():
             self._dispatch(method, target, headers, body)
+        return True
+
+    @contextlib.contextmanager
+    def _answering_failures(self) -> Iterator[None]:
+        """A request that fails is answered all the same: a connection must never stay
+        busy with nobody to answer (nor the loop swallow the error in a callback)."""
+        try:
+            yield
         except ServiceError as exc:
             self.answer(error_reply(exc))
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             self._failed(exc)
-        return True
 
     def _dispatch(self, method: bytes, target: str, headers: dict[str, str], body: bytes) -> None:
         entrance = self.entrance
@@ -250,33 +308,30 @@ class FrontDoor(asyncio.Protocol):
     def _top_answered(
         self, key: str, headers: dict[str, str], answer: asyncio.Future[bytes | None]
     ) -> None:
-        if answer.cancelled():  # the tier was closed: the sidecar is stopping
-            self.answer(_INTERNAL_ERROR)
-            return
-        failure = answer.exception()
-        if failure is not None:
+        with self._answering_failures():
+            if answer.cancelled():  # the tier was closed: the sidecar is stopping
+                raise asyncio.CancelledError
+            engine = self.entrance.engine
+            failure = answer.exception()
             if isinstance(failure, TierError):
-                self._run(_get_below(self.entrance.engine, key, headers, top_failed=True), headers)
+                self._run(_get_below(engine, key, headers, top_failed=True), headers)
+                return
+            if failure is not None:
+                raise failure
+            hit = engine.top_hit(key, answer.result())
+            if hit is None:
+                self._run(_get_below(engine, key, headers, top_failed=False), headers)
             else:
-                self._failed(failure)
-            return
-        hit = self.entrance.engine.top_hit(key, answer.result())
-        if hit is None:
-            self._run(_get_below(self.entrance.engine, key, headers, top_failed=False), headers)
-        else:
-            self.answer(get_reply(hit, headers.get("if-none-match")))
+                self.answer(get_reply(hit, headers.get("if-none-match")))
 
     def _stored(self, stored: asyncio.Future[None], reply: Reply) -> None:
         """Answer ``reply`` once the write's promise holds, else its failure."""
-        if stored.cancelled():  # the sidecar is stopping
-            self.answer(_INTERNAL_ERROR)
-            return
-        failure = stored.exception()
-        if isinstance(failure, ServiceError):
-            self.answer(error_reply(failure))
-        elif failure is not None:
-            self._failed(failure)
-        else:
+        with self._answering_failures():
+            if stored.cancelled():  # the sidecar is stopping
+                raise asyncio.CancelledError
+            failure = stored.exception()
+            if failure is not None:
+                raise failure
             self.answer(reply)
 
     def _run(self, work: Coroutine[Any, Any, Reply], headers: dict[str, str]) -> None:
@@ -287,17 +342,14 @@ class FrontDoor(asyncio.Protocol):
 
     async def _answer_with(self, work: Coroutine[Any, Any, Reply], headers: dict[str, str]) -> None:
         CURRENT_REQUEST.set(RequestContext(headers))  # the task's own context
-        try:
-            reply = await work
-        except ServiceError as exc:
-            reply = error_reply(exc)
-        except Exception as exc:
-            self._failed(exc)
-            return
-        self.answer(reply)
+        with self._answering_failures():  # a cancellation: the sidecar is stopping
+            self.answer(await work)
 
     def _failed(self, exc: BaseException) -> None:
-        log.error("unhandled error in %s", self.route, exc_info=exc)
+        if isinstance(exc, asyncio.CancelledError):
+            self.close_after = True
+        else:
+            log.error("unhandled error in %s", self.route, exc_info=exc)
         self.answer(_INTERNAL_ERROR)
 
     def answer(self, reply: Reply) -> None:
@@ -310,12 +362,13 @@ class FrontDoor(asyncio.Protocol):
         transport.write(encode_reply(reply, close))
         self.last_active = time.monotonic()
         if close:
+            # RFC 9112 §9.6: nothing sent after a request with "close" is processed.
+            self.buffer, self.pos = b"", 0
             transport.close()
             return
-        if self.reading_paused and len(self.buffer) <= self.entrance.buffer_limit:
+        if not self.writing_paused and len(self.buffer) - self.pos <= self.entrance.buffer_limit:
             self._resume_reading()
-        if self.buffer:
-            self.process()
+        self.process()
 
     # -- the connection ------------------------------------------------------------------
 
@@ -324,18 +377,21 @@ class FrontDoor(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         handler = self.entrance.aiohttp_server()
-        buffer = self.buffer
+        buffer = self.buffer[self.pos :]
+        writing_paused = self.writing_paused
         self._leave()
         if self.reading_paused:
             transport.resume_reading()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if writing_paused:  # aiohttp must learn it, or its resume_writing() fails
+            handler.pause_writing()
         if buffer:
             handler.data_received(buffer)
 
     def _leave(self) -> None:
         self.transport = None
-        self.buffer = b""
+        self.buffer, self.pos = b"", 0
         self.entrance.doors.discard(self)
         if self._keepalive is not None:
             self._keepalive.cancel()

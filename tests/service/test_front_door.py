@@ -110,6 +110,21 @@ async def test_connection_close_is_honoured(sidecar: Client) -> None:
     writer.close()
 
 
+async def test_nothing_after_a_close_request_is_processed(sidecar: Client) -> None:
+    # RFC 9112 §9.6: a request pipelined behind one with "Connection: close" is not run.
+    await exchange(sidecar, request("PUT", "/v1/cache/kept", body=b"v"), answers=1)
+    reader, writer = await asyncio.open_connection(sidecar.server.host, sidecar.server.port)
+    writer.write(
+        request("GET", "/v1/cache/kept", "Connection: close") + request("DELETE", "/v1/cache/kept")
+    )
+    answer = await asyncio.wait_for(read_answer(reader), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert answer.status == 200
+    (still,) = await exchange(sidecar, request("GET", "/v1/cache/kept"), answers=1)
+    assert still.status == 200
+
+
 @pytest.mark.parametrize(
     "unusual",
     [
@@ -157,6 +172,9 @@ async def test_chunked_put_handed_to_aiohttp_stores_the_value(sidecar: Client) -
             b"GET /v1/cache/k HTTP/1.1\r\nHost: s\r\nX-A : 1\r\n\r\n", id="space-before-colon"
         ),
         pytest.param(b"GET /v1/cache/k HTTP/1.1\r\nX-A: 1\r\n\r\n", id="no-host"),
+        pytest.param(b"GET /v1/cache/k HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", id="two-hosts"),
+        pytest.param(b"GET /v1/cache/k HTTP/1.1\nHost: a\n\n", id="bare-lf"),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n", id="not-http"),
         pytest.param(
             b"GET /v1/cache/k HTTP/1.1\r\nHost: s\r\nX-A: 1\r\n folded\r\n\r\n", id="obs-fold"
         ),

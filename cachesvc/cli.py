@@ -115,17 +115,27 @@ def serve_worker(settings: Settings, worker: int) -> int:
     loop = _new_event_loop()
     try:
         loop.run_until_complete(_serve(settings, worker))
-        loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
+        loop.run_until_complete(_cancel_leftovers())
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return 0
+
+
+async def _cancel_leftovers() -> None:
+    """Cancel and await what still runs (a listener's reconnect wait, say), as aiohttp's
+    run_app does, so that no task is destroyed pending."""
+    leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
 
 
 async def _serve(settings: Settings, worker: int) -> None:
     from aiohttp import web
 
     from cachesvc.app import create_app
-    from cachesvc.front import FrontDoorRunner
+    from cachesvc.front import KEEPALIVE_TIMEOUT, FrontDoorRunner
 
     server = settings.server
     app = create_app(settings, worker=worker)
@@ -135,9 +145,15 @@ async def _serve(settings: Settings, worker: int) -> None:
             app,
             access_log=logging.getLogger("cachesvc.access"),
             shutdown_timeout=server.shutdown_timeout,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
         )
     else:
-        runner = FrontDoorRunner(app, access_log=None, shutdown_timeout=server.shutdown_timeout)
+        runner = FrontDoorRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=server.shutdown_timeout,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+        )
     await runner.setup()
     try:
         site = web.TCPSite(runner, server.host, server.port, reuse_port=worker > 0 or None)

@@ -18,8 +18,9 @@ hardened parser decides everything unusual, and both paths build their answers w
 same functions (``cachesvc.handlers``).
 
 Requests on one connection are answered in order, one at a time (pipelined requests
-wait in the buffer); idle connections are closed after ``KEEPALIVE_TIMEOUT`` as aiohttp
-does; on shutdown idle connections close at once and busy ones after their answer.
+wait in the buffer); idle connections are closed after ``KEEPALIVE_TIMEOUT`` (so are
+those handed to aiohttp); on shutdown idle connections close at once and busy ones
+after their answer.
 """
 
 from __future__ import annotations
@@ -483,11 +484,20 @@ class Entrance:
         self._all_left = asyncio.Event()
         if not self.doors:
             self._all_left.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(self._all_left.wait(), self.aiohttp_server.shutdown(timeout))
-        except TimeoutError:
-            pass
+        # aiohttp bounds its own connections' shutdown by ``timeout``; the front doors
+        # get the same time to answer what they are busy with, then are cut.
+        await asyncio.gather(
+            self._doors_leave(within=timeout), self.aiohttp_server.shutdown(timeout)
+        )
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _doors_leave(self, within: float | None) -> None:
+        assert self._all_left is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._all_left.wait()
         for door in list(self.doors):
             if door.transport is not None:
                 door.transport.abort()

@@ -31,7 +31,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -120,6 +120,31 @@ def encode_reply(reply: Reply, close: bool) -> bytes:
     return "".join(head).encode("latin-1") + reply.body
 
 
+class _AnsweringFailures:
+    """``with door.answering_failures:`` — a request that fails is answered all the same:
+    a connection must never stay busy with nobody to answer (nor the loop swallow the
+    error in a callback). A class, not @contextmanager: it is on every request's path."""
+
+    __slots__ = ("door",)
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        if isinstance(exc, ServiceError):
+            self.door.answer(error_reply(exc))
+            return True
+        if isinstance(exc, (Exception, asyncio.CancelledError)):
+            self.door._failed(exc)
+            return True
+        return False
+
+
 class FrontDoor(asyncio.Protocol):
     def __init__(self, entrance: Entrance) -> None:
         self.entrance = entrance
@@ -137,6 +162,7 @@ class FrontDoor(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False  # the transport's buffer is full: answer nothing more
         self._keepalive: asyncio.TimerHandle | None = None
+        self.answering_failures = _AnsweringFailures(self)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -258,20 +284,9 @@ class FrontDoor(asyncio.Protocol):
         self.busy = True
         self.started = time.perf_counter()
         self.route = _ROUTES[method]
-        with self._answering_failures():
+        with self.answering_failures:
             self._dispatch(method, target, headers, body)
         return True
-
-    @contextlib.contextmanager
-    def _answering_failures(self) -> Iterator[None]:
-        """A request that fails is answered all the same: a connection must never stay
-        busy with nobody to answer (nor the loop swallow the error in a callback)."""
-        try:
-            yield
-        except ServiceError as exc:
-            self.answer(error_reply(exc))
-        except (Exception, asyncio.CancelledError) as exc:
-            self._failed(exc)
 
     def _dispatch(self, method: bytes, target: str, headers: dict[str, str], body: bytes) -> None:
         entrance = self.entrance
@@ -309,7 +324,7 @@ class FrontDoor(asyncio.Protocol):
     def _top_answered(
         self, key: str, headers: dict[str, str], answer: asyncio.Future[bytes | None]
     ) -> None:
-        with self._answering_failures():
+        with self.answering_failures:
             if answer.cancelled():  # the tier was closed: the sidecar is stopping
                 raise asyncio.CancelledError
             engine = self.entrance.engine
@@ -327,7 +342,7 @@ class FrontDoor(asyncio.Protocol):
 
     def _stored(self, stored: asyncio.Future[None], reply: Reply) -> None:
         """Answer ``reply`` once the write's promise holds, else its failure."""
-        with self._answering_failures():
+        with self.answering_failures:
             if stored.cancelled():  # the sidecar is stopping
                 raise asyncio.CancelledError
             failure = stored.exception()
@@ -343,7 +358,7 @@ class FrontDoor(asyncio.Protocol):
 
     async def _answer_with(self, work: Coroutine[Any, Any, Reply], headers: dict[str, str]) -> None:
         CURRENT_REQUEST.set(RequestContext(headers))  # the task's own context
-        with self._answering_failures():  # a cancellation: the sidecar is stopping
+        with self.answering_failures:  # a cancellation: the sidecar is stopping
             self.answer(await work)
 
     def _failed(self, exc: BaseException) -> None:

@@ -32,8 +32,10 @@ from tests.servers import (
 def _no_collector_pauses_from_earlier_tests() -> None:
     """The sidecars under test share this process's heap with pytest, hypothesis and
     every earlier test's leftovers; a full collection of those (measured: up to 0.3 s
-    late in the suite) can stall a sidecar past its 0.25 s tier timeout. Collect them
-    now, and freeze what survives so that later collections skip it."""
+    late in the suite) can stall a sidecar past its 0.25 s tier timeout, or be charged to
+    it in a measured read. Collect them now, and freeze what survives so that later
+    collections skip it (frozen for good: unfreezing would make the next test's
+    collection walk the whole heap again)."""
     gc.collect()
     gc.freeze()
 

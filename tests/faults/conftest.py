@@ -8,7 +8,6 @@ server a test breaks is always its own (``redis_server``, ``memcached_server``,
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,17 +132,3 @@ class StatsPostgresServer(PostgresServer):
 def stats_postgres_server() -> Iterator[StatsPostgresServer]:
     with StatsPostgresServer() as server:
         yield server
-
-
-@pytest.fixture
-def quiet_gc() -> Iterator[None]:
-    """Move what the test process holds so far out of the collector's sight.
-
-    The sidecar under test runs inside pytest's process, whose heap (pytest, every imported
-    module, the test client) makes a full collection take 50-200 ms; one landing in a
-    measured read would be charged to the sidecar, whose own heap is a fraction of that.
-    """
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()

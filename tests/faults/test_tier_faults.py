@@ -89,7 +89,6 @@ async def test_l1_hung_reads_fall_through_skip_it_and_use_it_again(
     clean_memcached_url: str,
     clean_postgres_url: str,
     make_client: MakeClient,
-    quiet_gc: None,
     l1_timeout: float | None,
 ) -> None:
     """Issue 5's bounds, with a short l1 timeout and with the shipped default (what a

@@ -38,15 +38,20 @@ class SlowFillTier(MemoryTier):
 @pytest.fixture
 async def engine() -> Engine:
     metrics = Metrics()
-    top = MemoryTier("l1", urlsplit("memory://"), 300)
+    top, lower = MemoryTier("l1", urlsplit("memory://"), 300), SlowFillTier()
     slots = [
         TierSlot(
             t, timeout=5, breaker_failures=3, breaker_reset=1, metrics=metrics.for_tier(t.name)
         )
-        for t in (top, SlowFillTier())
+        for t in (top, lower)
     ]
     engine = Engine(slots, request_timeout=10)
+    # The start-up read (the record of missed keys) goes through; only later reads,
+    # the fills under test, are held, and read_done marks the first of those.
+    lower.release.set()
     await engine.start()
+    lower.release.clear()
+    lower.read_done.clear()
     yield engine
     await engine.close()
 

@@ -145,14 +145,19 @@ def fill_sidecar(url: str, path: str, keys: int, value: bytes) -> None:
         entries = [
             {"key": f"{prefix}{i}", "value": text} for i in range(start, min(keys, start + BULK))
         ]
-        request = urllib.request.Request(
-            url + "/v1/bulk/set",
-            data=json.dumps({"entries": entries, "strategy": "write-through"}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
+        bulk_set(url, entries)
+
+
+def bulk_set(url: str, entries: list[dict[str, str]]) -> None:
+    """One write-through ``POST /v1/bulk/set`` of ``entries`` to the sidecar at ``url``."""
+    request = urllib.request.Request(
+        url + "/v1/bulk/set",
+        data=json.dumps({"entries": entries, "strategy": "write-through"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.read()
 
 
 def fill_redis(url: str, prefix: str, keys: int, value: bytes) -> None:

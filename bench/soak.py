@@ -29,13 +29,13 @@ import random
 import statistics
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import loadgen, proc
+from bench.run import bulk_set
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
 
@@ -116,14 +116,7 @@ def fill(url: str, keys: int, seed: int = 2) -> None:
             {"key": f"soak:{i}", "value": "x" * rng.randint(32, 2048)}
             for i in range(start, min(keys, start + FILL_BATCH))
         ]
-        request = urllib.request.Request(
-            url + "/v1/bulk/set",
-            data=json.dumps({"entries": entries, "strategy": "write-through"}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
+        bulk_set(url, entries)
 
 
 async def drive(

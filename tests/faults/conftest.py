@@ -21,8 +21,8 @@ from cachesvc.config import Settings
 from cachesvc.engine import Engine
 from cachesvc.handlers import ENGINE
 from tests.polling import until
-from tests.servers import PostgresServer
-from tests.service.conftest import make_client  # noqa: F401 - the fixture, re-exported
+from tests.servers import MemcachedServer, PostgresServer
+from tests.service.conftest import MakeClient, make_client  # noqa: F401 - the fixture, re-exported
 from tests.service.test_api import path
 
 Client = TestClient[Any, Any]
@@ -126,6 +126,20 @@ class StatsPostgresServer(PostgresServer):
 
     def _command(self) -> list[str]:
         return [*super()._command(), "-c", "shared_preload_libraries=pg_stat_statements"]
+
+
+@pytest.fixture
+async def sidecar(
+    clean_redis_url: str,
+    memcached_server: MemcachedServer,
+    clean_postgres_url: str,
+    make_client: MakeClient,  # noqa: F811 - the fixture imported above
+) -> Client:
+    """A three-tier sidecar whose l2 is the test's own memcached (``memcached_server``),
+    to hang, kill and restart."""
+    return await make_client(
+        fault_settings(clean_redis_url, memcached_server.url, clean_postgres_url)
+    )
 
 
 @pytest.fixture

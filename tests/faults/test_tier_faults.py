@@ -274,26 +274,22 @@ async def test_l2_hung_during_writes_never_serves_the_old_values(
 async def test_l2_serves_a_repaired_key_again(
     clean_redis_url: str,
     memcached_server: MemcachedServer,
-    clean_postgres_url: str,
-    make_client: MakeClient,
+    sidecar: Client,
 ) -> None:
     """After the repair deleted the key it missed, l2 is refilled by promotion as usual."""
-    client = await make_client(
-        fault_settings(clean_redis_url, memcached_server.url, clean_postgres_url)
-    )
-    assert (await put(client, "repaired", b"old"))[0] == 204
+    assert (await put(sidecar, "repaired", b"old"))[0] == 204
     await asyncio.to_thread(memcached_server.hang)
     try:
-        assert (await put(client, "repaired", b"new"))[0] == 204
+        assert (await put(sidecar, "repaired", b"new"))[0] == 204
     finally:
         await asyncio.to_thread(memcached_server.resume)
-    await until_repaired(client, "l2", within=5.0)
+    await until_repaired(sidecar, "l2", within=5.0)
 
     tiers: list[str | None] = []
 
     async def served_by_l2() -> bool:
         flush_redis(clean_redis_url)
-        read = await timed_get(client, "repaired")
+        read = await timed_get(sidecar, "repaired")
         assert_served(read, b"new")
         tiers.append(read.tier)
         return read.tier == "l2"
@@ -349,50 +345,46 @@ async def test_a_restarted_sidecar_does_not_serve_what_l2_missed_before_the_rest
 async def test_l2_killed_reads_and_writes_keep_working_and_readiness_reports_it(
     clean_redis_url: str,
     memcached_server: MemcachedServer,
-    clean_postgres_url: str,
-    make_client: MakeClient,
+    sidecar: Client,
 ) -> None:
-    client = await make_client(
-        fault_settings(clean_redis_url, memcached_server.url, clean_postgres_url)
-    )
     before = [f"l2-killed:before:{n}" for n in range(10)]
-    await put_all(client, before, lambda key: key.encode())
-    await until_ready(client, within=2.0)
+    await put_all(sidecar, before, lambda key: key.encode())
+    await until_ready(sidecar, within=2.0)
 
     await asyncio.to_thread(memcached_server.kill)
     killed_at = time.monotonic()
     reads: list[Read] = []
     for key in before:  # served by l1
-        reads.append(read := await timed_get(client, key))
+        reads.append(read := await timed_get(sidecar, key))
         assert_served(read, key.encode())
     flush_redis(clean_redis_url)
     for key in before:  # l1 emptied, l2 dead: served by l3
-        reads.append(read := await timed_get(client, key))
+        reads.append(read := await timed_get(sidecar, key))
         assert_served(read, key.encode())
         assert read.tier == "l3"
     during = [f"l2-killed:during:{n}" for n in range(10)]
     write_seconds = []
     for key in during:
-        status, seconds = await put(client, key, key.encode())
+        status, seconds = await put(sidecar, key, key.encode())
         assert status == 204
         write_seconds.append(seconds)
     for key in during:
-        reads.append(read := await timed_get(client, key))
+        reads.append(read := await timed_get(sidecar, key))
         assert_served(read, key.encode())
-    l2_state = await until_not_ready(client, "l2", within=3.0)
+    l2_state = await until_not_ready(sidecar, "l2", within=3.0)
     reported_after = time.monotonic() - killed_at
 
     await asyncio.to_thread(memcached_server.restart)  # same port, empty
     restarted_at = time.monotonic()
-    await until_ready(client, within=5.0)
+    await until_ready(sidecar, within=5.0)
     ready_after = time.monotonic() - restarted_at
 
     # l2 is used again: a read from l3 refills l1 and l2, and with l1 emptied l2 serves it.
     key = before[0]
     flush_redis(clean_redis_url)
-    first = await timed_get(client, key)
+    first = await timed_get(sidecar, key)
     flush_redis(clean_redis_url)
-    second = await timed_get(client, key)
+    second = await timed_get(sidecar, key)
     report(
         "L2 killed",
         worst_read=ms(max(r.seconds for r in reads)),
@@ -409,22 +401,17 @@ async def test_l2_killed_reads_and_writes_keep_working_and_readiness_reports_it(
 
 
 async def test_readiness_reports_a_dead_tier_on_its_first_probe(
-    clean_redis_url: str,
     memcached_server: MemcachedServer,
-    clean_postgres_url: str,
-    make_client: MakeClient,
+    sidecar: Client,
 ) -> None:
     """/readyz probes the tiers it believes up: a probe that fails must make it 503, not
     only the breaker opening after ``breaker_failures`` such probes (one per /readyz call,
     i.e. per kubelet period)."""
-    client = await make_client(
-        fault_settings(clean_redis_url, memcached_server.url, clean_postgres_url)
-    )
-    await until_ready(client, within=2.0)
+    await until_ready(sidecar, within=2.0)
     await asyncio.to_thread(memcached_server.kill)
     answers = []
     for _ in range(3):
-        status, tiers = await readiness(client)
+        status, tiers = await readiness(sidecar)
         answers.append((status, tiers["l2"]["state"]))
     report("readiness after L2 kill", first_three_readyz=answers)
     assert answers[0][0] == 503 and answers[0][1] != "up", answers

@@ -99,5 +99,4 @@ class MemoryTier(Tier):
 
     def _evict(self) -> None:
         while len(self._slots) > self.max_items or self._bytes > self.max_bytes:
-            key, slot = self._slots.popitem(last=False)
-            self._bytes -= len(slot.payload or b"") + len(key)
+            self._drop(next(iter(self._slots)))  # the least recently used

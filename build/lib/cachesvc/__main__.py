@@ -1,0 +1,5 @@
+import sys
+
+from cachesvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,602 @@
+"""The engine: ordered tiers, the read path with promotion, and the write strategies.
+
+Reads go top-down; a hit in tier *i* is copied into every tier above it before the read
+answers (TTL = min(remaining lifetime, that tier's ttl)), so the next read is served by
+the top tier. Concurrent misses of one key share one lookup of the lower tiers.
+
+Writes follow SPEC §3:
+
+============== ============================================================ =====
+strategy       before the answer                                            code
+============== ============================================================ =====
+write-through  durable (bottom) tier, then every tier above it              204
+cache-aside    durable tier; a tombstone in every tier above it             204
+write-behind   top tier and the durable journal (cachesvc.journal)          202
+============== ============================================================ =====
+
+Every write gets a version from ``VersionClock``; tiers refuse to replace a newer version,
+so the order in which tiers receive writes, promotions and tombstones never matters. A
+cache tier that fails a write is skipped and remembers the key as missed (see
+``cachesvc.slot``); the tier a strategy needs failing turns into 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import NamedTuple
+
+from cachesvc.batching import Batcher
+from cachesvc.config import Strategy
+from cachesvc.envelope import Entry, VersionClock, decode_live
+from cachesvc.errors import Unavailable
+from cachesvc.journal import Journal, Record, drain
+from cachesvc.markers import Markers
+from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
+from tiers.base import TierError, TierTimeout, TierWrite
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL = 0.5
+
+
+async def _false() -> bool:
+    return False
+
+
+async def _settle(calls: Sequence[Awaitable[None]]) -> list[BaseException | None]:
+    """Await every call; what each raised, or None. (One call, the common case, is
+    awaited directly: gather would wrap it in a task of its own.)"""
+    if len(calls) == 1:
+        try:
+            await calls[0]
+        except Exception as exc:
+            return [exc]
+        return [None]
+    return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+class _StoreJob(NamedTuple):
+    """One caller's writes for ``Engine._store``."""
+
+    durable_writes: Sequence[TierWrite]
+    cache_writes: Sequence[tuple[TierSlot, TierWrite]]
+    deadline: float  # event-loop time
+
+
+class Hit(NamedTuple):
+    entry: Entry
+    tier: str
+
+
+class NewValue(NamedTuple):
+    key: str
+    value: bytes
+    content_type: str
+    ttl: float | None = None
+    tags: tuple[str, ...] = ()
+
+
+class Engine:
+    def __init__(
+        self,
+        slots: Sequence[TierSlot],
+        request_timeout: float,
+        journal: Journal | None = None,
+        drain_timeout: float = 10.0,
+        identity: str = "cachesvc",
+    ) -> None:
+        if not slots:
+            raise ValueError("the engine needs at least one tier")
+        self.slots = list(slots)
+        self.top = self.slots[0]
+        self.durable = self.slots[-1]
+        self.clock = VersionClock()
+        self.request_timeout = request_timeout
+        self.journal = journal
+        self.drain_timeout = drain_timeout
+        # Names this sidecar's record of missed keys: stable across restarts in one pod.
+        self.identity = identity
+        self._missed_loaded = False
+        # Writes that a cache tier missed are answered only after an attempt to record the
+        # miss in the durable tier (if that fails, the monitor retries every round);
+        # concurrent ones share one record write.
+        self._missed_records: Batcher[None, None] = Batcher(self._record_missed_batch)
+        self._stores: Batcher[_StoreJob, None] = Batcher(self._store_group)
+        # An entry lives at most the sum of the tier ttls after its version (every
+        # promotion may restart a tier's ttl): markers older than that hide nothing.
+        self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
+        self._flights: dict[str, asyncio.Future[Hit | None]] = {}
+        # Write-behind writes of this process not yet applied below the top tier: reads
+        # that miss the top tier (evicted, or it failed) still see them.
+        # key -> (entry, payload, wall-clock time after which it is no longer served)
+        self._unflushed: dict[str, tuple[Entry, bytes, float]] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._stop_flushing = asyncio.Event()
+
+    async def start(self) -> None:
+        for slot in self.slots:
+            await slot.tier.start()
+        await self._sync_missed()  # before serving: what was missed before a restart
+        self._monitor = asyncio.create_task(self._watch_tiers(), name="cachesvc-tier-monitor")
+        if self.journal is not None and len(self.slots) > 1:
+            self._flusher = asyncio.create_task(
+                self.journal.run(self.apply_write_behind, self._stop_flushing),
+                name="cachesvc-write-behind",
+            )
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            drained = await drain(self._flusher, self._stop_flushing, self.drain_timeout)
+            if not drained:
+                log.warning(
+                    "write-behind journal not drained within %.1f s; the pending writes "
+                    "stay in the journal for the next start or a peer",
+                    self.drain_timeout,
+                )
+        if self.journal is not None:
+            await self.journal.close()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self._stores.close()
+        await self._sync_missed()  # the last repairs, for the next start
+        await self._missed_records.close()
+        for slot in self.slots:
+            await slot.close()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Hit | None:
+        top = self.top
+        if not top.readable(key):
+            return await self.get_below(key, top_failed=False)
+        try:
+            payload = await top.get(key)
+        except TierError:
+            return await self.get_below(key, top_failed=True)
+        return self.top_hit(key, payload) or await self.get_below(key, top_failed=False)
+
+    def top_hit(self, key: str, payload: bytes | None) -> Hit | None:
+        """The hit in what the top tier answered for ``key``, if it is live."""
+        top = self.top
+        entry = self._fresh(key, payload, time.time())
+        if entry is None:
+            top.metrics.misses.inc()
+            return None
+        top.metrics.hits.inc()
+        return Hit(entry, top.name)
+
+    async def get_below(self, key: str, top_failed: bool) -> Hit | None:
+        """The rest of a read the top tier did not answer (or failed, ``top_failed``)."""
+        top = self.top
+        if len(self.slots) == 1:
+            if top_failed:  # the only tier is the durable one: "not found" would be a guess
+                raise Unavailable(f"the tier {top.name!r} did not answer", top.name)
+            return None
+        unflushed = self._unflushed.get(key)
+        if unflushed is not None:
+            entry, payload, until = unflushed
+            now = time.time()
+            if until < now:  # the top tier would have dropped it by now too
+                del self._unflushed[key]
+            elif self._fresh(key, payload, now) is not None:
+                if not top_failed and top.readable(key):
+                    await self._promote(key, payload, entry, [top], now)
+                return Hit(entry, top.name)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._read_lower(key, top_failed))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._land(key, done))
+        # Shielded: one reader giving up must not cancel the lookup others wait for.
+        hit = await asyncio.shield(flight)
+        if hit is not None and self.markers.active and self.markers.hides(key, hit.entry):
+            return None  # invalidated while the lookup this read joined was under way
+        return hit
+
+    def _fresh(self, key: str, payload: bytes | None, now: float) -> Entry | None:
+        """The live entry in ``payload``, unless an invalidation marker hides it."""
+        entry = decode_live(payload, now)
+        if entry is not None and self.markers.active and self.markers.hides(key, entry):
+            return None
+        return entry
+
+    def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
+    async def get_many(self, keys: Sequence[str]) -> list[Hit | None]:
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
+    async def _read_lower(self, key: str, top_failed: bool) -> Hit | None:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await self._search_lower(key, {self.top} if top_failed else set())
+        except TimeoutError:
+            raise Unavailable(
+                f"the lower tiers did not answer within request_timeout ({self.request_timeout} s)"
+            ) from None
+
+    async def _search_lower(self, key: str, failed: set[TierSlot]) -> Hit | None:
+        """The first live entry below the top tier, promoted into the tiers above it —
+        except those that just failed: the read must not wait on a hung tier twice."""
+        for position in range(1, len(self.slots)):
+            slot = self.slots[position]
+            if not slot.readable(key):
+                continue
+            try:
+                payload = await slot.get(key)
+            except TierError:
+                failed.add(slot)
+                continue
+            now = time.time()
+            entry = self._fresh(key, payload, now)
+            if entry is None:
+                slot.metrics.misses.inc()
+                continue
+            slot.metrics.hits.inc()
+            assert payload is not None
+            above = [upper for upper in self.slots[:position] if upper not in failed]
+            await self._promote(key, payload, entry, above, now)
+            return Hit(entry, slot.name)
+        if self.durable in failed:
+            # The one tier that holds every entry could not be asked: "not found" would
+            # be a guess. (A cache tier that failed does not matter: the durable tier
+            # holds all it could have held.)
+            raise Unavailable(
+                f"the durable tier {self.durable.name!r} did not answer", self.durable.name
+            )
+        return None
+
+    async def _promote(
+        self, key: str, payload: bytes, entry: Entry, slots: Sequence[TierSlot], now: float
+    ) -> None:
+        async def fill(slot: TierSlot, ttl: float) -> None:
+            # A failed fill leaves the tier without the key (or with the same-or-older
+            # version a newer write will replace): nothing stale to remember.
+            with contextlib.suppress(TierError):
+                await slot.set(TierWrite(key, payload, entry.version, ttl))
+                slot.metrics.promotions.inc()
+
+        await asyncio.gather(*(fill(slot, entry.ttl_in(slot.ttl, now)) for slot in slots))
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def put(self, new: NewValue, strategy: Strategy) -> int:
+        return (await self.put_many([new], strategy))[0]
+
+    async def put_many(self, values: Sequence[NewValue], strategy: Strategy) -> list[int]:
+        """Store ``values``; returns their versions once the strategy's promise holds."""
+        if self.writes_behind(strategy):
+            now = time.time()
+            entries = self._new_entries(values, now)
+            payloads = [entry.encode() for entry in entries]
+            await self._write_behind(values, entries, payloads, now)
+            return [entry.version for entry in entries]
+        versions, stored = self.put_through(values, strategy)
+        await stored
+        return versions
+
+    def writes_behind(self, strategy: Strategy) -> bool:
+        return strategy == "write-behind" and len(self.slots) > 1
+
+    def put_through(
+        self, values: Sequence[NewValue], strategy: Strategy
+    ) -> tuple[list[int], asyncio.Future[None]]:
+        """Start a write-through or cache-aside write of ``values``: their versions, and a
+        future done when the write's promise holds (without a task per caller: the front
+        door answers from the future's callback)."""
+        now = time.time()
+        entries = self._new_entries(values, now)
+        durable_writes = []
+        cache_writes = []
+        for new, entry in zip(values, entries, strict=True):
+            payload = entry.encode()
+            durable_writes.append(
+                TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
+            )
+            for slot in self.slots[:-1]:
+                if strategy == "cache-aside":
+                    write = TierWrite(new.key, None, entry.version, TOMBSTONE_TTL)
+                else:
+                    write = TierWrite(new.key, payload, entry.version, entry.ttl_in(slot.ttl, now))
+                cache_writes.append((slot, write))
+        return [entry.version for entry in entries], self._store(durable_writes, cache_writes)
+
+    def _new_entries(self, values: Sequence[NewValue], now: float) -> list[Entry]:
+        entries = []
+        for new in values:
+            self._forget(new.key)
+            expires_at = None if new.ttl is None else now + new.ttl
+            entries.append(
+                Entry(new.value, new.content_type, self.clock.next(), expires_at, new.tags)
+            )
+        return entries
+
+    async def _write_behind(
+        self,
+        values: Sequence[NewValue],
+        entries: Sequence[Entry],
+        payloads: Sequence[bytes],
+        now: float,
+    ) -> None:
+        """Top tier and journal, concurrently; lower tiers later (``apply_write_behind``)."""
+        journal, top = self.journal, self.top
+        if journal is None:
+            raise Unavailable(
+                "write-behind needs a journal: configure a redis:// tier or [write].journal_url",
+                "journal",
+            )
+        if not journal.has_room(len(values)):
+            raise Unavailable(
+                "write-behind journal is full; retry later or write through", "journal"
+            )
+
+        top_writes = [
+            TierWrite(new.key, payload, entry.version, entry.ttl_in(top.ttl, now))
+            for new, entry, payload in zip(values, entries, payloads, strict=True)
+        ]
+        # Visible to reads of this process at once, in version order: set before any await.
+        for write, entry in zip(top_writes, entries, strict=True):
+            self._unflushed[write.key] = (entry, write.payload or b"", now + top.ttl)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                stored, recorded = await asyncio.gather(
+                    _settle([top.set(write) for write in top_writes]),
+                    _settle([journal.append(w.key, w.payload or b"") for w in top_writes]),
+                )
+        except TimeoutError:
+            for write in top_writes:
+                self._forget_unflushed(write.key, write.version)
+                top.miss(write.key, write.version)
+            await self._missed_records.submit(None)
+            raise Unavailable(
+                f"the write did not complete within {self.request_timeout} s", top.name
+            ) from None
+        for write, stored_result, recorded_result in zip(top_writes, stored, recorded, strict=True):
+            if recorded_result is not None:
+                # Not journaled: the lower tiers will never get it, so neither the
+                # overlay nor the top tier may keep serving it.
+                self._forget_unflushed(write.key, write.version)
+                if stored_result is None:
+                    top.miss(write.key, write.version)
+        missed = [(w, r) for w, r in zip(top_writes, stored, strict=True) if r is not None]
+        for write, _ in missed:
+            top.miss(write.key, write.version)  # it may hold an older value
+        if missed:
+            await self._missed_records.submit(None)
+        if any(result is not None for result in recorded):
+            await self._missed_records.submit(None)
+        journal_failure = next((r for r in recorded if r is not None), None)
+        if journal_failure is not None:
+            raise Unavailable(
+                f"write-behind journal: {journal_failure}", "journal"
+            ) from journal_failure
+        if missed:
+            raise Unavailable(f"the top tier did not take the write: {missed[0][1]}", top.name)
+
+    async def apply_write_behind(self, records: Sequence[Record]) -> None:
+        """Apply journal records to the tiers below the top, newest version per key.
+
+        Raises TierError when the durable tier did not commit (the journal retries); a
+        cache tier in between that fails is skipped and remembers the keys as missed.
+        """
+        newest: dict[str, Record] = {}
+        for rec in records:
+            held = newest.get(rec.key)
+            if held is None or held.entry.version < rec.entry.version:
+                newest[rec.key] = rec
+        now = time.time()
+        for slot in reversed(self.slots[1:]):  # durable first, as write-through does
+            writes = [
+                TierWrite(rec.key, rec.payload, rec.entry.version, ttl)
+                for rec in newest.values()
+                if (ttl := rec.entry.ttl_in(slot.ttl, now)) > 0
+            ]
+            if not writes:
+                continue
+            try:
+                await slot.set_many(writes)
+            except TierError:
+                if slot is self.durable:
+                    raise
+                for write in writes:
+                    slot.miss(write.key, write.version)
+                await self._missed_records.submit(None)
+        for key, rec in newest.items():
+            self._forget_unflushed(key, rec.entry.version)
+
+    def _forget_unflushed(self, key: str, version: int) -> None:
+        unflushed = self._unflushed.get(key)
+        if unflushed is not None and unflushed[0].version <= version:
+            del self._unflushed[key]
+
+    def _forget(self, key: str) -> None:
+        """A newer write or delete of ``key`` is under way: later readers must neither join
+        an older lookup nor see an older unflushed write-behind value."""
+        self._flights.pop(key, None)
+        self._unflushed.pop(key, None)
+
+    async def delete_many(
+        self, keys: Sequence[str], version: int | None = None, local_only: bool = False
+    ) -> None:
+        """Tombstone ``keys`` in every tier, durable first — or, ``local_only``, in the
+        in-process tiers only (a peer already did the shared ones) — at ``version``
+        (default: a new one per key)."""
+        versions = []
+        for key in keys:
+            self._forget(key)
+            versions.append(version or self.clock.next())
+        if local_only:
+            for slot in self.slots:
+                if slot.tier.in_process:
+                    await slot.tier.set_many(
+                        [
+                            TierWrite(k, None, v, TOMBSTONE_TTL)
+                            for k, v in zip(keys, versions, strict=True)
+                        ]
+                    )
+            return
+        # In the durable tier a tombstone lives as long as anything may still be applied
+        # there: a write-behind record replayed late must not bring a deleted value back.
+        durable_tombstones = [
+            TierWrite(key, None, version, max(TOMBSTONE_TTL, self.durable.ttl))
+            for key, version in zip(keys, versions, strict=True)
+        ]
+        cache_tombstones = [
+            (slot, TierWrite(key, None, version, TOMBSTONE_TTL))
+            for slot in self.slots[:-1]
+            for key, version in zip(keys, versions, strict=True)
+        ]
+        await self._store(durable_tombstones, cache_tombstones)
+
+    def _store(
+        self,
+        durable_writes: Sequence[TierWrite],
+        cache_writes: Sequence[tuple[TierSlot, TierWrite]],
+    ) -> asyncio.Future[None]:
+        """The durable tier first — its failure is the caller's 503 — then the cache tiers,
+        whose failures are remembered as missed keys; all within the request deadline.
+
+        Concurrent calls are stored together (``_store_group``): one ``set_many`` per
+        tier for all of them, and one wake-up per caller.
+        """
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        return self._stores.submit(_StoreJob(durable_writes, cache_writes, deadline))
+
+    async def _store_group(self, jobs: list[_StoreJob]) -> list[None]:
+        durable = self.durable
+        durable_writes = [write for job in jobs for write in job.durable_writes]
+        by_slot: dict[TierSlot, list[TierWrite]] = {}
+        for job in jobs:
+            for slot, write in job.cache_writes:
+                by_slot.setdefault(slot, []).append(write)
+        # The latest caller's deadline: a write queued behind busy groups must not cut the
+        # shared call short for the others (an earlier caller waits at most its queueing
+        # time longer).
+        deadline = max(job.deadline for job in jobs)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await durable.set_many(durable_writes)
+        except (TimeoutError, TierTimeout) as exc:
+            # It may have committed: the cache tiers above may now hold an older value.
+            self._missed_by(by_slot, by_slot.keys())
+            await self._missed_records.submit(None)
+            raise Unavailable(
+                f"the durable tier {durable.name!r} did not answer within "
+                f"request_timeout ({self.request_timeout} s)",
+                durable.name,
+            ) from exc
+        except TierError as exc:
+            raise Unavailable(
+                f"the durable tier {durable.name!r} did not take the write: {exc}", durable.name
+            ) from exc
+        # Stored durably. A cache tier that fails or does not answer in time missed it.
+        calls = {
+            slot: asyncio.ensure_future(slot.set_many(writes)) for slot, writes in by_slot.items()
+        }
+        unexpected: BaseException | None = None
+        try:
+            if calls:
+                loop = asyncio.get_running_loop()
+                await asyncio.wait(calls.values(), timeout=max(0.0, deadline - loop.time()))
+        finally:  # also when this group is cancelled: no call outlives it unaccounted
+            failed = []
+            for slot, call in calls.items():
+                if not call.done():
+                    call.cancel()
+                elif not call.cancelled() and (failure := call.exception()) is None:
+                    continue
+                elif not call.cancelled() and not isinstance(failure, TierError):
+                    unexpected = unexpected or failure
+                failed.append(slot)
+            self._missed_by(by_slot, failed)
+        if failed:
+            await self._missed_records.submit(None)
+        if unexpected is not None:
+            raise unexpected
+        return [None] * len(jobs)
+
+    @staticmethod
+    def _missed_by(writes: dict[TierSlot, list[TierWrite]], slots: Iterable[TierSlot]) -> None:
+        for slot in slots:
+            for write in writes[slot]:
+                slot.miss(write.key, write.version)
+
+    # -- health --------------------------------------------------------------------------
+
+    async def tier_states(self) -> list[dict[str, object]]:
+        """Each tier's state for /readyz. Tiers believed up are probed, so a dead one is
+        reported "down" at once instead of after its breaker opens."""
+        answered = await asyncio.gather(
+            *(slot.probe() if slot.state == "closed" else _false() for slot in self.slots)
+        )
+        return [
+            {
+                "name": slot.name,
+                "state": slot.state if slot.state != "closed" else "up" if ok else "down",
+                "missed_keys": len(slot.missed),
+            }
+            for slot, ok in zip(self.slots, answered, strict=True)
+        ]
+
+    async def check_tiers(self) -> None:
+        """Probe tiers that are not known good, repair those that came back, and keep
+        the record of missed keys in the durable tier."""
+        await self._sync_missed()
+        for slot in self.slots:
+            if slot.state != "closed" or slot.missed:
+                if slot.state != "closed" and not await slot.probe():
+                    continue
+                if slot.missed:
+                    try:
+                        await slot.repair()
+                    except TierError as exc:
+                        log.warning("tier %s: repair failed: %s", slot.name, exc)
+
+    async def _record_missed_batch(self, requests: list[None]) -> list[None]:
+        await self._sync_missed()
+        return requests
+
+    async def _sync_missed(self) -> None:
+        """Keep this sidecar's missed keys in the durable tier, under a name that
+        survives a restart (host, port, worker), and load them back after one.
+
+        What a cache tier missed lives in memory (``TierSlot.missed``); a sidecar
+        restarted while a tier was down would forget it and, once the tier is back, read
+        what it missed. The record is written whenever the missed keys change, read once
+        at start, and deleted when every missed key has been repaired.
+        """
+        caches = self.slots[:-1]
+        if not caches or self.durable.state == "open":
+            return
+        key = f"\x1fcachesvc-missed:{self.identity}"  # a control character: no client key
+        try:
+            if not self._missed_loaded:
+                stored = await self.durable.get_many([key])
+                restore_missed(caches, stored[0])
+                self._missed_loaded = True
+            if any(slot.missed_changed for slot in caches):
+                for slot in caches:
+                    slot.missed_changed = False
+                record = save_missed(caches)
+                lifetime = max(slot.ttl for slot in caches)
+                await self.durable.set_many([TierWrite(key, record, self.clock.next(), lifetime)])
+        except TierError as exc:
+            for slot in caches:
+                slot.missed_changed = True  # try again on the next round
+            log.debug("missed keys not synced with the durable tier: %s", exc)
+
+    async def _watch_tiers(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            try:
+                await self.check_tiers()
+            except Exception:  # the monitor must outlive any surprise
+                log.exception("tier monitor failed")

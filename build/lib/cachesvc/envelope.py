@@ -1,0 +1,86 @@
+"""The per-entry envelope the engine stores in every tier, and the clock that versions it.
+
+An envelope is a msgpack array ``[value, content_type, version, expires_at, tags]``:
+arrays decode faster than maps and the schema is private to this module. ``expires_at``
+is wall-clock epoch seconds (``None``: the entry lives as long as each tier's ttl), so a
+promoted entry keeps its remaining lifetime across tiers and processes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import msgpack
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class Entry(NamedTuple):
+    value: bytes
+    content_type: str
+    version: int
+    expires_at: float | None
+    tags: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        payload: bytes = msgpack.packb(
+            (self.value, self.content_type, self.version, self.expires_at, self.tags)
+        )
+        return payload
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.expires_at is None else self.expires_at - now
+
+    def ttl_in(self, tier_ttl: float, now: float) -> float:
+        """How long a tier whose own limit is ``tier_ttl`` should keep this entry."""
+        remaining = self.remaining(now)
+        return tier_ttl if remaining is None else min(remaining, tier_ttl)
+
+
+def decode_envelope(payload: bytes) -> Entry:
+    """The entry in ``payload``; ValueError when it is not one of ours."""
+    try:
+        value, content_type, version, expires_at, tags = msgpack.unpackb(payload)
+        return Entry(value, content_type, version, expires_at, tuple(tags))
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"not a cachesvc envelope: {exc}") from None
+
+
+def decode_live(payload: bytes | None, now: float) -> Entry | None:
+    """The entry in ``payload`` unless it is absent, expired or unreadable.
+
+    An unreadable payload (another program's data under our key, or a future format) is
+    a miss: the lower tiers or the application still have the truth.
+    """
+    if payload is None:
+        return None
+    try:
+        entry = decode_envelope(payload)
+    except ValueError:
+        return None
+    if entry.expires_at is not None and entry.expires_at <= now:
+        return None
+    return entry
+
+
+class VersionClock:
+    """Strictly increasing versions: microseconds since the epoch, bumped past the last one.
+
+    Wall-clock based so that versions from several sidecars sharing L2/L3 order writes by
+    when they happened; within one process they never repeat or go back, even when the
+    clock steps backwards. Across hosts the order is as good as their clock sync (NTP keeps
+    it to milliseconds), which is documented in the operations guide.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(time.time_ns() // 1000, self._last + 1)
+        return self._last
+
+    def witness(self, version: int) -> None:
+        """A peer's version was seen: later versions here must be newer (a hybrid
+        logical clock's receive rule)."""
+        self._last = max(self._last, version)

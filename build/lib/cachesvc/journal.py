@@ -1,0 +1,359 @@
+"""The write-behind journal: a Redis Stream with a consumer group.
+
+Why a stream in Redis, not a local file or a Postgres outbox: the journal must stay
+writable while the lower tiers (Postgres) are down, and must outlive the *pod*, not only
+the process: a sidecar deleted during an outage leaves its pending writes to its peers,
+which claim them (XAUTOCLAIM) once they have been idle for ``reclaim_after`` seconds.
+
+Life of a write-behind write:
+
+1. ``append``: XADD (coalesced: one pipeline per event-loop iteration). The PUT is
+   answered 202 only after Redis confirmed it (and the top tier took the value).
+2. The flusher reads a batch (XREADGROUP), keeps only the newest version of each key,
+   and applies it to the lower tiers (one ``set_many`` per tier). Versions make replays
+   and reorderings harmless: a tier never replaces a newer version.
+3. Only after the durable tier committed: XACK + XDEL.
+
+Which crash loses what:
+
+- sidecar killed (``kill -9``): nothing; unacknowledged entries stay in its pending list,
+  re-read by the same consumer name when it restarts, or claimed by a peer.
+- lower tier down: nothing; entries stay pending and are retried with backoff and jitter.
+  The journal answers 503 once ``journal_max_pending`` entries wait (back-pressure).
+- journal Redis crash: whatever it had not persisted. Run it with ``appendonly yes`` and
+  ``appendfsync always`` (or ``everysec`` to trade up to a second of writes for speed);
+  see docs/operations.md.
+
+Entries that can never be applied (undecodable, or refused by the durable tier
+``max_attempts`` times with a non-transient error) move to ``<stream>:dead``, where
+``cachesvc dead-letters list|replay`` shows and re-queues them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError, ResponseError
+
+from cachesvc.batching import Batcher
+from cachesvc.envelope import Entry, decode_envelope
+from cachesvc.metrics import Metrics
+from invalidation.base import Backoff
+from tiers.base import TierError, TierTimeout, TierUnavailable
+
+log = logging.getLogger(__name__)
+
+GROUP = "cachesvc-flushers"
+
+
+class JournalUnavailable(Exception):
+    """The journal could not record a write (Redis down) or is full."""
+
+
+class Record(NamedTuple):
+    id: bytes
+    key: str
+    payload: bytes
+    entry: Entry
+
+
+Apply = Callable[[Sequence[Record]], Awaitable[None]]
+
+
+class Journal:
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        max_pending: int,
+        batch: int,
+        reclaim_after: float,
+        max_attempts: int,
+        metrics: Metrics,
+        consumer: str,
+    ) -> None:
+        self.stream = stream
+        self.dead_stream = f"{stream}:dead"
+        self.max_pending = max_pending
+        self.batch = batch
+        self.reclaim_after = reclaim_after
+        self.max_attempts = max_attempts
+        self.consumer = consumer
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
+        # Back-pressure counts the stream exactly, appends racing a count included: a
+        # count (XLEN with the newest ID, atomically) holds every append whose ID is not
+        # after that newest ID; appends finished since it was asked for and not covered
+        # are added, and appends under way are counted until they finish.
+        self._depth = 0
+        self._counted_up_to = b"0-0"
+        self._appending = 0
+        self._appended_since_count: list[bytes] = []
+        self._last_appended = b"0-0"
+        self._group_ready = False
+        self._attempts: dict[bytes, int] = {}
+        self.m_depth = metrics.journal_depth
+        self.m_lag = metrics.journal_lag
+        self.m_flushed = metrics.journal_flushed
+        self.m_retried = metrics.journal_retried
+        self.m_dead = metrics.journal_dead_lettered
+
+    # -- producer side -------------------------------------------------------------------
+
+    def has_room(self, count: int) -> bool:
+        return self._depth + self._appending + count <= self.max_pending
+
+    async def append(self, key: str, payload: bytes) -> None:
+        """Record a write durably; raises JournalUnavailable."""
+        if not self.has_room(1):
+            raise JournalUnavailable(f"journal full ({self._depth} pending writes)")
+        self._appending += 1
+        try:
+            entry_id = await self._appends.submit((key, payload))
+        except RedisError as exc:
+            raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
+        finally:
+            self._appending -= 1
+        self._appended_since_count.append(entry_id)
+        if _id_after(entry_id, self._counted_up_to):
+            self._depth += 1
+        if _id_after(entry_id, self._last_appended):
+            self._last_appended = entry_id
+
+    async def _append_batch(self, items: list[tuple[str, bytes]]) -> list[bytes]:
+        await self._ensure_group()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, payload in items:
+                pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
+            ids: list[bytes] = await pipe.execute()
+        return ids
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    # -- consumer side -------------------------------------------------------------------
+
+    async def run(self, apply: Apply, stop: asyncio.Event) -> None:
+        """Flush until ``stop`` is set and nothing of ours is pending (or cancelled)."""
+        backoff = Backoff()
+        own_pending = True  # first our own unacknowledged entries (after a crash or retry)
+        last_reclaim = 0.0
+        while True:
+            try:
+                await self._ensure_group()
+                await self._refresh_depth()
+                if own_pending:
+                    records = await self._read("0", block=None)
+                    own_pending = bool(records)
+                elif time.monotonic() - last_reclaim > self.reclaim_after / 2:
+                    last_reclaim = time.monotonic()
+                    records = await self._reclaim()
+                else:
+                    records = []
+                if not records and not own_pending:
+                    if stop.is_set() and self.drained():
+                        return
+                    records = await self._read(">", block=None if stop.is_set() else 200)
+                    if not records and stop.is_set():
+                        await asyncio.sleep(0.05)  # what is left is a peer's to apply
+            except RedisError as exc:
+                if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+                    self._group_ready = False  # Redis lost it (restart, flush): create again
+                log.warning("journal unreachable: %s", exc)
+                await backoff.sleep()
+                continue
+            if not records:
+                continue
+            try:
+                await self._flush(records, apply)
+            except TierError as exc:
+                self.m_retried.inc(len(records))
+                log.warning(
+                    "write-behind flush of %d writes will be retried: %s", len(records), exc
+                )
+                own_pending = True
+                await backoff.sleep()
+            except RedisError as exc:
+                log.warning("journal unreachable while acknowledging: %s", exc)
+                own_pending = True
+                await backoff.sleep()
+            except Exception:  # the flusher must outlive any surprise: PUTs still get 202
+                log.exception("write-behind flush failed; retrying")
+                own_pending = True
+                await backoff.sleep()
+            else:
+                backoff.reset()
+
+    def drained(self) -> bool:
+        """Whether everything this process appended has been applied (by anyone)."""
+        return self._oldest_id is None or _id_after(self._oldest_id, self._last_appended)
+
+    async def _refresh_depth(self) -> None:
+        self._appended_since_count = []
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xrange(self.stream, "-", "+", count=1)
+            pipe.xrevrange(self.stream, "+", "-", count=1)
+            depth, oldest, newest = await pipe.execute()
+        self._counted_up_to = newest[0][0] if newest else b"0-0"
+        self._depth = depth + sum(
+            _id_after(entry_id, self._counted_up_to) for entry_id in self._appended_since_count
+        )
+        self._oldest_id = oldest[0][0] if oldest else None
+        self.m_depth.set(depth)
+        self.m_lag.set(0.0 if not oldest else max(0.0, time.time() - _id_time(oldest[0][0])))
+
+    _oldest_id: bytes | None = None
+
+    async def _read(self, start: str, block: int | None) -> list[Record]:
+        reply: Any = await self._client.xreadgroup(
+            GROUP, self.consumer, {self.stream: start}, count=self.batch, block=block
+        )
+        entries = reply[0][1] if reply else []
+        return await self._decode(entries)
+
+    async def _reclaim(self) -> list[Record]:
+        """Entries a crashed (or stuck) peer took and never acknowledged."""
+        reply = await self._client.xautoclaim(
+            self.stream, GROUP, self.consumer, int(self.reclaim_after * 1000), count=self.batch
+        )
+        records = await self._decode(reply[1])
+        if records:
+            log.info("reclaimed %d write-behind entries from idle consumers", len(records))
+        return records
+
+    async def _decode(
+        self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]
+    ) -> list[Record]:
+        records: list[Record] = []
+        broken: list[tuple[bytes, dict[bytes, bytes] | None, str]] = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted after delivery: nothing left to apply
+                await self._ack([entry_id])
+                continue
+            try:
+                key = fields[b"k"].decode()
+                payload = fields[b"p"]
+                records.append(Record(entry_id, key, payload, decode_envelope(payload)))
+            except (KeyError, ValueError) as exc:
+                broken.append((entry_id, fields, f"undecodable: {exc}"))
+        if broken:
+            await self._dead_letter(broken)
+        return records
+
+    async def _flush(self, records: Sequence[Record], apply: Apply) -> None:
+        try:
+            await apply(records)
+        except (TierUnavailable, TierTimeout):
+            raise
+        except TierError as exc:
+            # Refused, not unreachable: try each on its own so one bad entry cannot block
+            # the rest, and give up on those that keep failing.
+            await self._flush_one_by_one(records, apply, exc)
+            return
+        await self._ack([record.id for record in records])
+        self.m_flushed.inc(len(records))
+
+    async def _flush_one_by_one(
+        self, records: Sequence[Record], apply: Apply, first: TierError
+    ) -> None:
+        log.warning("write-behind batch refused (%s); applying one by one", first)
+        for record in records:
+            try:
+                await apply([record])
+            except (TierUnavailable, TierTimeout):
+                raise
+            except TierError as exc:
+                attempts = self._attempts.get(record.id, 0) + 1
+                self._attempts[record.id] = attempts
+                if attempts < self.max_attempts:
+                    self.m_retried.inc()
+                    raise
+                fields = {b"k": record.key.encode(), b"p": record.payload}
+                await self._dead_letter([(record.id, fields, f"refused {attempts} times: {exc}")])
+                continue
+            await self._ack([record.id])
+            self.m_flushed.inc()
+
+    async def _ack(self, ids: Sequence[bytes]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, GROUP, *ids)
+            pipe.xdel(self.stream, *ids)
+            await pipe.execute()
+        for entry_id in ids:
+            self._attempts.pop(entry_id, None)
+
+    async def _dead_letter(
+        self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None, str]]
+    ) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry_id, fields, reason in entries:
+                dead = dict(fields or {})
+                dead.update({b"reason": reason.encode(), b"journal_id": entry_id})
+                pipe.xadd(self.dead_stream, dead)  # type: ignore[arg-type]
+            await pipe.execute()
+        await self._ack([entry_id for entry_id, _, _ in entries])
+        self.m_dead.inc(len(entries))
+        log.error("dead-lettered %d write-behind entries to %s", len(entries), self.dead_stream)
+
+    # -- operator commands ---------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        entries: Any = await self._client.xrange(self.dead_stream, "-", "+", count=count)
+        return list(entries)
+
+    async def replay_dead_letters(self) -> int:
+        """Move every dead letter back into the journal; returns how many."""
+        moved = 0
+        while entries := await self.dead_letters(self.batch):
+            async with self._client.pipeline(transaction=True) as pipe:
+                for entry_id, fields in entries:
+                    pipe.xadd(self.stream, {b"k": fields[b"k"], b"p": fields[b"p"]})
+                    pipe.xdel(self.dead_stream, entry_id)
+                await pipe.execute()
+            moved += len(entries)
+        return moved
+
+    async def close(self) -> None:
+        await self._appends.close()
+        await self._client.aclose()
+
+
+def _id_time(entry_id: bytes) -> float:
+    return int(entry_id.split(b"-", 1)[0]) / 1000
+
+
+def _id_tuple(entry_id: bytes) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition(b"-")
+    return int(millis), int(seq or 0)
+
+
+def _id_after(candidate: bytes, reference: bytes) -> bool:
+    return _id_tuple(candidate) > _id_tuple(reference)
+
+
+async def drain(task: asyncio.Task[None], stop: asyncio.Event, within: float) -> bool:
+    """Ask the flusher to finish what this process appended; True when it did in time."""
+    stop.set()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), within)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    return True

@@ -1,0 +1,200 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process).
+
+Tier series carry ``tier="<name>"``. Label children on the hot path are bound once per
+tier (``TierMetrics``) instead of looked up per request.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        # Per request: plain numbers, turned into Prometheus families when scraped.
+        self.requests = RequestStats()
+        r.register(self.requests)
+        self.tier_hits = Counter(
+            "cachesvc_tier_hits", "Reads a tier answered.", ["tier"], registry=r
+        )
+        self.tier_misses = Counter(
+            "cachesvc_tier_misses", "Reads a tier did not hold.", ["tier"], registry=r
+        )
+        self.tier_errors = Counter(
+            "cachesvc_tier_errors",
+            "Failed tier calls by kind (timeout, unavailable, error).",
+            ["tier", "kind"],
+            registry=r,
+        )
+        self.tier_duration = Histogram(
+            "cachesvc_tier_call_duration_seconds",
+            "Latency of one (batched) tier call.",
+            ["tier", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tier_batch_size = Histogram(
+            "cachesvc_tier_batch_keys",
+            "Keys per coalesced tier call.",
+            ["tier", "operation"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.promotions = Counter(
+            "cachesvc_promotions",
+            "Entries copied into a tier from a lower one on read.",
+            ["tier"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "cachesvc_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ["tier"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "cachesvc_breaker_transitions",
+            "Circuit breaker state changes.",
+            ["tier", "state"],
+            registry=r,
+        )
+        self.missed_keys = Gauge(
+            "cachesvc_tier_missed_keys",
+            "Keys a tier missed writes for and must not serve until repaired.",
+            ["tier"],
+            registry=r,
+        )
+        self.repaired_keys = Counter(
+            "cachesvc_tier_repaired_keys",
+            "Missed keys deleted from a tier after it recovered.",
+            ["tier"],
+            registry=r,
+        )
+
+        self.journal_depth = Gauge(
+            "cachesvc_journal_depth",
+            "Write-behind writes recorded and not yet applied.",
+            registry=r,
+        )
+        self.journal_lag = Gauge(
+            "cachesvc_journal_lag_seconds",
+            "Age of the oldest write-behind write not yet applied.",
+            registry=r,
+        )
+        self.journal_flushed = Counter(
+            "cachesvc_journal_flushed",
+            "Write-behind writes applied to the lower tiers.",
+            registry=r,
+        )
+        self.journal_retried = Counter(
+            "cachesvc_journal_retried",
+            "Write-behind writes whose flush failed and is retried.",
+            registry=r,
+        )
+        self.journal_dead_lettered = Counter(
+            "cachesvc_journal_dead_lettered",
+            "Write-behind writes moved to the dead-letter stream after repeated refusal.",
+            registry=r,
+        )
+
+        self.invalidation_events = Counter(
+            "cachesvc_invalidation_events",
+            "Invalidation events received, by source and outcome "
+            "(applied, malformed, own = this sidecar's, already applied).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.invalidation_latency = Histogram(
+            "cachesvc_invalidation_latency_seconds",
+            "From publishing (the event's sent_at) to applied here.",
+            ["source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def for_tier(self, tier: str) -> TierMetrics:
+        return TierMetrics(self, tier)
+
+
+class RequestStats:
+    """``cachesvc_requests_total`` and ``cachesvc_request_duration_seconds``, counted in
+    plain dicts and read out at scrape time.
+
+    prometheus-client's labelled children take a label lookup and a lock per call; on an
+    L1 hit that measured about 15% of the sidecar's throughput (wrk, 64 connections). The
+    event loop is one thread, so plain increments are safe here.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        # operation -> [count per bucket (the last one: +Inf)..., sum of seconds]
+        self.latencies: dict[str, list[float]] = {}
+
+    def record(self, operation: str, status: int, seconds: float) -> None:
+        key = (operation, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        latency = self.latencies.get(operation)
+        if latency is None:
+            latency = self.latencies[operation] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        latency[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        latency[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "cachesvc_requests",
+            "HTTP requests by operation and status.",
+            labels=["operation", "status"],
+        )
+        for (operation, status), count in sorted(self.counts.items()):
+            requests.add_metric([operation, str(status)], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "cachesvc_request_duration_seconds",
+            "HTTP request latency by operation.",
+            labels=["operation"],
+        )
+        bounds = [*map(str, _LATENCY_BUCKETS), "+Inf"]
+        for operation, latency in sorted(self.latencies.items()):
+            *counts, seconds = latency
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, in_bucket in zip(bounds, counts, strict=True):
+                cumulative += in_bucket
+                buckets.append((bound, cumulative))
+            durations.add_metric([operation], buckets, seconds)
+        yield durations
+
+
+class TierMetrics:
+    def __init__(self, metrics: Metrics, tier: str) -> None:
+        self.hits = metrics.tier_hits.labels(tier)
+        self.misses = metrics.tier_misses.labels(tier)
+        self.promotions = metrics.promotions.labels(tier)
+        self.get_duration = metrics.tier_duration.labels(tier, "get")
+        self.set_duration = metrics.tier_duration.labels(tier, "set")
+        self.get_batch = metrics.tier_batch_size.labels(tier, "get")
+        self.set_batch = metrics.tier_batch_size.labels(tier, "set")
+        self.missed_keys = metrics.missed_keys.labels(tier)
+        self.repaired_keys = metrics.repaired_keys.labels(tier)
+        self._errors = metrics.tier_errors
+        self._breaker_state = metrics.breaker_state.labels(tier)
+        self._transitions = metrics.breaker_transitions
+        self._tier = tier
+        self._breaker_state.set(0)
+
+    def error(self, kind: str) -> None:
+        self._errors.labels(self._tier, kind).inc()
+
+    def breaker(self, state: str) -> None:
+        self._breaker_state.set(BREAKER_STATES[state])
+        self._transitions.labels(self._tier, state).inc()

@@ -1,0 +1,290 @@
+"""One configured tier as the engine sees it.
+
+A ``TierSlot`` wraps a ``tiers.Tier`` with what every backend needs the same way:
+
+- **coalescing**: single-key gets and sets made in the same event-loop iteration are sent
+  as one ``get_many``/``set_many`` call (one MGET, multi-get, ``= ANY($1)`` or multi-row
+  upsert), and concurrent gets of one key share one lookup;
+- **a timeout per call** and **a circuit breaker**: after ``breaker_failures`` consecutive
+  failures calls fail fast; ``breaker_reset`` seconds later the engine's tier monitor
+  pings the tier (half-open) and a success closes the breaker;
+- **missed keys**: a write or delete this tier could not take is remembered, the tier is
+  not read for that key, and the key is deleted from it (a tombstone) once it answers
+  again — so it never serves a value it missed the replacement of. When too many keys
+  are missed to remember, the tier is not read at all for one tier ttl, after which
+  everything it held from before has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+
+from cachesvc.batching import Batcher
+from cachesvc.metrics import TierMetrics
+from tiers.base import Tier, TierError, TierTimeout, TierUnavailable, TierWrite
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TOMBSTONE_TTL = 60.0
+"""How long a delete's tombstone blocks older writes: far longer than any in-flight fill
+(bounded by the request deadline) or write-behind retry can take to land."""
+
+MAX_MISSED_KEYS = 100_000
+
+
+class CircuitBreaker:
+    """Closed -> (``failures`` consecutive failures) -> open -> (``reset`` s) -> half-open,
+    where one probe call decides: success closes, failure opens again."""
+
+    def __init__(
+        self, failures: int, reset: float, on_change: Callable[[str], None] | None = None
+    ) -> None:
+        self.threshold = failures
+        self.reset = reset
+        self.state = "closed"
+        self._failures = 0
+        self._retry_at = 0.0
+        self._on_change = on_change
+
+    def allow(self, probe: bool = False) -> bool:
+        """Whether a call may go to the tier. Only a ``probe`` (the tier monitor's ping)
+        half-opens an open breaker: no client request waits on a tier still down."""
+        if self.state == "closed":
+            return True
+        if probe and self.state == "open" and time.monotonic() >= self._retry_at:
+            self._set("half-open")
+            return True
+        return False  # open, or half-open with its probe in flight
+
+    def success(self) -> None:
+        self._failures = 0
+        if self.state != "closed":
+            self._set("closed")
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self.state == "half-open" or self._failures >= self.threshold:
+            self._retry_at = time.monotonic() + self.reset
+            if self.state != "open":
+                self._set("open")
+
+    def _set(self, state: str) -> None:
+        log.log(logging.WARNING if state == "open" else logging.INFO, "breaker %s", state)
+        self.state = state
+        if self._on_change is not None:
+            self._on_change(state)
+
+
+class TierSlot:
+    def __init__(
+        self,
+        tier: Tier,
+        *,
+        timeout: float,
+        breaker_failures: int,
+        breaker_reset: float,
+        metrics: TierMetrics,
+    ) -> None:
+        self.tier = tier
+        self.name = tier.name
+        self.ttl = tier.ttl
+        self.timeout = timeout
+        self.metrics = metrics
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics.breaker)
+        # key -> version of the newest write this tier missed for it
+        self.missed: dict[str, int] = {}
+        self.missed_changed = False  # not yet recorded in the durable tier
+        # Set while this (in-process) tier may be missing invalidation events.
+        self.suspended = False
+        self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gets = Batcher(self._get_batch)
+        self._sets = Batcher(self._set_batch)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def readable(self, key: str) -> bool:
+        """Whether this tier may answer for ``key``: it did not miss a write of it, nor
+        (in-process tiers) invalidation events."""
+        if self.suspended or (self._blind_until and time.monotonic() < self._blind_until):
+            return False
+        return key not in self.missed
+
+    def get(self, key: str) -> asyncio.Future[bytes | None]:
+        """The payload of ``key``, as a future: already done for an in-process tier, so a
+        caller can check ``done()`` and go on without waiting (the front door does)."""
+        if not self.tier.in_process:
+            return self._gets.submit(key)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
+        answer: asyncio.Future[bytes | None] = loop.create_future()
+        try:
+            answer.set_result(finished(self.tier.get(key)))
+        except TierError as exc:
+            answer.set_exception(exc)
+        return answer
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One call for ``keys`` (already a batch), under the timeout and breaker."""
+        return await self._get_batch(list(keys))
+
+    async def _get_batch(self, keys: list[str]) -> list[bytes | None]:
+        unique = list(dict.fromkeys(keys))  # concurrent gets of one key: one lookup
+        self.metrics.get_batch.observe(len(unique))
+        with self.metrics.get_duration.time():
+            found = dict(zip(unique, await self.call(self.tier.get_many(unique)), strict=True))
+        return [found[key] for key in keys]
+
+    # -- writes --------------------------------------------------------------------------
+
+    def set(self, write: TierWrite) -> Awaitable[None]:
+        if self.tier.in_process:
+            return self.tier.set(write)
+        return self._sets.submit(write)
+
+    async def set_many(self, writes: Sequence[TierWrite]) -> None:
+        """One call for ``writes`` (already a batch), under the timeout and breaker."""
+        await self._set_batch(list(writes))
+
+    async def _set_batch(self, writes: list[TierWrite]) -> list[None]:
+        self.metrics.set_batch.observe(len(writes))
+        with self.metrics.set_duration.time():
+            await self.call(self.tier.set_many(writes))
+        return [None] * len(writes)
+
+    def miss(self, key: str, version: int) -> None:
+        """Remember that this tier missed the write of ``key`` at ``version``."""
+        if len(self.missed) >= MAX_MISSED_KEYS:
+            log.warning(
+                "tier %s missed more than %d keys: not read for %.0f s",
+                self.name,
+                MAX_MISSED_KEYS,
+                self.ttl,
+            )
+            self._blind_until = time.monotonic() + self.ttl
+            self.missed.clear()
+        else:
+            self.missed[key] = max(version, self.missed.get(key, 0))
+        self.missed_changed = True
+        self.metrics.missed_keys.set(len(self.missed))
+
+    async def repair(self) -> None:
+        """Delete every missed key from the tier.
+
+        The tombstone carries the missed write's own version: it replaces anything older
+        the tier may hold, and a promotion of that very write (equal version) may still
+        refill the tier right after.
+        """
+        missed = list(self.missed.items())
+        for start in range(0, len(missed), 1000):
+            batch = missed[start : start + 1000]
+            await self.set_many([TierWrite(k, None, v, TOMBSTONE_TTL) for k, v in batch])
+            for key, version in batch:
+                if self.missed.get(key) == version:  # not missed again meanwhile
+                    del self.missed[key]
+            self.missed_changed = True
+            self.metrics.repaired_keys.inc(len(batch))
+            self.metrics.missed_keys.set(len(self.missed))
+        if missed:
+            log.info("tier %s repaired: %d missed keys deleted", self.name, len(missed))
+
+    # -- guarded calls -------------------------------------------------------------------
+
+    async def call(self, operation: Awaitable[T], probe: bool = False) -> T:
+        """Run one tier operation under this tier's timeout and circuit breaker."""
+        if not self.breaker.allow(probe):
+            if asyncio.iscoroutine(operation):
+                operation.close()
+            self.metrics.error("open")
+            raise TierUnavailable(f"tier {self.name}: circuit breaker open")
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await operation
+        except TimeoutError:
+            self.breaker.failure()
+            self.metrics.error("timeout")
+            raise TierTimeout(f"tier {self.name}: no answer within {self.timeout} s") from None
+        except TierError:
+            self.breaker.failure()
+            self.metrics.error("unavailable")
+            raise
+        self.breaker.success()
+        return result
+
+    async def probe(self) -> bool:
+        """Ping the tier (through the breaker); True when it answered."""
+        try:
+            await self.call(self.tier.ping(), probe=True)
+        except TierError:
+            return False
+        return True
+
+    @property
+    def state(self) -> str:
+        return self.breaker.state
+
+    async def close(self) -> None:
+        await self._gets.close()
+        await self._sets.close()
+        await self.tier.close()
+
+
+def finished(call: Coroutine[Any, Any, T]) -> T:
+    """The result of an in-process tier's call, which never waits: run it to its end now."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    call.close()
+    raise RuntimeError("a call to an in-process tier waited")
+
+
+MAX_RECORDED_KEYS = 10_000  # per tier; past it the record says "do not read the tier"
+
+
+def save_missed(slots: Sequence[TierSlot]) -> bytes:
+    """The missed keys of ``slots`` as one record (see Engine._sync_missed)."""
+    record: dict[str, Any] = {}
+    now, wall = time.monotonic(), time.time()
+    for slot in slots:
+        blind_until = slot._blind_until
+        if len(slot.missed) > MAX_RECORDED_KEYS:
+            blind_until = max(blind_until, now + slot.ttl)
+        record[slot.name] = {
+            "keys": {} if len(slot.missed) > MAX_RECORDED_KEYS else slot.missed,
+            "blind_until": wall + (blind_until - now) if blind_until > now else 0,
+        }
+    payload: bytes = msgpack.packb(record)
+    return payload
+
+
+def restore_missed(slots: Sequence[TierSlot], payload: bytes | None) -> None:
+    """Merge a record written by this sidecar before it restarted."""
+    if payload is None:
+        return
+    try:
+        record = msgpack.unpackb(payload)
+    except (ValueError, msgpack.UnpackException):
+        log.warning("unreadable record of missed keys: ignored")
+        return
+    now, wall = time.monotonic(), time.time()
+    for slot in slots:
+        saved = record.get(slot.name) if isinstance(record, dict) else None
+        if not saved:
+            continue
+        for key, version in saved.get("keys", {}).items():
+            slot.miss(key, version)
+        if saved.get("blind_until", 0) > wall:
+            slot._blind_until = max(slot._blind_until, now + saved["blind_until"] - wall)
+        log.info(
+            "tier %s: %d missed keys restored from before a restart", slot.name, len(slot.missed)
+        )

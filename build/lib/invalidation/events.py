@@ -1,0 +1,93 @@
+"""The invalidation event of SPEC §4: ``{"keys": [...], "prefixes": [...], "tags": [...]}``.
+
+Every field is optional and unknown fields are ignored, so publishers can add their own.
+cachesvc's own publishers add three: ``origin`` (the sending sidecar, which skips its own
+event: it applied it to the shared tiers before publishing), ``version`` (the
+invalidation's version, used by every receiver) and ``sent_at`` (epoch seconds, for the
+end-to-end latency metric). An external publisher may send ``sent_at`` too: receivers
+then version the invalidation by it instead of by when they received it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_ITEMS = 10_000  # per field: a bigger event is a mistake, not an invalidation
+# Versions are microseconds since the epoch and must stay exact in a double (tiers compare
+# them in Lua); sent_at becomes a version when an event carries none.
+MAX_VERSION = 2**53
+MAX_SENT_AT = MAX_VERSION / 1_000_000
+
+
+class MalformedEvent(ValueError):
+    """The message is not an invalidation event."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationEvent:
+    keys: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    origin: str | None = field(default=None, compare=False)
+    sent_at: float | None = field(default=None, compare=False)
+    # The publishing sidecar's version of the invalidation: receivers tombstone and mark
+    # at it, so a write acknowledged after the invalidation is never hidden by it.
+    version: int | None = field(default=None, compare=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.prefixes or self.tags)
+
+    def to_json(self) -> str:
+        document: dict[str, Any] = {
+            "keys": list(self.keys),
+            "prefixes": list(self.prefixes),
+            "tags": list(self.tags),
+        }
+        if self.origin is not None:
+            document["origin"] = self.origin
+        if self.sent_at is not None:
+            document["sent_at"] = self.sent_at
+        if self.version is not None:
+            document["version"] = self.version
+        return json.dumps(document, ensure_ascii=False)
+
+
+def parse_event(raw: bytes | str) -> InvalidationEvent:
+    """Parse a published message; MalformedEvent says what is wrong with it."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise MalformedEvent(f"expected a JSON object, got {type(document).__name__}")
+    origin = document.get("origin")
+    sent_at = document.get("sent_at")
+    version = document.get("version")
+    return InvalidationEvent(
+        keys=_strings(document, "keys"),
+        prefixes=_strings(document, "prefixes"),
+        tags=_strings(document, "tags"),
+        origin=origin if isinstance(origin, str) else None,
+        sent_at=_timestamp(sent_at),
+        version=version if isinstance(version, int) and 0 < version < MAX_VERSION else None,
+    )
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, int | float) and math.isfinite(value) and 0 < value < MAX_SENT_AT:
+        return float(value)
+    return None
+
+
+def _strings(document: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = document.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise MalformedEvent(f"{name} must be a list of non-empty strings")
+    if len(value) > MAX_ITEMS:
+        raise MalformedEvent(f"{name} has {len(value)} items; at most {MAX_ITEMS}")
+    return tuple(value)

@@ -1,0 +1,147 @@
+"""The contract every cache tier implements.
+
+A tier stores opaque payloads (the engine's encoded envelopes) under string keys. The
+contract is batch-first: the engine coalesces concurrent requests into one call per tier,
+so ``get_many``/``set_many`` are the primitives and a tier maps them onto its server's
+multi-key commands (MGET, multi-get, ``= ANY($1)``).
+
+Every write carries a *version*. A tier never replaces a stored entry (value or tombstone)
+with one of a lower version, atomically on its server; that is what keeps a later
+acknowledged write from being overwritten by an earlier one, whatever the order in which
+writes, promotions and write-behind flushes arrive. A delete is a write of a *tombstone*:
+a version with no payload that lives for a short time so that a fill racing the delete
+loses.
+
+Exceptions (drivers' own exceptions never leave a tier)::
+
+    TierError                 the tier could not do what was asked
+    ├── TierUnavailable       connection refused/reset, server gone
+    └── TierTimeout           the server did not answer in time
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, NamedTuple
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
+
+
+class TierError(Exception):
+    """A tier failed to serve a request."""
+
+
+class TierUnavailable(TierError):
+    """The tier's server cannot be reached."""
+
+
+class TierTimeout(TierError):
+    """The tier's server did not answer in time."""
+
+
+class TierWrite(NamedTuple):
+    key: str
+    payload: bytes | None  # None writes a tombstone
+    version: int
+    ttl: float  # seconds, > 0: how long the tier keeps it
+
+
+# Versions are microseconds since the epoch (see cachesvc.engine.VersionClock): they fit
+# a double exactly until the year 2255, which Redis' Lua needs to compare them.
+VERSION_HEADER_LEN = 16
+
+
+def pack_versioned(version: int, payload: bytes | None) -> bytes:
+    """Prefix a payload with its version, for servers that store one opaque blob per key.
+
+    An empty remainder marks a tombstone (real payloads are never empty: they are
+    envelopes). Fixed-width hex keeps the header comparable in Lua and readable in
+    redis-cli.
+    """
+    return b"%016x" % version + (payload or b"")
+
+
+def unpack_version(stored: bytes) -> int:
+    return int(stored[:VERSION_HEADER_LEN], 16)
+
+
+def unpack_payload(stored: bytes | None) -> bytes | None:
+    """The payload of a versioned blob; None for a miss or a tombstone."""
+    if stored is None or len(stored) <= VERSION_HEADER_LEN:
+        return None
+    return stored[VERSION_HEADER_LEN:]
+
+
+def url_options(url: SplitResult, allowed: dict[str, type]) -> dict[str, Any]:
+    """Typed query options of a tier URL; unknown or malformed options raise ValueError."""
+    options: dict[str, Any] = {}
+    for name, raw in parse_qsl(url.query, keep_blank_values=True, strict_parsing=False):
+        kind = allowed.get(name)
+        if kind is None:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(f"unknown option {name!r} (known: {known})")
+        try:
+            options[name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"option {name}={raw!r} is not a valid {kind.__name__}") from None
+    return options
+
+
+def driver_url(url: SplitResult, own_options: Iterable[str]) -> str:
+    """``url`` for the driver: cachesvc's own query options removed, the driver's kept."""
+    own = set(own_options)
+    query = [
+        (name, value)
+        for name, value in parse_qsl(url.query, keep_blank_values=True)
+        if name not in own
+    ]
+    return urlunsplit(url._replace(query=urlencode(query), fragment=""))
+
+
+class Tier(abc.ABC):
+    """One cache backend. Subclasses register under their URL scheme(s) in the registry."""
+
+    schemes: ClassVar[tuple[str, ...]]
+    # Calls finish without I/O: the engine neither batches nor times them out.
+    in_process: ClassVar[bool] = False
+    # The per-call timeout when the config names none: a network cache answers in well
+    # under a millisecond on localhost, a database commit can take longer.
+    default_timeout: ClassVar[float] = 0.25
+
+    def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
+        self.name = name
+        self.ttl = ttl
+
+    @classmethod  # noqa: B027 - optional hook
+    def validate_url(cls, url: SplitResult) -> None:
+        """Raise ValueError with a clear message when ``url`` cannot configure this tier."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare clients. Must not fail because the server is down: the sidecar starts
+        anyway, reports the tier as not ready and uses it once it is reachable."""
+
+    @abc.abstractmethod
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Payloads for ``keys`` in order; None for a miss, an expired entry or a tombstone."""
+
+    @abc.abstractmethod
+    async def set_many(self, writes: Sequence[TierWrite]) -> None:
+        """Store each write unless the tier holds that key at a higher version."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise TierError unless the server answers."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    async def clear(self) -> None:
+        """Drop every entry. Required of in-process tiers only: the engine clears them
+        when they may have missed invalidation events."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be cleared")
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.get_many((key,)))[0]
+
+    async def set(self, write: TierWrite) -> None:
+        await self.set_many((write,))

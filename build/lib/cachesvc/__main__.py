@@ -1,5 +1,0 @@
-import sys
-
-from cachesvc.cli import main
-
-sys.exit(main())

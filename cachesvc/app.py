@@ -1,33 +1,42 @@
-"""``create_app(settings)``: the aiohttp application and the lifecycle of its resources."""
+"""``create_app(settings)``: the application and its resources' lifecycle; ``Service``:
+the application with its listeners.
+
+The aiohttp ``Application`` owns the lifecycle: one ``cleanup_ctx`` entry per resource
+(tiers and engine, then invalidation, then the request layer), exited in reverse, and only
+those that started. Requests reach ``cachesvc.api`` through the front door
+(``cachesvc.front``), the sidecar's own HTTP/1.1 protocol, started with
+``loop.create_server`` on the API's address and, with ``[server].ops_port``, on the
+operations listener's.
+"""
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cachesvc import handlers
+from cachesvc.api import Api
 from cachesvc.config import Settings, TierSettings
 from cachesvc.engine import Engine
-from cachesvc.handlers import ENGINE, INVALIDATOR, METRICS, SETTINGS
+from cachesvc.front import Edge
 from cachesvc.invalidator import Invalidator
 from cachesvc.journal import Journal
 from cachesvc.metrics import Metrics
-from cachesvc.middlewares import auth_middleware, error_middleware
 from cachesvc.slot import TierSlot
 from invalidation.base import Listener
 from invalidation.postgres_notify import PostgresNotifyListener
 from invalidation.redis_pubsub import RedisPubSubListener
 from tiers.registry import tier_class
 
+log = logging.getLogger(__name__)
+
+API = web.AppKey("api", Api)
 OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
-# Any characters, newlines included: the handler validates the key and answers 400.
-KEY_ROUTE = r"/v1/cache/{key:[\s\S]*}"
 
 
 def build_engine(settings: Settings, metrics: Metrics, worker: int = 0) -> Engine:
@@ -77,39 +86,6 @@ def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal 
     )
 
 
-def create_app(settings: Settings, worker: int = 0) -> web.Application:
-    """The app for ``settings``; ``worker`` tells apart the processes of ``--workers``."""
-    metrics = Metrics()
-    middlewares = [error_middleware(metrics)]
-    if settings.server.auth_token is not None:
-        middlewares.append(auth_middleware(settings.server.auth_token.get_secret_value()))
-    # The body limit is enforced by the handlers (413 as JSON); aiohttp's own limit is
-    # kept just above it so that it never answers first.
-    app = web.Application(
-        middlewares=middlewares, client_max_size=settings.server.max_body_bytes + 1
-    )
-    app[SETTINGS] = settings
-    app[METRICS] = metrics
-    app[ENGINE] = engine = build_engine(settings, metrics, worker)
-    app[INVALIDATOR] = build_invalidator(settings, engine, metrics)
-    app.cleanup_ctx.append(_engine_lifecycle)
-    app.cleanup_ctx.append(_invalidator_lifecycle)
-
-    app.router.add_get(KEY_ROUTE, handlers.get_entry, name="get", allow_head=False)
-    app.router.add_put(KEY_ROUTE, handlers.put_entry, name="put")
-    app.router.add_delete(KEY_ROUTE, handlers.delete_entry, name="delete")
-    app.router.add_post("/v1/bulk/get", handlers.bulk_get, name="bulk_get")
-    app.router.add_post("/v1/bulk/set", handlers.bulk_set, name="bulk_set")
-    app.router.add_post("/v1/bulk/delete", handlers.bulk_delete, name="bulk_delete")
-    app.router.add_post("/v1/invalidate", handlers.invalidate, name="invalidate")
-    app.router.add_get("/healthz", healthz, name="healthz")
-    app.router.add_get("/readyz", readyz, name="readyz")
-    app.router.add_get("/metrics", metrics_handler, name="metrics")
-    openapi = OPENAPI_DOCUMENT.read_bytes()
-    app.router.add_get("/openapi.json", functools.partial(serve_openapi, openapi), name="openapi")
-    return app
-
-
 def build_invalidator(settings: Settings, engine: Engine, metrics: Metrics) -> Invalidator:
     config = settings.invalidation
     listeners: list[Listener] = []
@@ -124,44 +100,96 @@ def build_invalidator(settings: Settings, engine: Engine, metrics: Metrics) -> I
     return Invalidator(engine, metrics, listeners, config.url, config.channel)
 
 
+def create_app(settings: Settings, worker: int = 0) -> web.Application:
+    """The application for ``settings``; ``worker`` tells apart the processes of
+    ``--workers``."""
+    metrics = Metrics()
+    engine = build_engine(settings, metrics, worker)
+    invalidator = build_invalidator(settings, engine, metrics)
+    api = Api(settings, engine, invalidator, metrics)
+    api.openapi_document = OPENAPI_DOCUMENT.read_bytes()
+    app = web.Application()
+    app[API] = api
+    app.cleanup_ctx.append(_engine_lifecycle)
+    app.cleanup_ctx.append(_invalidator_lifecycle)
+    app.cleanup_ctx.append(_api_lifecycle)
+    return app
+
+
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    engine = app[ENGINE]
+    engine = app[API].engine
     await engine.start()
     yield
     await engine.close()
 
 
 async def _invalidator_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    invalidator = app[INVALIDATOR]
+    invalidator = app[API].invalidator
     await invalidator.start()
     yield
     await invalidator.close()
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def _api_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[API].close()
 
 
-async def readyz(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    tiers = await engine.tier_states()
-    listeners = request.app[INVALIDATOR].states()
-    ready = all(tier["state"] == "up" for tier in tiers) and all(
-        state == "up" for state in listeners.values()
-    )
-    body: dict[str, object] = {"status": "ready" if ready else "not ready", "tiers": tiers}
-    if listeners:
-        body["invalidation"] = listeners
-    return web.json_response(body, status=200 if ready else 503)
+class Service:
+    """The application and its listeners: ``await start()``, ``await stop()``."""
 
+    def __init__(self, settings: Settings, worker: int = 0) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.app = create_app(settings, worker)
+        self.api = self.app[API]
+        server = settings.server
+        # Runs the application's start-up and clean-up (its server is not used).
+        self._runner = web.AppRunner(self.app)
+        self._servers: list[asyncio.Server] = []
+        self.edges: list[Edge] = []
+        self.host = server.host
+        self.port = server.port
+        self.ops_port = server.ops_port
 
-async def serve_openapi(document: bytes, request: web.Request) -> web.Response:
-    return web.Response(body=document, content_type="application/json")
+    async def start(self) -> None:
+        """Start the resources, then listen (``port`` and ``ops_port`` are then the bound
+        ports, also when the settings asked for 0)."""
+        server = self.settings.server
+        await self._runner.setup()
+        try:
+            self.port = await self._listen(Edge(self.api), server.host, server.port)
+            if server.ops_port is not None:
+                edge = Edge(self.api, ops_only=True)
+                self.ops_port = await self._listen(edge, server.ops_host, server.ops_port)
+        except BaseException:
+            await self.stop()
+            raise
 
+    async def _listen(self, edge: Edge, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        # --workers: the processes share the port (the kernel spreads the connections).
+        listening = await loop.create_server(
+            edge, host, port, reuse_port=self.worker > 0 or None, backlog=1024
+        )
+        self._servers.append(listening)
+        self.edges.append(edge)
+        port_bound: int = listening.sockets[0].getsockname()[1]
+        return port_bound
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def stop(self) -> None:
+        """Stop accepting, answer what is under way (at most ``shutdown_timeout``), then
+        release the resources (the write-behind journal drains there)."""
+        for listening in self._servers:
+            listening.close()
+        await asyncio.gather(
+            *(edge.shutdown(self.settings.server.shutdown_timeout) for edge in self.edges)
+        )
+        for listening in self._servers:
+            await listening.wait_closed()
+        self._servers.clear()
+        self.edges.clear()
+        await self._runner.cleanup()
 
 
 def describe_tiers(tiers: list[TierSettings]) -> str:

@@ -86,3 +86,64 @@ class Batcher(Generic[In, Out]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+Result = TypeVar("Result")
+
+
+def then(source: asyncio.Future[In], make: Callable[[In], Result]) -> asyncio.Future[Result]:
+    """A future of ``make(source's result)``, its failure or cancellation passed on —
+    completed from ``source``'s callback, without a task."""
+    result: asyncio.Future[Result] = source.get_loop().create_future()
+
+    def settle(done: asyncio.Future[In]) -> None:
+        if result.done():
+            return
+        if done.cancelled():
+            result.cancel()
+        elif (failure := done.exception()) is not None:
+            result.set_exception(failure)
+        else:
+            try:
+                result.set_result(make(done.result()))
+            except Exception as exc:
+                result.set_exception(exc)
+
+    source.add_done_callback(settle)
+    return result
+
+
+def chain(
+    source: asyncio.Future[In], step: Callable[[asyncio.Future[In]], asyncio.Future[Result]]
+) -> asyncio.Future[Result]:
+    """A future of what ``step(source)`` — called with ``source`` once it is done, its
+    failure included — comes to; without a task."""
+    result: asyncio.Future[Result] = source.get_loop().create_future()
+
+    def adopt(done: asyncio.Future[Result]) -> None:
+        if result.done():
+            return
+        if done.cancelled():
+            result.cancel()
+        elif (failure := done.exception()) is not None:
+            result.set_exception(failure)
+        else:
+            result.set_result(done.result())
+
+    def settle(done: asyncio.Future[In]) -> None:
+        if done.cancelled():
+            result.cancel()
+            return
+        try:
+            following = step(done)
+        except Exception as exc:
+            if not result.done():
+                result.set_exception(exc)
+            return
+        if following.done():
+            adopt(following)
+        else:
+            following.add_done_callback(adopt)
+
+    source.add_done_callback(settle)
+    return result

@@ -132,42 +132,27 @@ async def _cancel_leftovers() -> None:
 
 
 async def _serve(settings: Settings, worker: int) -> None:
-    from aiohttp import web
+    from cachesvc.app import Service
 
-    from cachesvc.app import create_app
-    from cachesvc.front import KEEPALIVE_TIMEOUT, FrontDoorRunner
-
-    server = settings.server
-    app = create_app(settings, worker=worker)
-    if server.access_log:
-        # An access log line per request is aiohttp's: every connection goes to it.
-        runner = web.AppRunner(
-            app,
-            access_log=logging.getLogger("cachesvc.access"),
-            shutdown_timeout=server.shutdown_timeout,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-        )
-    else:
-        runner = FrontDoorRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=server.shutdown_timeout,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-        )
-    await runner.setup()
+    service = Service(settings, worker)
+    await service.start()
     try:
-        site = web.TCPSite(runner, server.host, server.port, reuse_port=worker > 0 or None)
-        await site.start()
         if worker <= 1:
-            log.info("serving on %s", site.name)
+            server = settings.server
+            log.info("serving on http://%s:%d", server.host, service.port)
+            if service.ops_port is not None:
+                log.info("operations (health, readiness, metrics) on port %d", service.ops_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
-        log.info("stopping: finishing requests under way (at most %g s)", server.shutdown_timeout)
+        log.info(
+            "stopping: finishing requests under way (at most %g s)",
+            settings.server.shutdown_timeout,
+        )
     finally:
-        await runner.cleanup()
+        await service.stop()
 
 
 def supervise(settings: Settings, workers: int) -> int:

@@ -44,6 +44,14 @@ class ServerSettings(_Section):
     request_timeout: float = Field(2.0, gt=0)
     # How long SIGTERM waits for in-flight requests before closing connections.
     shutdown_timeout: float = Field(10.0, ge=0)
+    # A request whose head or body stops arriving for this long is answered 408.
+    body_timeout: float = Field(30.0, gt=0)
+    # An idle keep-alive connection is closed after this long.
+    keepalive_timeout: float = Field(75.0, gt=0)
+    # A second listener serving only /healthz, /readyz and /metrics, without a token (for
+    # kubelet probes and Prometheus scrapes from outside the pod); none by default.
+    ops_port: int | None = Field(None, ge=0, le=65535)
+    ops_host: str = "0.0.0.0"
     access_log: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

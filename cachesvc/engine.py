@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import NamedTuple
 
-from cachesvc.batching import Batcher
+from cachesvc.batching import Batcher, chain, then
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, VersionClock, decode_live
 from cachesvc.errors import Unavailable
@@ -81,6 +81,8 @@ class NewValue(NamedTuple):
 
 
 class Engine:
+    _loop: asyncio.AbstractEventLoop  # the loop start() ran in
+
     def __init__(
         self,
         slots: Sequence[TierSlot],
@@ -119,6 +121,7 @@ class Engine:
         self._stop_flushing = asyncio.Event()
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         for slot in self.slots:
             await slot.tier.start()
         await self._sync_missed()  # before serving: what was missed before a restart
@@ -152,17 +155,46 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def get(self, key: str) -> Hit | None:
+    def read(self, key: str) -> asyncio.Future[Hit | None]:
+        """The live entry of ``key`` from the highest tier holding one (promoted into the
+        tiers above it), or None. An in-process top tier's hit comes back as a done future,
+        a remote top tier's from its batch's callback; only a read that goes below the top
+        tier runs a task. Fails with Unavailable when no tier could answer for certain."""
         top = self.top
         if not top.readable(key):
-            return await self.get_below(key, top_failed=False)
-        try:
-            payload = await top.get(key)
-        except TierError:
-            return await self.get_below(key, top_failed=True)
-        return self.top_hit(key, payload) or await self.get_below(key, top_failed=False)
+            return self._read_below(key, top_failed=False)
+        if top.tier.in_process:
+            try:
+                payload = top.get_now(key)
+            except TierError:
+                return self._read_below(key, top_failed=True)
+            hit = self._top_hit(key, payload)
+            if hit is None:
+                return self._read_below(key, top_failed=False)
+            found: asyncio.Future[Hit | None] = self._loop.create_future()
+            found.set_result(hit)
+            return found
+        return chain(top.get(key), lambda answer: self._after_top(key, answer))
 
-    def top_hit(self, key: str, payload: bytes | None) -> Hit | None:
+    async def read_many(self, keys: Sequence[str]) -> list[Hit | None]:
+        return list(await asyncio.gather(*(self.read(key) for key in keys)))
+
+    def _after_top(
+        self, key: str, answer: asyncio.Future[bytes | None]
+    ) -> asyncio.Future[Hit | None]:
+        failure = answer.exception()
+        if failure is not None:
+            if isinstance(failure, TierError):
+                return self._read_below(key, top_failed=True)
+            raise failure
+        hit = self._top_hit(key, answer.result())
+        if hit is None:
+            return self._read_below(key, top_failed=False)
+        found: asyncio.Future[Hit | None] = self._loop.create_future()
+        found.set_result(hit)
+        return found
+
+    def _top_hit(self, key: str, payload: bytes | None) -> Hit | None:
         """The hit in what the top tier answered for ``key``, if it is live."""
         top = self.top
         entry = self._fresh(key, payload, time.time())
@@ -172,7 +204,10 @@ class Engine:
         top.metrics.hits.inc()
         return Hit(entry, top.name)
 
-    async def get_below(self, key: str, top_failed: bool) -> Hit | None:
+    def _read_below(self, key: str, top_failed: bool) -> asyncio.Future[Hit | None]:
+        return asyncio.ensure_future(self._get_below(key, top_failed))
+
+    async def _get_below(self, key: str, top_failed: bool) -> Hit | None:
         """The rest of a read the top tier did not answer (or failed, ``top_failed``)."""
         top = self.top
         if len(self.slots) == 1:
@@ -210,9 +245,6 @@ class Engine:
     def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-
-    async def get_many(self, keys: Sequence[str]) -> list[Hit | None]:
-        return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
     async def _read_lower(self, key: str, top_failed: bool) -> Hit | None:
         try:
@@ -268,32 +300,15 @@ class Engine:
 
     # -- writes --------------------------------------------------------------------------
 
-    async def put(self, new: NewValue, strategy: Strategy) -> int:
-        return (await self.put_many([new], strategy))[0]
-
-    async def put_many(self, values: Sequence[NewValue], strategy: Strategy) -> list[int]:
-        """Store ``values``; returns their versions once the strategy's promise holds."""
-        if self.writes_behind(strategy):
-            now = time.time()
-            entries = self._new_entries(values, now)
-            payloads = [entry.encode() for entry in entries]
-            await self._write_behind(values, entries, payloads, now)
-            return [entry.version for entry in entries]
-        versions, stored = self.put_through(values, strategy)
-        await stored
-        return versions
-
-    def writes_behind(self, strategy: Strategy) -> bool:
-        return strategy == "write-behind" and len(self.slots) > 1
-
-    def put_through(
-        self, values: Sequence[NewValue], strategy: Strategy
-    ) -> tuple[list[int], asyncio.Future[None]]:
-        """Start a write-through or cache-aside write of ``values``: their versions, and a
-        future done when the write's promise holds (without a task per caller: the front
-        door answers from the future's callback)."""
+    def write(self, values: Sequence[NewValue], strategy: Strategy) -> asyncio.Future[list[int]]:
+        """Store ``values``: a future of their versions, done once the strategy's promise
+        holds (without a task for write-through and cache-aside: the caller answers from
+        the future's callback)."""
         now = time.time()
         entries = self._new_entries(values, now)
+        versions = [entry.version for entry in entries]
+        if strategy == "write-behind" and len(self.slots) > 1:
+            return asyncio.ensure_future(self._write_behind(values, entries, now))
         durable_writes = []
         cache_writes = []
         for new, entry in zip(values, entries, strict=True):
@@ -307,7 +322,7 @@ class Engine:
                 else:
                     write = TierWrite(new.key, payload, entry.version, entry.ttl_in(slot.ttl, now))
                 cache_writes.append((slot, write))
-        return [entry.version for entry in entries], self._store(durable_writes, cache_writes)
+        return then(self._store(durable_writes, cache_writes), lambda _: versions)
 
     def _new_entries(self, values: Sequence[NewValue], now: float) -> list[Entry]:
         entries = []
@@ -320,12 +335,8 @@ class Engine:
         return entries
 
     async def _write_behind(
-        self,
-        values: Sequence[NewValue],
-        entries: Sequence[Entry],
-        payloads: Sequence[bytes],
-        now: float,
-    ) -> None:
+        self, values: Sequence[NewValue], entries: Sequence[Entry], now: float
+    ) -> list[int]:
         """Top tier and journal, concurrently; lower tiers later (``apply_write_behind``)."""
         journal, top = self.journal, self.top
         if journal is None:
@@ -339,8 +350,8 @@ class Engine:
             )
 
         top_writes = [
-            TierWrite(new.key, payload, entry.version, entry.ttl_in(top.ttl, now))
-            for new, entry, payload in zip(values, entries, payloads, strict=True)
+            TierWrite(new.key, entry.encode(), entry.version, entry.ttl_in(top.ttl, now))
+            for new, entry in zip(values, entries, strict=True)
         ]
         # Visible to reads of this process at once, in version order: set before any await.
         for write, entry in zip(top_writes, entries, strict=True):
@@ -380,6 +391,7 @@ class Engine:
             ) from journal_failure
         if missed:
             raise Unavailable(f"the top tier did not take the write: {missed[0][1]}", top.name)
+        return [entry.version for entry in entries]
 
     async def apply_write_behind(self, records: Sequence[Record]) -> None:
         """Apply journal records to the tiers below the top, newest version per key.

@@ -1,9 +1,15 @@
 """Errors the service answers with, each mapped once to a status and a JSON body.
 
 ServiceError                       {"error": code, "detail": text}
-├── BadRequest            400      bad key, TTL, strategy, body
-├── Unauthorized          401      missing or wrong bearer token
+├── BadRequest            400      bad key, TTL, strategy, body; a framing error
+├── Unauthorized          401      missing or wrong bearer token (+ WWW-Authenticate)
+├── NotFound              404      no endpoint at this path
+├── MethodNotAllowed      405      (+ Allow)
+├── RequestTimeout        408      the head or body stopped arriving
 ├── PayloadTooLarge       413      body over [server].max_body_bytes
+├── UriTooLong            414      request target over the limit
+├── UnsupportedEncoding   415      a body with a Content-Encoding other than identity
+├── FieldsTooLarge        431      too many or too large header fields
 └── Unavailable           503      a tier the request's promise needs is down
 """
 
@@ -23,6 +29,10 @@ class ServiceError(Exception):
     def body(self) -> dict[str, str]:
         return {"error": self.code, "detail": self.detail}
 
+    def headers(self) -> dict[str, str]:
+        """Fields the answer carries besides the JSON body."""
+        return {}
+
 
 class BadRequest(ServiceError):
     status = 400
@@ -33,10 +43,50 @@ class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="cachesvc"'}
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, detail: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(detail)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
+
 
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
+
+
+class UriTooLong(ServiceError):
+    status = 414
+    code = "uri_too_long"
+
+
+class UnsupportedEncoding(ServiceError):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
+class FieldsTooLarge(ServiceError):
+    status = 431
+    code = "header_fields_too_large"
 
 
 class Unavailable(ServiceError):

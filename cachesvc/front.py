@@ -1,191 +1,181 @@
-"""The front door: the protocol every connection to the sidecar starts with.
+"""The front door: the sidecar's own HTTP/1.1 server protocol.
 
-It answers ``GET``, ``PUT`` and ``DELETE`` of ``/v1/cache/{key}`` itself — the requests
-application pods send thousands of times a second — and hands the connection to aiohttp
-for anything else. Why: aiohttp's web framework spends most of its ~40 µs per request on
-this machine on its own machinery (a request object, a task per request, the router, a
-response object), more than an L1 hit needs in all (bench/README.md has the figures).
-Here an L1 hit that the top tier answers is a few dict lookups and one write; no task is
-made unless the read goes below the top tier or is a write.
+Application pods call the sidecar thousands of times a second, and aiohttp's web framework
+spends most of its ~40 µs per request here on its own machinery (a request object, a task
+per request, the router, a response object): more than an L1 hit needs in all
+(bench/README.md has the figures). So every connection is served by this
+``asyncio.Protocol``, as uvicorn's fastest path is: llhttp (``httptools``, the parser
+aiohttp vendors too) decides the framing — request line, fields, Content-Length and
+chunked bodies, keep-alive — and calls back; what a request means and what it gets back
+is ``cachesvc.api``'s, the same for both wire paths. An in-process L1 hit is answered
+inside ``data_received`` without a task; a Redis hit from its batch's callback.
 
-What the front door answers itself is a deliberately narrow subset of HTTP/1.1: an
-origin-form target under ``/v1/cache/``, ``HTTP/1.1``, well-formed ``name: value`` fields
-with a ``Host``, at most one ``Content-Length``, no ``Transfer-Encoding``, ``Expect`` or
-``Upgrade``, a body within ``max_body_bytes``. Anything else — every other path, method or
-version, and any request it does not fully understand — goes to aiohttp with the bytes
-received so far, and the connection stays with aiohttp from then on. So aiohttp's
-hardened parser decides everything unusual, and both paths build their answers with the
-same functions (``cachesvc.handlers``).
+What this module adds to llhttp's framing, each the way HTTP/1.1 asks for it:
 
-Requests on one connection are answered in order, one at a time (pipelined requests
-wait in the buffer); idle connections are closed after ``KEEPALIVE_TIMEOUT`` (so are
-those handed to aiohttp); on shutdown idle connections close at once and busy ones
-after their answer.
+- answers in order, one request at a time; pipelined requests wait, and reading pauses
+  while too many wait or while the client does not read its answers (flow control);
+- a timer per connection, armed on activity: a request whose head or body stops arriving
+  is answered ``408`` ``body_timeout`` seconds after its last byte, an idle keep-alive
+  connection is closed after ``keepalive_timeout``;
+- limits: a target over ``MAX_TARGET_BYTES`` is ``414``; more than ``MAX_FIELDS`` fields,
+  or one over ``MAX_FIELD_BYTES``, ``431``; a body over ``max_body_bytes`` ``413`` (the
+  connection then closes: the rest of the body is not read);
+- ``Expect: 100-continue`` answered; ``Upgrade`` ignored (RFC 9110 §7.8): the request is
+  served as plain HTTP/1.1, its body included;
+- a client that half-closes after its requests still gets their answers;
+- framing errors answered ``400`` in the API's JSON error shape, logged once at INFO;
+- on shutdown idle connections close at once and busy ones after their answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
+import collections
 import logging
-import re
 import time
-from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import cast
 
-from aiohttp import web
+import httptools
 
-from cachesvc.config import Settings, Strategy
-from cachesvc.engine import Engine, Hit, NewValue
-from cachesvc.errors import ServiceError, Unauthorized
-from cachesvc.handlers import (
-    ENGINE,
-    INVALIDATOR,
-    METRICS,
-    SETTINGS,
-    Reply,
-    error_reply,
-    get_reply,
-    json_reply,
-    key_in_target,
-    new_value,
-    put_reply,
+from cachesvc.api import Api, Call, Reply
+from cachesvc.errors import (
+    BadRequest,
+    FieldsTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    UriTooLong,
 )
-from cachesvc.invalidator import Invalidator
-from cachesvc.logs import CURRENT_REQUEST, RequestContext
-from cachesvc.metrics import RequestStats
-from invalidation.events import InvalidationEvent
-from tiers.base import TierError
 
 log = logging.getLogger(__name__)
 
-# Idle keep-alive connections close after this; the aiohttp runner is given the same.
-KEEPALIVE_TIMEOUT = 75.0
-MAX_HEAD_BYTES = 8190  # a longer request head goes to aiohttp (its line/field limit)
-MAX_FIELDS = 100  # more fields go to aiohttp (it refuses more than 128)
-REQUESTS_PER_TURN = 64  # pipelined requests answered before yielding the event loop
+MAX_TARGET_BYTES = 8190  # aiohttp's request-line limit: the same requests fit either path
+MAX_FIELD_BYTES = 8190
+MAX_FIELDS = 128
+MAX_WAITING = 64  # pipelined requests buffered before reading pauses
+LARGE_BODY = 16384  # answers with bodies past this are written without joining head + body
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_REQUEST_LINE = re.compile(rb"(GET|PUT|DELETE) (/v1/cache/[\x21-\x7e]*) HTTP/1\.1\r\n")
-# Field lines as RFC 9112 allows them, without obs-fold: token ":" OWS value OWS CRLF.
-_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-# Fields that, present at all, send the request to aiohttp; and those that may not repeat.
-_HAND_OVER_FIELDS = frozenset(("transfer-encoding", "expect", "upgrade"))
-_SINGLE_FIELDS = frozenset(
+# Fields that may appear once only (as aiohttp has it): a second one is a framing error.
+_SINGLETON_FIELDS = frozenset(
     (
-        "host",
-        "connection",
         "content-length",
+        "content-location",
+        "content-range",
         "content-type",
-        "authorization",
-        "if-none-match",
-        "x-cache-strategy",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
     )
 )
-_ROUTES = {b"GET": "get", b"PUT": "put", b"DELETE": "delete"}  # the aiohttp route names
-_INTERNAL_ERROR = json_reply(500, {"error": "internal_error", "detail": "unexpected server error"})
 _NO_CONTENT = frozenset((204, 304))
 _STATUS_LINES = {
-    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
 }
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# llhttp refuses these requests' framing outright: they cannot be answered in order.
+_CONNECT = b"CONNECT"
 
 
 class _Date:
     """The ``Date`` field, formatted once a second."""
 
     second = 0
-    field = ""
+    field = b""
 
     @classmethod
-    def now(cls) -> str:
+    def now(cls) -> bytes:
         second = int(time.time())
         if second != cls.second:
             cls.second = second
-            cls.field = f"Date: {formatdate(second, usegmt=True)}\r\n"
+            cls.field = f"Date: {formatdate(second, usegmt=True)}\r\n".encode()
         return cls.field
 
 
-def encode_reply(reply: Reply, close: bool) -> bytes:
+def encode_head(reply: Reply, close: bool, keep_alive_1_0: bool = False) -> bytes:
     head = [_STATUS_LINES[reply.status], _Date.now()]
     if reply.status not in _NO_CONTENT:  # RFC 9110 §8.6: never on a 204, nor a 304 here
-        head.append(f"Content-Length: {len(reply.body)}\r\n")
-    head.extend(f"{name}: {value}\r\n" for name, value in reply.headers.items())
-    if close:
-        head.append("Connection: close\r\n")
-    head.append("\r\n")
+        head.append(b"Content-Length: %d\r\n" % len(reply.body))
     # Field values are ASCII: content types are validated on the way in.
-    return "".join(head).encode("latin-1") + reply.body
+    head.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in reply.headers.items())
+    if close:
+        head.append(b"Connection: close\r\n")
+    elif keep_alive_1_0:
+        head.append(b"Connection: keep-alive\r\n")
+    head.append(b"\r\n")
+    return b"".join(head)
 
 
-class _AnsweringFailures:
-    """``with door.answering_failures:`` — a request that fails is answered all the same:
-    a connection must never stay busy with nobody to answer (nor the loop swallow the
-    error in a callback). A class, not @contextmanager: it is on every request's path."""
+class _Request:
+    """A request whose head is complete, waiting for its body or its turn."""
 
-    __slots__ = ("door",)
+    __slots__ = ("body", "call", "http_1_0", "keep_alive", "size")
 
-    def __init__(self, door: FrontDoor) -> None:
-        self.door = door
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> bool:
-        if isinstance(exc, ServiceError):
-            self.door.answer(error_reply(exc))
-            return True
-        if isinstance(exc, (Exception, asyncio.CancelledError)):
-            self.door._failed(exc)
-            return True
-        return False
+    def __init__(self, call: Call, http_1_0: bool) -> None:
+        self.call = call
+        self.body: list[bytes] = []
+        self.size = 0
+        self.keep_alive = True
+        self.http_1_0 = http_1_0
 
 
 class FrontDoor(asyncio.Protocol):
-    def __init__(self, entrance: Entrance) -> None:
-        self.entrance = entrance
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+        self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        # Received bytes; those before ``pos`` are consumed (parsing at an offset keeps a
-        # long pipeline from being copied once per request).
-        self.buffer = b""
-        self.pos = 0
-        self.busy = False  # a request is being answered
-        self.close_after = False  # after the answer under way
-        self.processing = False
-        self.route = ""
-        self.started = 0.0
-        self.last_active = 0.0
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.receiving: _Request | None = None  # the request whose body is arriving
+        self.mid_message = False  # a request's head or body is arriving
+        self.busy = False  # answering waiting[0]
+        self.closing = False  # nothing more is read; close once the answers are out
         self.reading_paused = False
-        self.writing_paused = False  # the transport's buffer is full: answer nothing more
-        self._keepalive: asyncio.TimerHandle | None = None
-        self.answering_failures = _AnsweringFailures(self)
+        self.writing_paused = False
+        self.last_active = 0.0  # loop time
+        self._timer: asyncio.TimerHandle | None = None
+        # Per head: the target and fields as llhttp passes them.
+        self._url = b""
+        self._fields: dict[str, str] = {}
+        self._field_count = 0
+        self._upgrade_body: bytes | None = None  # a synthetic head to read an Upgrade's body
+        self._in_synthetic_head = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.entrance.doors.add(self)
-        self.last_active = time.monotonic()
-        self._keepalive = self.entrance.loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
+        self.edge.doors.add(self)
+        self.last_active = self.edge.loop.time()
+        self._arm(self.last_active + self.edge.check_every)
 
     def data_received(self, data: bytes) -> None:
-        if self.pos < len(self.buffer):
-            self.buffer = self.buffer[self.pos :] + data
-        else:
-            self.buffer = data
-        self.pos = 0
-        if self.busy or self.writing_paused:
-            if len(self.buffer) > self.entrance.buffer_limit:
-                self._pause_reading()
+        if self.closing:
             return
-        self.process()
+        self.last_active = self.edge.loop.time()
+        self._feed(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        # A half-close after a request: its answer is still owed, so keep the transport
+        # open for writing; a request cut off in the middle can never be answered.
+        self.receiving = None
+        self.mid_message = False
+        self.closing = True
+        self._process()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._leave()
+        self.transport = None
+        self.waiting.clear()
+        self.receiving = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.edge.door_left(self)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -193,244 +183,231 @@ class FrontDoor(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if len(self.buffer) - self.pos <= self.entrance.buffer_limit:
-            self._resume_reading()
-        self.process()
+        self.last_active = self.edge.loop.time()
+        self._process()
 
-    # -- requests ------------------------------------------------------------------------
+    # -- llhttp callbacks ----------------------------------------------------------------
 
-    def process(self) -> None:
-        """Answer the complete requests in the buffer, one at a time; at most
-        ``REQUESTS_PER_TURN`` before other connections get the event loop."""
-        if self.processing:
+    def on_message_begin(self) -> None:
+        if self._in_synthetic_head:
             return
-        self.processing = True
-        try:
-            for _ in range(REQUESTS_PER_TURN):
-                if not self._ready() or not self._next_request():
-                    return
-            if self._ready():
-                self.entrance.loop.call_soon(self.process)
-        finally:
-            self.processing = False
+        self.mid_message = True
+        self._url = b""
+        self._fields = {}
+        self._field_count = 0
 
-    def _ready(self) -> bool:
-        """Whether a buffered request may be started now."""
-        transport = self.transport
-        return (
-            self.pos < len(self.buffer)
+    def on_url(self, url: bytes) -> None:
+        if self._in_synthetic_head:
+            return
+        self._url += url
+        if len(self._url) > MAX_TARGET_BYTES:
+            raise UriTooLong(f"the request target exceeds {MAX_TARGET_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_synthetic_head:
+            return
+        self._field_count += 1
+        if self._field_count > MAX_FIELDS:
+            raise FieldsTooLarge(f"more than {MAX_FIELDS} header fields")
+        if len(name) + len(value) > MAX_FIELD_BYTES:
+            raise FieldsTooLarge(f"a header field exceeds {MAX_FIELD_BYTES} bytes")
+        field = name.decode("latin-1").lower()
+        text = value.decode("utf-8", "surrogateescape")
+        held = self._fields.get(field)
+        if held is None:
+            self._fields[field] = text
+        elif field in _SINGLETON_FIELDS:
+            raise BadRequest(f"the {field} field appears more than once")
+        else:  # RFC 9110 §5.3: field lines of one name combine into a list
+            self._fields[field] = f"{held}, {text}"
+
+    def on_headers_complete(self) -> None:
+        if self._in_synthetic_head:
+            self._in_synthetic_head = False
+            return
+        parser = self.parser
+        method = parser.get_method()
+        if method == _CONNECT:
+            raise BadRequest("CONNECT is not served here")
+        target = self._url.decode("latin-1")
+        if not target.startswith("/"):
+            target = _origin_form(self._url)
+        call = self.edge.api.head(method.decode("ascii"), target, self._fields, self.edge.ops_only)
+        request = _Request(call, parser.get_http_version() == "1.0")
+        self.receiving = request
+        fields = self._fields
+        if parser.should_upgrade() and (
+            "content-length" in fields or "transfer-encoding" in fields
+        ):
+            # llhttp takes a request that asks to upgrade as having no body; the sidecar
+            # upgrades to nothing, so its body is read through a head made up for it.
+            framing = (
+                f"Transfer-Encoding: {fields['transfer-encoding']}"
+                if "transfer-encoding" in fields
+                else f"Content-Length: {fields['content-length']}"
+            )
+            self._upgrade_body = f"PUT / HTTP/1.1\r\n{framing}\r\n\r\n".encode("latin-1")
+        if call.early is not None and call.early.status == 413:
+            self._complete(request, keep_alive=False)  # the body is not read
+            return
+        # An interim answer may only go out when no earlier answer is still owed.
+        if (
+            fields.get("expect", "").lower() == "100-continue"
+            and call.early is None
+            and not self.waiting
+            and not self.busy
+            and self.transport is not None
+        ):
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.receiving
+        if request is None or request.call.early is not None:
+            return  # an answer that needs no body: it is read and dropped
+        request.size += len(body)
+        if request.size > self.edge.max_body_bytes:
+            raise PayloadTooLarge(f"body exceeds {self.edge.max_body_bytes} bytes")
+        request.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self.receiving
+        if request is None:
+            return
+        if self._upgrade_body is not None:
+            return  # the body follows, read through the synthetic head
+        self._complete(request, keep_alive=self.parser.should_keep_alive())
+
+    # -- parsing -------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            synthetic, self._upgrade_body = self._upgrade_body, None
+            if synthetic is None:
+                self._feed(data[offset:])  # no body: the next request follows at once
+                return
+            self._in_synthetic_head = True
+            self._feed(synthetic + data[offset:])
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, ServiceError):
+                self._refuse(cause)
+            else:
+                raise
+        except httptools.HttpParserError as error:
+            self._refuse(BadRequest(f"malformed request: {error}"))
+
+    def _complete(self, request: _Request, keep_alive: bool) -> None:
+        request.keep_alive = keep_alive
+        self.receiving = None
+        self.mid_message = False
+        self.waiting.append(request)
+        if not keep_alive:
+            self.closing = True  # RFC 9112 §9.6: nothing after it is processed
+        if len(self.waiting) >= MAX_WAITING:
+            self._pause_reading()
+
+    def _refuse(self, exc: ServiceError) -> None:
+        """Answer, in its turn, the request the front door cannot read on; then close."""
+        request = self.receiving or _Request(Call({}), http_1_0=False)
+        self.edge.api.refuse(exc, request.call)
+        self.receiving = None
+        self._complete(request, keep_alive=False)
+
+    # -- answering -----------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Answer the waiting requests, one at a time, in order."""
+        while (
+            self.waiting
             and not self.busy
             and not self.writing_paused
-            and transport is not None
-            and not transport.is_closing()
-        )
-
-    def _next_request(self) -> bool:
-        """Start answering the request at the head of the buffer; False when more bytes
-        are needed first (or the connection went to aiohttp)."""
-        buffer, pos = self.buffer, self.pos
-        end = buffer.find(b"\r\n\r\n", pos)
-        if end < 0:
-            # Not complete yet: wait, unless it cannot become a request the front door
-            # takes (aiohttp then answers it at once, e.g. 400 for a bare LF or non-HTTP).
-            first_line_end = buffer.find(b"\n", pos)
-            if (
-                len(buffer) - pos > MAX_HEAD_BYTES
-                or (first_line_end >= 0 and _REQUEST_LINE.match(buffer, pos) is None)
-                or _BARE_LF.search(buffer, pos) is not None
-            ):
-                self._hand_over()
-            return False
-        line = _REQUEST_LINE.match(buffer, pos)
-        if (
-            line is None
-            or end - pos > MAX_HEAD_BYTES
-            or _FIELD_LINES.fullmatch(buffer, line.end(), end + 2) is None
+            and self.transport is not None
+            and not self.transport.is_closing()
         ):
-            self._hand_over()
-            return False
-        headers: dict[str, str] = {}
-        fields = buffer[line.end() : end].split(b"\r\n") if end + 2 > line.end() else []
-        if len(fields) > MAX_FIELDS:
-            self._hand_over()
-            return False
-        for field in fields:
-            raw_name, _, raw_value = field.partition(b":")
-            name = raw_name.decode("ascii").lower()
-            if name in headers and (name in _SINGLE_FIELDS or name in _HAND_OVER_FIELDS):
-                self._hand_over()
-                return False
-            headers[name] = raw_value.strip(b" \t").decode("utf-8", "surrogateescape")
-        if not _HAND_OVER_FIELDS.isdisjoint(headers) or "host" not in headers:
-            self._hand_over()
-            return False
-        length_field = headers.get("content-length", "0")
-        if not length_field.isdigit() or not length_field.isascii():
-            self._hand_over()
-            return False
-        length = int(length_field)
-        if length > self.entrance.max_body_bytes:
-            self._hand_over()  # aiohttp reads the body as it comes and answers 413
-            return False
-        body_start = end + 4
-        if len(buffer) < body_start + length:
-            return False  # the rest of the body is on its way
-        body = buffer[body_start : body_start + length]
-        self.pos = body_start + length
-        connection = headers.get("connection", "").lower()
-        self.close_after = "close" in connection
-        method = line.group(1)
-        target = line.group(2).decode("ascii")
-        self.busy = True
-        self.started = time.perf_counter()
-        self.route = _ROUTES[method]
-        with self.answering_failures:
-            self._dispatch(method, target, headers, body)
-        return True
-
-    def _dispatch(self, method: bytes, target: str, headers: dict[str, str], body: bytes) -> None:
-        entrance = self.entrance
-        if entrance.expected_authorization is not None:
-            given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
-            # compare_digest: the time taken must not reveal how much of the token matched.
-            if not hmac.compare_digest(given, entrance.expected_authorization):
-                raise Unauthorized("missing or wrong bearer token")
-        if method == b"GET":
-            self._get(key_in_target(target), headers)
-        elif method == b"PUT":
-            new, strategy = new_value(target, headers, body, entrance.settings)
-            if entrance.engine.writes_behind(strategy):
-                self._run(_put(entrance.engine, new, strategy), headers)
+            request = self.waiting[0]
+            self.busy = True
+            outcome = self.edge.api.respond(request.call, b"".join(request.body))
+            if isinstance(outcome, Reply):
+                self._answer(outcome)
             else:
-                versions, stored = entrance.engine.put_through([new], strategy)
-                stored.add_done_callback(
-                    lambda done: self._stored(done, put_reply(versions[0], strategy))
-                )
-        else:
-            event = InvalidationEvent(keys=(key_in_target(target),))
-            self._run(_delete(entrance.invalidator, event), headers)
-
-    def _get(self, key: str, headers: dict[str, str]) -> None:
-        engine = self.entrance.engine
-        if not engine.top.readable(key):
-            self._run(_get_below(engine, key, headers, top_failed=False), headers)
-            return
-        answer = engine.top.get(key)
-        if answer.done():
-            self._top_answered(key, headers, answer)
-        else:
-            answer.add_done_callback(lambda done: self._top_answered(key, headers, done))
-
-    def _top_answered(
-        self, key: str, headers: dict[str, str], answer: asyncio.Future[bytes | None]
-    ) -> None:
-        with self.answering_failures:
-            if answer.cancelled():  # the tier was closed: the sidecar is stopping
-                raise asyncio.CancelledError
-            engine = self.entrance.engine
-            failure = answer.exception()
-            if isinstance(failure, TierError):
-                self._run(_get_below(engine, key, headers, top_failed=True), headers)
+                outcome.add_done_callback(self._answered)
                 return
-            if failure is not None:
-                raise failure
-            hit = engine.top_hit(key, answer.result())
-            if hit is None:
-                self._run(_get_below(engine, key, headers, top_failed=False), headers)
-            else:
-                self.answer(get_reply(hit, headers.get("if-none-match")))
+        if not self.waiting and not self.busy:
+            if self.closing and self.transport is not None and self.receiving is None:
+                self.transport.close()
+            elif self.reading_paused and not self.writing_paused:
+                self._resume_reading()
 
-    def _stored(self, stored: asyncio.Future[None], reply: Reply) -> None:
-        """Answer ``reply`` once the write's promise holds, else its failure."""
-        with self.answering_failures:
-            if stored.cancelled():  # the sidecar is stopping
-                raise asyncio.CancelledError
-            failure = stored.exception()
-            if failure is not None:
-                raise failure
-            self.answer(reply)
+    def _answered(self, outcome: asyncio.Future[Reply]) -> None:
+        if outcome.cancelled():  # the sidecar is stopping
+            self.busy = False
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._answer(outcome.result())
+        self._process()
 
-    def _run(self, work: Coroutine[Any, Any, Reply], headers: dict[str, str]) -> None:
-        """Answer with what ``work`` returns, in a task of its own."""
-        task = self.entrance.loop.create_task(self._answer_with(work, headers))
-        self.entrance.tasks.add(task)
-        task.add_done_callback(self.entrance.tasks.discard)
-
-    async def _answer_with(self, work: Coroutine[Any, Any, Reply], headers: dict[str, str]) -> None:
-        CURRENT_REQUEST.set(RequestContext(headers))  # the task's own context
-        with self.answering_failures:  # a cancellation: the sidecar is stopping
-            self.answer(await work)
-
-    def _failed(self, exc: BaseException) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            self.close_after = True
-        else:
-            log.error("unhandled error in %s", self.route, exc_info=exc)
-        self.answer(_INTERNAL_ERROR)
-
-    def answer(self, reply: Reply) -> None:
-        self.entrance.requests.record(self.route, reply.status, time.perf_counter() - self.started)
-        transport = self.transport
+    def _answer(self, reply: Reply) -> None:
+        request = self.waiting.popleft()
         self.busy = False
+        transport = self.transport
         if transport is None or transport.is_closing():
             return
-        close = self.close_after
-        transport.write(encode_reply(reply, close))
-        self.last_active = time.monotonic()
+        close = not request.keep_alive or (self.closing and not self.waiting)
+        head = encode_head(reply, close, request.http_1_0 and request.keep_alive)
+        if len(reply.body) > LARGE_BODY:
+            transport.writelines((head, reply.body))
+        else:
+            transport.write(head + reply.body)
+        self.last_active = self.edge.loop.time()
         if close:
-            # RFC 9112 §9.6: nothing sent after a request with "close" is processed.
-            self.buffer, self.pos = b"", 0
+            self.waiting.clear()
             transport.close()
-            return
-        if not self.writing_paused and len(self.buffer) - self.pos <= self.entrance.buffer_limit:
-            self._resume_reading()
-        self.process()
 
-    # -- the connection ------------------------------------------------------------------
+    # -- time and flow -------------------------------------------------------------------
 
-    def _hand_over(self) -> None:
-        """Give the connection, with what it sent so far, to aiohttp for good."""
+    def _arm(self, when: float) -> None:
+        self._timer = self.edge.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
         transport = self.transport
-        assert transport is not None
-        handler = self.entrance.aiohttp_server()
-        buffer = self.buffer[self.pos :]
-        writing_paused = self.writing_paused
-        self._leave()
-        if self.reading_paused:
-            transport.resume_reading()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if writing_paused:  # aiohttp must learn it, or its resume_writing() fails
-            handler.pause_writing()
-        if buffer:
-            handler.data_received(buffer)
-
-    def _leave(self) -> None:
-        self.transport = None
-        self.buffer, self.pos = b"", 0
-        self.entrance.doors.discard(self)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-        self.entrance.door_left()
-
-    def _check_idle(self) -> None:
-        if self.transport is None:
+        if transport is None:
             return
-        idle_for = time.monotonic() - self.last_active
-        if not self.busy and idle_for >= KEEPALIVE_TIMEOUT:
-            self.transport.close()
-            return
-        self._keepalive = self.entrance.loop.call_later(
-            max(KEEPALIVE_TIMEOUT - idle_for, 1.0), self._check_idle
-        )
+        now = self.edge.loop.time()
+        if self.writing_paused:
+            # A client that reads none of its answers for this long is not coming back.
+            deadline = self.last_active + self.edge.keepalive_timeout
+            if now >= deadline:
+                transport.abort()
+                return
+        elif self.busy or self.waiting:
+            deadline = now + self.edge.body_timeout  # answering: the tiers bound it
+        elif self.mid_message:
+            deadline = self.last_active + self.edge.body_timeout
+            if now >= deadline:
+                self._refuse(
+                    RequestTimeout(f"the request stopped arriving for {self.edge.body_timeout:g} s")
+                )
+                self._process()
+                return
+        else:
+            deadline = self.last_active + self.edge.keepalive_timeout
+            if now >= deadline:
+                transport.close()
+                return
+        # A request may begin at any moment: look again within body_timeout at the latest.
+        self._arm(min(deadline, now + self.edge.check_every))
 
     def close_when_idle(self) -> None:
+        """Shutdown: close now if idle, else after the answer under way."""
         if self.transport is None:
             return
-        if self.busy:
-            self.close_after = True
-        else:
+        self.closing = True
+        if not self.busy and not self.waiting:
             self.transport.close()
 
     def _pause_reading(self) -> None:
@@ -444,86 +421,54 @@ class FrontDoor(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-async def _get_below(engine: Engine, key: str, headers: dict[str, str], top_failed: bool) -> Reply:
-    hit: Hit | None = await engine.get_below(key, top_failed)
-    return get_reply(hit, headers.get("if-none-match"))
+def _origin_form(url: bytes) -> str:
+    """The path and query of an absolute-form target (``http://host/path?query``)."""
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise BadRequest("the request target is not a path or an absolute URL") from None
+    target = (parsed.path or b"/").decode("latin-1")
+    if parsed.query:
+        target += "?" + parsed.query.decode("latin-1")
+    return target
 
 
-async def _put(engine: Engine, new: NewValue, strategy: Strategy) -> Reply:
-    return put_reply(await engine.put(new, strategy), strategy)
+class Edge:
+    """What the front doors of one listening socket share: the API, the limits, and the
+    open connections (for shutdown)."""
 
-
-async def _delete(invalidator: Invalidator, event: InvalidationEvent) -> Reply:
-    await invalidator.invalidate(event)
-    return Reply(204, {})
-
-
-class Entrance:
-    """What the front doors of one app share; stands in for aiohttp's ``web.Server`` as
-    the runner's protocol factory (see ``FrontDoorRunner``)."""
-
-    def __init__(self, app: web.Application, aiohttp_server: web.Server) -> None:
-        settings: Settings = app[SETTINGS]
-        self.settings = settings
-        self.engine: Engine = app[ENGINE]
-        self.invalidator: Invalidator = app[INVALIDATOR]
-        self.requests: RequestStats = app[METRICS].requests
-        self.aiohttp_server = aiohttp_server
-        self.max_body_bytes = settings.server.max_body_bytes
-        self.buffer_limit = settings.server.max_body_bytes + 2 * MAX_HEAD_BYTES
-        token = settings.server.auth_token
-        self.expected_authorization = (
-            None if token is None else f"Bearer {token.get_secret_value()}".encode()
-        )
+    def __init__(self, api: Api, *, ops_only: bool = False) -> None:
+        server = api.settings.server
+        self.api = api
+        self.ops_only = ops_only
+        self.max_body_bytes = server.max_body_bytes
+        self.body_timeout = server.body_timeout
+        self.keepalive_timeout = server.keepalive_timeout
+        # One timer per connection, looking at its state at most this far apart.
+        self.check_every = min(server.body_timeout, server.keepalive_timeout)
         self.loop = asyncio.get_running_loop()
         self.doors: set[FrontDoor] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         self._all_left: asyncio.Event | None = None
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)
 
-    def door_left(self) -> None:
+    def door_left(self, door: FrontDoor) -> None:
+        self.doors.discard(door)
         if self._all_left is not None and not self.doors:
             self._all_left.set()
 
-    # The runner's shutdown, as aiohttp's Server has it: idle connections close first,
-    # then busy ones get up to ``timeout`` to answer.
-
-    def pre_shutdown(self) -> None:
-        self.aiohttp_server.pre_shutdown()
+    async def shutdown(self, within: float) -> None:
+        """Idle connections close at once, busy ones after their answer; those still open
+        ``within`` seconds later are cut."""
+        self._all_left = asyncio.Event()
         for door in list(self.doors):
             door.close_when_idle()
-
-    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
-        self._all_left = asyncio.Event()
-        if not self.doors:
-            self._all_left.set()
-        # aiohttp bounds its own connections' shutdown by ``timeout``; the front doors
-        # get the same time to answer what they are busy with, then are cut.
-        await asyncio.gather(
-            self._doors_leave(within=timeout), self.aiohttp_server.shutdown(timeout)
-        )
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _doors_leave(self, within: float | None) -> None:
-        assert self._all_left is not None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await self._all_left.wait()
-        for door in list(self.doors):
-            if door.transport is not None:
-                door.transport.abort()
-
-
-class FrontDoorRunner(web.AppRunner):
-    """An ``AppRunner`` whose connections start at the front door. Any aiohttp site
-    (``TCPSite``, ``SockSite``, the test server's) serves through it."""
-
-    async def _make_server(self) -> web.Server:
-        aiohttp_server = await super()._make_server()
-        # Duck-typed: sites call the server to make protocols, the runner calls
-        # pre_shutdown() and shutdown(); Entrance does those and delegates to aiohttp.
-        return cast(web.Server, Entrance(self.app, aiohttp_server))
+        if self.doors:
+            try:
+                async with asyncio.timeout(within):
+                    await self._all_left.wait()
+            except TimeoutError:
+                for door in list(self.doors):
+                    if door.transport is not None:
+                        door.transport.abort()

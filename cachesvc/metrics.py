@@ -107,6 +107,14 @@ class Metrics:
             registry=r,
         )
 
+        self.malformed_requests = Counter(
+            "cachesvc_malformed_requests",
+            "Requests refused before they could be served, by error code (framing, "
+            "limits, timeouts).",
+            ["error"],
+            registry=r,
+        )
+
         self.invalidation_events = Counter(
             "cachesvc_invalidation_events",
             "Invalidation events received, by source and outcome "

@@ -132,6 +132,10 @@ class TierSlot:
             answer.set_exception(exc)
         return answer
 
+    def get_now(self, key: str) -> bytes | None:
+        """The payload of ``key`` in an in-process tier, which answers without waiting."""
+        return finished(self.tier.get(key))
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
         return await self._get_batch(list(keys))

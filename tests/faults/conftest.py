@@ -15,17 +15,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from cachesvc.config import Settings
 from cachesvc.engine import Engine
-from cachesvc.handlers import ENGINE
 from tests.polling import until
 from tests.servers import MemcachedServer, PostgresServer
-from tests.service.conftest import MakeClient, make_client  # noqa: F401 - the fixture, re-exported
+from tests.service.conftest import Client, MakeClient, make_client  # noqa: F401 - the fixture, re-exported
 from tests.service.test_api import path
-
-Client = TestClient[Any, Any]
 
 _TTLS = (300, 3600, 86400)
 # Cache tiers: a hung server is noticed after 0.1 s, three failures open the breaker, and it
@@ -61,7 +57,7 @@ def fault_settings(
 
 
 def engine_of(client: Client) -> Engine:
-    return client.server.app[ENGINE]
+    return client.server.api.engine
 
 
 @dataclass(frozen=True)
@@ -73,11 +69,8 @@ class Read:
 
 
 async def timed_get(client: Client, key: str) -> Read:
-    # Through the client's session, not client.get(): TestClient keeps every response it
-    # made until it closes, and thousands of them make the test process' own garbage
-    # collections long enough (0.1-0.2 s) to show in the latencies measured here.
     started = time.perf_counter()
-    async with client.session.get(client.make_url(path(key))) as response:
+    async with client.get(path(key)) as response:
         body = await response.read()
     return Read(
         response.status, response.headers.get("X-Cache-Tier"), body, time.perf_counter() - started

@@ -11,14 +11,10 @@ from urllib.parse import quote
 
 import msgpack
 import pytest
-from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from cachesvc.config import Settings
-from cachesvc.handlers import ENGINE
-from tests.service.conftest import MakeClient, settings_for
-
-Client = TestClient[Any, Any]
+from tests.service.conftest import Client, MakeClient, settings_for
 
 
 @pytest.fixture
@@ -353,7 +349,7 @@ async def test_lower_tiers_past_the_deadline_answer_503(make_client: MakeClient)
             }
         )
     )
-    engine = client.server.app[ENGINE]
+    engine = client.server.api.engine
     slow = SlowFillTier()  # answers only when released: never, here
     engine.slots[1].tier = slow
     body = await assert_error(await client.get(path("k")), 503, "unavailable")

@@ -10,17 +10,15 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from cachesvc.config import Settings
 from tests.polling import until
 from tests.servers import RedisServer, flush_memcached, flush_redis
-from tests.service.conftest import MakeClient
+from tests.service.conftest import Client, MakeClient
 from tests.service.test_api import assert_error, path
 from tests.service.test_three_tiers import engine_of, served_by
 
-Client = TestClient[Any, Any]
 CHANNEL = "cachesvc:invalidate"
 TRIGGER_EXAMPLE = Path(__file__).parents[2] / "docs" / "invalidation-trigger.sql"
 

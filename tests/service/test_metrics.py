@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import flush_redis
+from tests.service.conftest import Client
 from tests.service.test_api import path
 
 
@@ -20,7 +18,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_parse_and_carry_per_tier_series(
-    three_tier: TestClient[Any, Any], clean_redis_url: str
+    three_tier: Client, clean_redis_url: str
 ) -> None:
     await three_tier.put(path("m"), data=b"v")
     await three_tier.get(path("m"))

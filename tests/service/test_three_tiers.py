@@ -5,24 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from cachesvc.engine import Engine
 from cachesvc.envelope import decode_live
-from cachesvc.handlers import ENGINE
 from tests.polling import until
 from tests.servers import flush_memcached, flush_redis
+from tests.service.conftest import Client
 from tests.service.test_api import assert_error, path
-
-Client = TestClient[Any, Any]
 
 
 def engine_of(client: Client) -> Engine:
-    return client.server.app[ENGINE]
+    return client.server.api.engine
 
 
 async def served_by(client: Client, key: str) -> tuple[str, bytes]:

@@ -8,17 +8,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from cachesvc.envelope import decode_live
 from tests.polling import until
 from tests.servers import PostgresServer
-from tests.service.conftest import MakeClient, settings_for
+from tests.service.conftest import Client, MakeClient, settings_for
 from tests.service.test_api import assert_error, path
 from tests.service.test_three_tiers import engine_of, served_by
-
-Client = TestClient[Any, Any]
 
 
 async def tier_values(client: Client, key: str) -> list[bytes | None]:

@@ -67,32 +67,32 @@ async def engine() -> Engine:
 )
 async def test_invalidation_during_a_fill_wins(engine: Engine, event: InvalidationEvent) -> None:
     invalidator = Invalidator(engine, Metrics(), listeners=[])
-    await engine.put(NewValue("k", b"old", "text/plain", tags=("t",)), "write-through")
+    await engine.write([NewValue("k", b"old", "text/plain", tags=("t",))], "write-through")
     await engine.top.tier.clear()  # only l2 holds it: the next read fills l1
     lower = engine.slots[1].tier
     assert isinstance(lower, SlowFillTier)
 
-    reading = asyncio.create_task(engine.get("k"))
+    reading = engine.read("k")
     await lower.read_done.wait()  # the old value is on its way up
     assert await invalidator.apply(event, engine.clock.next()) is None
     lower.release.set()
     await reading  # began before the invalidation: either answer is linearizable
 
-    assert await engine.get("k") is None
-    assert await engine.get("k") is None  # and it did not come back by promotion
+    assert await engine.read("k") is None
+    assert await engine.read("k") is None  # and it did not come back by promotion
 
 
 async def test_readers_joining_a_fill_after_an_invalidation_see_it(engine: Engine) -> None:
     invalidator = Invalidator(engine, Metrics(), listeners=[])
-    await engine.put(NewValue("k", b"old", "text/plain", tags=("t",)), "write-through")
+    await engine.write([NewValue("k", b"old", "text/plain", tags=("t",))], "write-through")
     await engine.top.tier.clear()
     lower = engine.slots[1].tier
     assert isinstance(lower, SlowFillTier)
 
-    first = asyncio.create_task(engine.get("k"))
+    first = engine.read("k")
     await lower.read_done.wait()
     await invalidator.apply(InvalidationEvent(tags=("t",)), engine.clock.next())
-    joined = asyncio.create_task(engine.get("k"))  # joins the lookup already under way
+    joined = engine.read("k")  # joins the lookup already under way
     await asyncio.sleep(0)
     lower.release.set()
     await first

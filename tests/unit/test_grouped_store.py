@@ -62,10 +62,10 @@ async def test_concurrent_writes_are_stored_and_each_caller_gets_its_version(
     tiers: tuple[Engine, HeldTier, HeldTier],
 ) -> None:
     engine, cache, durable = tiers
-    versions = await asyncio.gather(
-        *(engine.put(value(f"k{n}"), "write-through") for n in range(20))
+    written = await asyncio.gather(
+        *(engine.write([value(f"k{n}")], "write-through") for n in range(20))
     )
-    assert len(set(versions)) == 20
+    assert len({version for [version] in written}) == 20
     assert all(await durable.get_many([f"k{n}" for n in range(20)]))
     assert all(await cache.get_many([f"k{n}" for n in range(20)]))
     assert not engine.top.missed
@@ -77,7 +77,7 @@ async def test_durable_timeout_answers_503_and_marks_the_keys_missed_above(
     engine, _, durable = tiers
     durable.release.clear()  # the commit may or may not land: the caches cannot be trusted
     results = await asyncio.gather(
-        *(engine.put(value(f"k{n}"), "write-through") for n in range(3)), return_exceptions=True
+        *(engine.write([value(f"k{n}")], "write-through") for n in range(3)), return_exceptions=True
     )
     assert all(isinstance(result, Unavailable) for result in results)
     assert set(engine.top.missed) == {"k0", "k1", "k2"}
@@ -88,6 +88,6 @@ async def test_a_cache_tier_that_does_not_answer_in_time_missed_the_write(
 ) -> None:
     engine, cache, durable = tiers
     cache.release.clear()
-    version = await engine.put(value("k"), "write-through")  # durable: the promise holds
+    [version] = await engine.write([value("k")], "write-through")  # durable: the promise holds
     assert engine.top.missed == {"k": version}
     assert await durable.get("k") is not None

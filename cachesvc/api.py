@@ -1,0 +1,602 @@
+"""The request layer: every operation of the HTTP API, once, whichever wire path a request
+came by.
+
+A wire adapter — the front door (``cachesvc.front``, the sidecar's own HTTP/1.1 protocol)
+or aiohttp (``cachesvc.app``, when ``access_log`` is on) — turns bytes into a request head
+and a body, and a ``Reply`` back into bytes. Everything between happens here, once:
+routing, authentication, validation, the operation itself, errors turned into the JSON
+error shape, request metrics and the request context of log lines.
+
+An adapter calls ``Api.head`` when a request's head is complete (a bad key, a missing token
+or an unsupported body is answered before the body is read), then ``Api.respond`` with
+the body. ``respond`` returns the ``Reply`` itself when the answer is known at once — an
+in-process L1 hit, an error — and otherwise a future of it, completed from the tier's
+callback (no task per request) or by a task for the slower operations. Errors the adapter
+finds itself (framing, timeouts, oversized bodies) go through ``Api.refuse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar, cast
+from urllib.parse import parse_qsl, unquote, unquote_to_bytes
+
+import msgpack
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cachesvc.batching import then
+from cachesvc.config import STRATEGIES, Settings, Strategy
+from cachesvc.engine import Engine, Hit, NewValue
+from cachesvc.envelope import DEFAULT_CONTENT_TYPE
+from cachesvc.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    UnsupportedEncoding,
+)
+from cachesvc.invalidator import Invalidator
+from cachesvc.logs import CURRENT_REQUEST, RequestContext
+from cachesvc.metrics import Metrics
+from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
+
+log = logging.getLogger(__name__)
+ACCESS_LOG = logging.getLogger("cachesvc.access")  # [server].access_log: a line a request
+M = TypeVar("M", bound=BaseModel)
+
+CACHE_PREFIX = "/v1/cache/"
+MAX_KEY_BYTES = 250
+MAX_TAGS = 32
+MAX_BULK_KEYS = 1000
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+JSON_TYPE = "application/json; charset=utf-8"
+
+# No whitespace (any Unicode space) and no control characters (C0, DEL, C1).
+_FORBIDDEN_IN_KEY = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_PUT_PARAMS = frozenset(("ttl", "strategy", "tags"))
+# RFC 9110 media type: type "/" subtype *( ";" parameter ), printable ASCII only — the
+# value goes back out as a response header, where CR/LF or non-ASCII would break it.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[\x20-\x7e\t]*)?")
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+
+
+def json_reply(status: int, document: Any, headers: Mapping[str, str] | None = None) -> Reply:
+    fields = {"Content-Type": JSON_TYPE, **(headers or {})}
+    return Reply(status, fields, json.dumps(document).encode())
+
+
+def error_reply(exc: ServiceError) -> Reply:
+    return json_reply(exc.status, exc.body(), exc.headers())
+
+
+INTERNAL_ERROR = json_reply(500, {"error": "internal_error", "detail": "unexpected server error"})
+NOT_FOUND = json_reply(
+    404,
+    {"error": "not_found", "detail": "no tier holds a live entry for this key"},
+    {"Cache-Status": "cachesvc; fwd=miss"},
+)
+NO_CONTENT = Reply(204, {})
+
+# -- input validation ----------------------------------------------------------------------
+
+
+def validate_key(key: str, what: str = "key") -> str:
+    size = len(key.encode())
+    if not 1 <= size <= MAX_KEY_BYTES:
+        raise BadRequest(f"{what} must be 1-{MAX_KEY_BYTES} bytes of UTF-8, got {size}")
+    if _FORBIDDEN_IN_KEY.search(key):
+        raise BadRequest(f"{what} must not contain whitespace or control characters")
+    return key
+
+
+def key_in_path(path: str, prefix: str) -> str:
+    """The key after ``prefix`` in a raw (still percent-encoded) path, so that an encoded
+    ``/``, ``?``, ``#`` or ``%`` is part of the key; invalid UTF-8 is refused."""
+    try:
+        key = unquote_to_bytes(path[len(prefix) :]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("key is not valid UTF-8") from None
+    return validate_key(key)
+
+
+def parse_ttl(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        ttl = float(raw)
+    except ValueError:
+        raise BadRequest(f"ttl must be a positive number of seconds, got {raw[:40]!r}") from None
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise BadRequest(f"ttl must be a positive number of seconds, got {raw[:40]!r}")
+    return ttl
+
+
+def parse_strategy(raw: str | None, default: Strategy) -> Strategy:
+    if raw is None or raw == "":
+        return default
+    if raw not in STRATEGIES:
+        raise BadRequest(f"unknown strategy {raw[:40]!r} (known: {', '.join(STRATEGIES)})")
+    return raw
+
+
+def validate_content_type(content_type: str) -> str:
+    if len(content_type) > 255 or not _MEDIA_TYPE.fullmatch(content_type):
+        raise BadRequest(
+            f"content type must be a media type like text/plain, got {content_type[:60]!r}"
+        )
+    return content_type
+
+
+def parse_tags(tags: Sequence[str]) -> tuple[str, ...]:
+    if len(tags) > MAX_TAGS:
+        raise BadRequest(f"at most {MAX_TAGS} tags per entry")
+    return tuple(validate_key(tag, "tag") for tag in tags)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 §13.1.2: ``*`` or a list of entity tags, compared weakly. Several field
+    lines arrive joined by ", " (both adapters join them)."""
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
+
+
+def get_reply(hit: Hit | None, if_none_match: str | None) -> Reply:
+    if hit is None:
+        return NOT_FOUND
+    etag = f'"{hit.entry.version}"'
+    headers = {
+        "X-Cache-Tier": hit.tier,
+        "Cache-Status": f"cachesvc; hit; detail={hit.tier}",
+        "ETag": etag,
+    }
+    if if_none_match is not None and etag_matches(if_none_match, etag):
+        return Reply(304, headers)
+    headers["Content-Type"] = hit.entry.content_type
+    return Reply(200, headers, hit.entry.value)
+
+
+def put_reply(version: int, strategy: Strategy) -> Reply:
+    return Reply(202 if strategy == "write-behind" else 204, {"ETag": f'"{version}"'})
+
+
+# -- bulk bodies ---------------------------------------------------------------------------
+
+
+class _BulkModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BulkKeys(_BulkModel):
+    keys: list[str] = Field(min_length=1, max_length=MAX_BULK_KEYS)
+
+
+class BulkSetEntry(_BulkModel):
+    key: str
+    value: str | bytes | None = None
+    value_base64: str | None = None
+    content_type: str = DEFAULT_CONTENT_TYPE
+    ttl: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
+
+    @field_validator("value_base64")
+    @classmethod
+    def _is_base64(cls, text: str | None) -> str | None:
+        if text is not None:
+            try:
+                base64.b64decode(text, validate=True)
+            except binascii.Error:
+                raise ValueError("not valid base64") from None
+        return text
+
+    def payload(self) -> bytes:
+        if (self.value is None) == (self.value_base64 is None):
+            raise BadRequest(f"entry {self.key[:60]!r}: give exactly one of value, value_base64")
+        if self.value_base64 is not None:
+            return base64.b64decode(self.value_base64)
+        return self.value.encode() if isinstance(self.value, str) else cast(bytes, self.value)
+
+
+class BulkSet(_BulkModel):
+    entries: list[BulkSetEntry] = Field(min_length=1, max_length=MAX_BULK_KEYS)
+    strategy: str | None = None
+
+
+def is_msgpack(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() in MSGPACK_TYPES
+
+
+def wants_msgpack(headers: Mapping[str, str]) -> bool:
+    accept = headers.get("accept", "")
+    if any(kind in accept for kind in MSGPACK_TYPES):
+        return True
+    return is_msgpack(headers.get("content-type", "")) and "json" not in accept
+
+
+def read_document(headers: Mapping[str, str], body: bytes, model: type[M]) -> M:
+    content_type = headers.get("content-type", "")
+    try:
+        document = msgpack.unpackb(body) if is_msgpack(content_type) else json.loads(body)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise BadRequest(f"body is not valid {content_type or 'JSON'}: {exc}") from None
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise BadRequest(f"{where}: {first['msg']}{more}") from None
+
+
+def document_reply(headers: Mapping[str, str], document: Any, status: int = 200) -> Reply:
+    if wants_msgpack(headers):
+        return Reply(status, {"Content-Type": "application/msgpack"}, msgpack.packb(document))
+    return json_reply(status, document)
+
+
+# -- requests ------------------------------------------------------------------------------
+
+Outcome = Reply | asyncio.Future[Reply]
+Operation = Callable[["Api", "Call", bytes], Reply | Awaitable[Reply]]
+
+
+class Route(NamedTuple):
+    name: str  # in metrics and logs
+    operation: Operation
+    private: bool  # needs the bearer token
+    takes_body: bool
+
+
+class Call:
+    """One request between its head and its answer."""
+
+    __slots__ = ("early", "headers", "key", "method", "path", "query", "route", "started")
+
+    def __init__(self, headers: Mapping[str, str], method: str = "") -> None:
+        self.headers = headers
+        self.method = method
+        self.started = time.perf_counter()
+        self.route = "unmatched"
+        self.path = ""
+        self.query = ""
+        self.key = ""
+        # The answer, when the head alone decides it (the body is then not needed).
+        self.early: Reply | None = None
+
+
+class Api:
+    def __init__(
+        self, settings: Settings, engine: Engine, invalidator: Invalidator, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.invalidator = invalidator
+        self.metrics = metrics
+        self.max_body_bytes = settings.server.max_body_bytes
+        token = settings.server.auth_token
+        self._expected_authorization = (
+            None if token is None else f"Bearer {token.get_secret_value()}".encode()
+        )
+        self._record = metrics.requests.record
+        self._access_log = settings.server.access_log
+        self._tasks: set[asyncio.Task[Reply]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.openapi_document = b""
+
+    # -- the adapters' entry points ------------------------------------------------------
+
+    def head(
+        self, method: str, target: str, headers: Mapping[str, str], ops_only: bool = False
+    ) -> Call:
+        """Route and check a request whose head is complete; ``call.early`` is its answer
+        when the head decides it. ``ops_only``: the operations listener, which serves
+        health, readiness and metrics only."""
+        call = Call(headers, method)
+        try:
+            route = self._route(call, method, target, ops_only)
+            call.route = route.name
+            if route.private and self._expected_authorization is not None:
+                given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
+                # compare_digest: the time taken must not reveal how much of the token matched.
+                if not hmac.compare_digest(given, self._expected_authorization):
+                    raise Unauthorized("missing or wrong bearer token")
+            if route.takes_body:
+                self._check_body_head(headers)
+            if route.name in ("get", "put", "delete"):
+                call.key = key_in_path(call.path, CACHE_PREFIX)
+        except ServiceError as exc:
+            call.early = error_reply(exc)
+        return call
+
+    def respond(self, call: Call, body: bytes) -> Outcome:
+        """The answer to ``call``: a Reply, or a future of one (never failing)."""
+        if call.early is not None:
+            return self._finish(call, call.early)
+        token = CURRENT_REQUEST.set(RequestContext(call.headers))
+        try:
+            outcome = ROUTES_BY_NAME[call.route].operation(self, call, body)
+        except ServiceError as exc:
+            return self._finish(call, error_reply(exc))
+        except Exception:
+            log.exception("unhandled error in %s", call.route)
+            return self._finish(call, INTERNAL_ERROR)
+        finally:
+            CURRENT_REQUEST.reset(token)
+        if isinstance(outcome, Reply):
+            return self._finish(call, outcome)
+        if not isinstance(outcome, asyncio.Future):
+            outcome = self._start(outcome)
+        answer: asyncio.Future[Reply] = self._loop_now().create_future()
+        outcome.add_done_callback(lambda done: self._settle(call, done, answer))
+        return answer
+
+    def refuse(self, exc: ServiceError, call: Call) -> None:
+        """Make ``exc`` the answer to a request the adapter found malformed, or too slow or
+        large to read: logged once (no traceback: it is the client's doing) and counted."""
+        self.metrics.malformed_requests.labels(exc.code).inc()
+        log.info("refused a request (%s %s): %s", exc.status, exc.code, exc.detail)
+        call.early = error_reply(exc)
+
+    # -- operations ----------------------------------------------------------------------
+
+    def get_entry(self, call: Call, body: bytes) -> Outcome:
+        if_none_match = call.headers.get("if-none-match")
+        found = self.engine.read(call.key)
+        if found.done() and not found.cancelled() and found.exception() is None:
+            return get_reply(found.result(), if_none_match)
+        return then(found, lambda hit: get_reply(hit, if_none_match))
+
+    def put_entry(self, call: Call, body: bytes) -> Outcome:
+        query = self._query(call, _PUT_PARAMS)
+        headers = call.headers
+        strategy = parse_strategy(
+            query.get("strategy") or headers.get("x-cache-strategy"),
+            self.settings.write.strategy,
+        )
+        raw_tags = query.get("tags", "")
+        new = NewValue(
+            call.key,
+            body,
+            validate_content_type(headers.get("content-type") or DEFAULT_CONTENT_TYPE),
+            parse_ttl(query.get("ttl")),
+            parse_tags(raw_tags.split(",")) if raw_tags else (),
+        )
+        return then(self.engine.write([new], strategy), lambda v: put_reply(v[0], strategy))
+
+    async def delete_entry(self, call: Call, body: bytes) -> Reply:
+        await self.invalidator.invalidate(InvalidationEvent(keys=(call.key,)))
+        return NO_CONTENT
+
+    async def bulk_get(self, call: Call, body: bytes) -> Reply:
+        keys = [validate_key(key) for key in read_document(call.headers, body, BulkKeys).keys]
+        hits = await self.engine.read_many(keys)
+        as_msgpack = wants_msgpack(call.headers)
+        entries: list[dict[str, Any]] = []
+        missing: list[str] = []
+        for key, hit in zip(keys, hits, strict=True):
+            if hit is None:
+                missing.append(key)
+                continue
+            entry: dict[str, Any] = {
+                "key": key,
+                "tier": hit.tier,
+                "version": hit.entry.version,
+                "content_type": hit.entry.content_type,
+            }
+            if as_msgpack:
+                entry["value"] = hit.entry.value
+            else:
+                entry["value_base64"] = base64.b64encode(hit.entry.value).decode()
+            entries.append(entry)
+        return document_reply(call.headers, {"entries": entries, "missing": missing})
+
+    async def bulk_set(self, call: Call, body: bytes) -> Reply:
+        document = read_document(call.headers, body, BulkSet)
+        strategy = parse_strategy(
+            document.strategy or call.headers.get("x-cache-strategy"),
+            self.settings.write.strategy,
+        )
+        values = [
+            NewValue(
+                validate_key(item.key),
+                item.payload(),
+                validate_content_type(item.content_type),
+                item.ttl,
+                parse_tags(item.tags),
+            )
+            for item in document.entries
+        ]
+        versions = await self.engine.write(values, strategy)
+        status = 202 if strategy == "write-behind" else 200
+        result = {"versions": {new.key: v for new, v in zip(values, versions, strict=True)}}
+        return document_reply(call.headers, result, status)
+
+    async def bulk_delete(self, call: Call, body: bytes) -> Reply:
+        keys = tuple(validate_key(key) for key in read_document(call.headers, body, BulkKeys).keys)
+        await self.invalidator.invalidate(InvalidationEvent(keys=keys))
+        return NO_CONTENT
+
+    async def invalidate(self, call: Call, body: bytes) -> Reply:
+        try:
+            event = parse_event(body)
+        except MalformedEvent as exc:
+            raise BadRequest(str(exc)) from None
+        for key in event.keys:
+            validate_key(key)
+        for tag in event.tags:
+            validate_key(tag, "tag")
+        if not event:
+            raise BadRequest("nothing to invalidate: give keys, prefixes or tags")
+        await self.invalidator.invalidate(event)
+        return json_reply(202, {"status": "accepted"})
+
+    def healthz(self, call: Call, body: bytes) -> Reply:
+        return json_reply(200, {"status": "ok"})
+
+    async def readyz(self, call: Call, body: bytes) -> Reply:
+        tiers = await self.engine.tier_states()
+        listeners = self.invalidator.states()
+        ready = all(tier["state"] == "up" for tier in tiers) and all(
+            state == "up" for state in listeners.values()
+        )
+        document: dict[str, object] = {"status": "ready" if ready else "not ready", "tiers": tiers}
+        if listeners:
+            document["invalidation"] = listeners
+        return json_reply(200 if ready else 503, document)
+
+    def serve_metrics(self, call: Call, body: bytes) -> Reply:
+        return Reply(
+            200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(self.metrics.registry)
+        )
+
+    def openapi(self, call: Call, body: bytes) -> Reply:
+        return Reply(200, {"Content-Type": "application/json"}, self.openapi_document)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _route(self, call: Call, method: str, target: str, ops_only: bool) -> Route:
+        path, _, call.query = target.partition("?")
+        call.path = path
+        if path.startswith(CACHE_PREFIX) and not ops_only:
+            methods = CACHE_ROUTES
+        else:
+            # Other paths match once decoded, as any router matches them.
+            path = unquote(path)
+            found = FIXED_ROUTES.get(path) if not ops_only or path in OPS_PATHS else None
+            if found is None:
+                raise NotFound(
+                    "no endpoint at this path; the API is under /v1/ (see /openapi.json)"
+                )
+            methods = found
+        route = methods.get(method)
+        if route is None:
+            raise MethodNotAllowed(
+                f"{method} is not allowed here; the Allow field lists what is", tuple(methods)
+            )
+        return route
+
+    def _check_body_head(self, headers: Mapping[str, str]) -> None:
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UnsupportedEncoding(
+                f"Content-Encoding {encoding[:40]!r} is not accepted: send the value as is "
+                "(store a compressed value under its own Content-Type instead)"
+            )
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds {self.max_body_bytes}")
+
+    @staticmethod
+    def _query(call: Call, allowed: frozenset[str]) -> dict[str, str]:
+        query: dict[str, str] = {}
+        for name, value in parse_qsl(call.query, keep_blank_values=True):
+            query.setdefault(name, value)
+        unknown = set(query) - allowed
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+        return query
+
+    def _finish(self, call: Call, reply: Reply) -> Reply:
+        elapsed = time.perf_counter() - call.started
+        self._record(call.route, reply.status, elapsed)
+        if self._access_log:
+            ACCESS_LOG.info(
+                "%s %s %d %d %.2fms",
+                call.method,
+                call.path or "-",
+                reply.status,
+                len(reply.body),
+                elapsed * 1000,
+            )
+        return reply
+
+    def _settle(
+        self, call: Call, done: asyncio.Future[Reply], answer: asyncio.Future[Reply]
+    ) -> None:
+        if done.cancelled():  # the sidecar is stopping
+            answer.cancel()
+            return
+        failure = done.exception()
+        if failure is None:
+            reply = done.result()
+        elif isinstance(failure, ServiceError):
+            reply = error_reply(failure)
+        else:
+            log.error("unhandled error in %s", call.route, exc_info=failure)
+            reply = INTERNAL_ERROR
+        if not answer.done():
+            answer.set_result(self._finish(call, reply))
+
+    def _start(self, work: Awaitable[Reply]) -> asyncio.Task[Reply]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _loop_now(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
+        return loop
+
+    async def close(self) -> None:
+        """Cancel the operations still under way (the sidecar is stopping)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _route(name: str, operation: Operation, private: bool = True, body: bool = False) -> Route:
+    return Route(name, operation, private, body)
+
+
+CACHE_ROUTES = {
+    "GET": _route("get", Api.get_entry),
+    "PUT": _route("put", Api.put_entry, body=True),
+    "DELETE": _route("delete", Api.delete_entry),
+}
+FIXED_ROUTES = {
+    "/v1/bulk/get": {"POST": _route("bulk_get", Api.bulk_get, body=True)},
+    "/v1/bulk/set": {"POST": _route("bulk_set", Api.bulk_set, body=True)},
+    "/v1/bulk/delete": {"POST": _route("bulk_delete", Api.bulk_delete, body=True)},
+    "/v1/invalidate": {"POST": _route("invalidate", Api.invalidate, body=True)},
+    "/healthz": {"GET": _route("healthz", Api.healthz, private=False)},
+    "/readyz": {"GET": _route("readyz", Api.readyz, private=False)},
+    "/metrics": {"GET": _route("metrics", Api.serve_metrics, private=False)},
+    "/openapi.json": {"GET": _route("openapi", Api.openapi, private=False)},
+}
+# The paths of the operations listener ([server].ops_port): no cache data, no token.
+OPS_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
+ROUTES_BY_NAME = {
+    route.name: route
+    for routes in (CACHE_ROUTES, *FIXED_ROUTES.values())
+    for route in routes.values()
+}
+
+
+def routes() -> Iterator[tuple[str, str, Route]]:
+    """Every (method, path template, route) the API serves (the OpenAPI document lists
+    the same, a test checks)."""
+    for method, route in CACHE_ROUTES.items():
+        yield method, CACHE_PREFIX + "{key}", route
+    for path, methods in FIXED_ROUTES.items():
+        for method, route in methods.items():
+            yield method, path, route

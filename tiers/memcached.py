@@ -73,10 +73,10 @@ from tiers.base import (
     url_options,
 )
 
-_OPTIONS: dict[str, type] = {"prefix": str, "pool_size": int, "gutter": str, "gutter_ttl": float}
+_OPTIONS: dict[str, type] = {"prefix": str, "pool_size": int, "gutter": str, "gutter_ttl": int}
 _DEFAULT_PREFIX = "cachesvc:"
 _DEFAULT_POOL_SIZE = 4
-_DEFAULT_GUTTER_TTL = 10.0
+_DEFAULT_GUTTER_TTL = 10
 _MAX_KEY_BYTES = 250
 _MAX_RELATIVE_EXPTIME = 30 * 24 * 3600
 _RING_POINTS_PER_NODE = 160
@@ -114,7 +114,7 @@ class MemcachedTier(Tier):
             self._gutter = MemcachedNode(
                 f"{name}/gutter",
                 _parse_address(options["gutter"]),
-                options.get("gutter_ttl", _DEFAULT_GUTTER_TTL),
+                float(options.get("gutter_ttl", _DEFAULT_GUTTER_TTL)),
                 self.prefix,
                 self.pool_size,
                 cap_ttl=True,
@@ -709,11 +709,9 @@ def _options(url: SplitResult, nodes: list[Address]) -> dict[str, Any]:
             )
     elif "gutter_ttl" in options:
         raise ValueError("option gutter_ttl needs option gutter (the gutter node's host:port)")
-    gutter_ttl = options.get("gutter_ttl", _DEFAULT_GUTTER_TTL)
-    if not (math.isfinite(gutter_ttl) and 0 < gutter_ttl <= _MAX_RELATIVE_EXPTIME):
-        raise ValueError(
-            f"option gutter_ttl must be seconds in (0, {_MAX_RELATIVE_EXPTIME}] (got {gutter_ttl})"
-        )
+    # Whole seconds, memcached's granularity: a value then lives at most gutter_ttl there.
+    if not 0 < options.get("gutter_ttl", _DEFAULT_GUTTER_TTL) <= _MAX_RELATIVE_EXPTIME:
+        raise ValueError(f"option gutter_ttl must be whole seconds in 1-{_MAX_RELATIVE_EXPTIME}")
     return options
 
 

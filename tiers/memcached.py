@@ -327,9 +327,11 @@ class _Client:
     async def call(self, request: bytes, reply: Callable[[], _Reply[_T]]) -> _T:
         """Send ``request`` and return its reply, parsed by a fresh ``reply()``.
 
-        A call on a connection the server closed (a restart) fails once; a fresh one then
-        works. Replaying is harmless: a multi-get reads again, and a replayed add/cas is
-        refused or stores the same version again.
+        A call whose connection closed before its reply came is tried once more: on a
+        fresh connection when the server closed it (a restart closed all of them), else on
+        any (this side closed it, for another call's sake). Replaying is harmless: a
+        multi-get reads again, and a replayed add/cas is refused or stores the same
+        version again.
         """
         try:
             try:

@@ -60,6 +60,16 @@ def keys_by_node(tier: MemcachedTier, count: int = 40) -> list[list[str]]:
     return groups
 
 
+async def written(
+    ring: tuple[MemcachedTier, list[MemcachedServer]],
+) -> tuple[MemcachedTier, list[MemcachedServer], list[str], list[str]]:
+    """The ring with fresh keys written through the whole tier: those of node 0, node 1."""
+    tier, servers = ring
+    on_0, on_1 = keys_by_node(tier)
+    await tier.set_many(writes(on_0 + on_1))
+    return tier, servers, on_0, on_1
+
+
 def writes(keys: list[str], version: int = V) -> list[TierWrite]:
     return [TierWrite(key, key.encode(), version, TTL) for key in keys]
 
@@ -89,9 +99,7 @@ async def test_nodes_hold_exactly_the_keys_node_for_names(
 async def test_a_hung_node_times_out_alone(
     ring: tuple[MemcachedTier, list[MemcachedServer]],
 ) -> None:
-    tier, servers = ring
-    hung_keys, live_keys = keys_by_node(tier)
-    await tier.set_many(writes(hung_keys + live_keys))
+    tier, servers, hung_keys, live_keys = await written(ring)
     hung, live = tier.nodes()
     await asyncio.to_thread(servers[0].hang)
 
@@ -132,9 +140,7 @@ async def test_a_hung_node_times_out_alone(
 async def test_a_killed_node_fails_alone_and_is_used_again_once_restarted(
     ring: tuple[MemcachedTier, list[MemcachedServer]],
 ) -> None:
-    tier, servers = ring
-    dead_keys, live_keys = keys_by_node(tier)
-    await tier.set_many(writes(dead_keys + live_keys))
+    tier, servers, dead_keys, live_keys = await written(ring)
     dead, live = tier.nodes()
 
     await asyncio.to_thread(servers[0].kill)
@@ -156,9 +162,7 @@ async def test_first_call_after_a_restart_is_clean_and_the_next_works(
 ) -> None:
     # No call between the kill and the restart: the node's pooled connections are dead
     # when the first call after the restart comes.
-    tier, servers = ring
-    restarted_keys, live_keys = keys_by_node(tier)
-    await tier.set_many(writes(restarted_keys + live_keys))
+    tier, servers, restarted_keys, live_keys = await written(ring)
     restarted, live = tier.nodes()
     await asyncio.gather(*(restarted.get_many(restarted_keys) for _ in range(8)))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -19,6 +19,7 @@ import pytest
 from cachesvc.metrics import Metrics
 from cachesvc.nodes import NodesFailed, NodeSlots
 from cachesvc.slot import TierSlot
+from tests.faults.test_memcached_nodes import second_memcached  # noqa: F401 - the fixture
 from tests.polling import until
 from tests.servers import MemcachedServer
 from tiers.base import Tier, TierError, TierUnavailable, TierWrite
@@ -34,14 +35,9 @@ MakeSlots = Callable[[str], Awaitable[NodeSlots]]
 
 
 @pytest.fixture
-def second_memcached() -> Iterator[MemcachedServer]:
-    with MemcachedServer() as server:
-        yield server
-
-
-@pytest.fixture
 async def make_slots(
-    memcached_server: MemcachedServer, second_memcached: MemcachedServer
+    memcached_server: MemcachedServer,
+    second_memcached: MemcachedServer,  # noqa: F811 - the fixture imported above
 ) -> AsyncIterator[MakeSlots]:
     """NodeSlots over a tier of the test's two memcached servers (``query`` added to its
     URL); node 0 is ``memcached_server``, the one the tests hang."""
@@ -78,6 +74,14 @@ def key_on(slots: NodeSlots, node: int) -> str:
         key = uuid.uuid4().hex[:12]
         if slots.tier.node_for(key) == node:
             return key
+
+
+async def until_every_breaker_closed(slots: NodeSlots) -> None:
+    async def closed() -> bool:
+        await slots.probe()  # as the engine's tier monitor does
+        return slots.state == "closed"
+
+    await until(closed, 5, "every node's breaker closed by a probe")
 
 
 async def settle(future: asyncio.Future[bytes | None]) -> bytes | TierError | None:
@@ -117,12 +121,7 @@ async def test_without_gutter_a_hung_node_fails_only_its_keys(
     assert not slots.readable(hung) and slots.readable(live)
 
     await asyncio.to_thread(memcached_server.resume)
-
-    async def back() -> bool:
-        await slots.probe()
-        return slots.state == "closed"
-
-    await until(back, 5, "node 0's breaker closed by a probe")
+    await until_every_breaker_closed(slots)
     await slots.repair()
     assert slots.missed == {}
     assert await slots.get(hung) is None  # the value it missed the replacement of: deleted
@@ -157,12 +156,7 @@ async def test_gutter_serves_and_takes_a_down_nodes_keys(
     assert await slots.gutter.tier.get(live) is None
 
     await asyncio.to_thread(memcached_server.resume)
-
-    async def back() -> bool:
-        await slots.probe()
-        return slots.state == "closed"
-
-    await until(back, 5, "node 0's breaker closed by a probe")
+    await until_every_breaker_closed(slots)
     await slots.repair()
     # Node 0 is read again: the write it missed deleted what it held from before.
     assert await slots.get(hung) is None

@@ -325,10 +325,13 @@ async def test_connection_lost_twice_is_tier_unavailable(
     assert server.opened == 2  # one retry, not a loop
 
 
-async def test_connections_per_node_are_bounded_by_pool_size(
+async def busy_pool(
     scripted: Callable[[Script], Awaitable[ScriptedServer]],
     make_tier: Callable[..., Awaitable[MemcachedTier]],
-) -> None:
+    pool_size: int,
+) -> tuple[ScriptedServer, MemcachedTier, asyncio.Event, list[asyncio.Future[list[bytes | None]]]]:
+    """A tier whose ``pool_size`` connections are all open, with calls waiting on each: the
+    server holds every answer until the returned event is set."""
     gate = asyncio.Event()
 
     async def gated(line: bytes, number: int, writer: asyncio.StreamWriter) -> None:
@@ -336,15 +339,22 @@ async def test_connections_per_node_are_bounded_by_pool_size(
         await answer_values(line, number, writer)
 
     server = await scripted(gated)
-    tier = await make_tier(f"127.0.0.1:{server.port}", "pool_size=3")
-    # No answer comes back: a call that finds every connection busy opens another, as long
-    # as the pool has room. Call until it is full, then call some more.
+    tier = await make_tier(f"127.0.0.1:{server.port}", f"pool_size={pool_size}")
+    # A call that finds every connection busy opens another, while the pool has room.
     calls: list[asyncio.Future[list[bytes | None]]] = []
     deadline = asyncio.get_running_loop().time() + 5
-    while server.opened < 3:
+    while server.opened < pool_size:
         assert asyncio.get_running_loop().time() < deadline, f"{server.opened} connections"
         calls.append(asyncio.ensure_future(tier.get_many(["k"])))
         await asyncio.sleep(0.001)
+    return server, tier, gate, calls
+
+
+async def test_connections_per_node_are_bounded_by_pool_size(
+    scripted: Callable[[Script], Awaitable[ScriptedServer]],
+    make_tier: Callable[..., Awaitable[MemcachedTier]],
+) -> None:
+    server, tier, gate, calls = await busy_pool(scripted, make_tier, 3)
     calls += [asyncio.ensure_future(tier.get_many(["k"])) for _ in range(20)]
     await asyncio.sleep(0.05)  # time for a connection over the bound to be opened
     gate.set()
@@ -358,20 +368,7 @@ async def test_a_connection_closed_by_the_server_retires_the_older_ones(
 ) -> None:
     # A restarted server closed every connection; the one noticed first must not leave the
     # others to fail the next calls one by one.
-    gate = asyncio.Event()
-
-    async def gated(line: bytes, number: int, writer: asyncio.StreamWriter) -> None:
-        await gate.wait()
-        await answer_values(line, number, writer)
-
-    server = await scripted(gated)
-    tier = await make_tier(f"127.0.0.1:{server.port}", "pool_size=2")
-    calls: list[asyncio.Future[list[bytes | None]]] = []
-    deadline = asyncio.get_running_loop().time() + 5
-    while server.opened < 2:
-        assert asyncio.get_running_loop().time() < deadline, f"{server.opened} connections"
-        calls.append(asyncio.ensure_future(tier.get_many(["k"])))
-        await asyncio.sleep(0.001)
+    server, tier, gate, calls = await busy_pool(scripted, make_tier, 2)
     gate.set()
     assert await asyncio.gather(*calls) == [[b"payload"]] * len(calls)
     server.writers[1].close()  # connection 2 stays open on the server's side

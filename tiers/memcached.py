@@ -26,8 +26,8 @@ Memcached's own rules stay here (https://github.com/memcached/memcached/blob/mas
   a second, so an entry given N seconds lives between N-1 and N seconds;
 - an item over the server's size limit (``-I``, 1 MiB by default) is refused with
   "SERVER_ERROR object too large for cache": a tombstone of its version is stored instead;
-- "the server will send the responses in the same order as the commands": commands are
-  pipelined on a connection, their replies matched to them in order.
+- a connection's commands are executed one after the other and answered in order: they
+  are pipelined, each reply matched to the oldest command still waiting for one.
 
 The client is the text protocol spoken by an ``asyncio.Protocol`` (``_Connection``): replies
 are parsed in ``data_received`` and each waiting call's future completed from there, with no

@@ -12,6 +12,13 @@ writes, promotions and write-behind flushes arrive. A delete is a write of a *to
 a version with no payload that lives for a short time so that a fill racing the delete
 loses.
 
+A tier made of servers that fail independently (memcached's ring) exposes them: ``nodes()``
+gives one full ``Tier`` per server, ``node_for(key)`` the one that holds a key, and
+``gutter()`` an optional spare server for the keys of a node that is down. The engine can
+then guard each node on its own (timeout, circuit breaker, missed keys), so that a node
+that fails costs only the keys it holds. A tier that is one failure domain returns ``()``
+and ``None`` (the defaults), and the engine uses it whole.
+
 Exceptions (drivers' own exceptions never leave a tier)::
 
     TierError                 the tier could not do what was asked
@@ -139,6 +146,43 @@ class Tier(abc.ABC):
         """Drop every entry. Required of in-process tiers only: the engine clears them
         when they may have missed invalidation events."""
         raise NotImplementedError(f"{type(self).__name__} cannot be cleared")
+
+    # -- independent nodes (optional) ------------------------------------------------------
+
+    def nodes(self) -> Sequence[Tier]:
+        """The tier's independent failure domains, or ``()`` when it is one (the default).
+
+        What the engine may rely on when this is not empty:
+
+        - each node is a full ``Tier`` over one server: its calls touch that server only,
+          so its failures, timeouts and recovery say nothing about the other nodes;
+        - every key lives on exactly one node, ``nodes()[node_for(key)]``; a call for keys
+          of several nodes is one call per node, and a node's calls carry only its keys;
+        - the tier's own calls are the same operations spread over the nodes, failing when
+          any of them fails: the engine may use the whole tier or its nodes, not both for
+          one key at a time (their entries are the same entries);
+        - the same nodes, in the same order, on every call, from construction on; each has
+          its own stable ``name`` (for metrics and the record of missed keys) and the tier's
+          ``ttl``. ``start()`` and ``close()`` of the tier start and close them; a node's
+          own ``close()`` may be called too (closing is idempotent).
+        """
+        return ()
+
+    def node_for(self, key: str) -> int:
+        """The index in ``nodes()`` of the node that holds ``key``: a pure function of the key
+        and the tier's configuration (the same answer in every sidecar)."""
+        raise NotImplementedError(f"{type(self).__name__} has no nodes")
+
+    def gutter(self) -> Tier | None:
+        """A spare server that serves, and is filled with, the keys of a node while that node
+        is down, or None (the default).
+
+        It is not one of ``nodes()`` and holds no key of its own: every key may be written to
+        it. Its ``ttl`` is the short lifetime of what it holds, and it keeps no value longer
+        than that whatever a write asks (tombstones keep theirs). It follows the same
+        contract as any tier (versions, tombstones), and the same lifecycle as the nodes.
+        """
+        return None
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,)))[0]

@@ -1,12 +1,21 @@
-"""Memcached tier: ``memcached://host1:port1[,host2:port2...]?prefix=cachesvc:&pool_size=4``.
+"""Memcached tier: ``memcached://h1:p1[,h2:p2...][?prefix=cachesvc:&pool_size=4&gutter=h3:p3&gutter_ttl=10]``.
 
 Keys are spread over the nodes by consistent hashing (a ketama-style ring), so adding or
-removing a node moves only about 1/N of them. Each entry is ``pack_versioned(version,
-payload)``. Reads are one multi-get per node, the nodes asked concurrently. A write reads the
-entry with its CAS token (``gets``) and stores with ``add`` when it is missing or ``cas`` when
-its version is not higher (a batch: one multi-get and one pipeline of stores per node);
-memcached refuses the store when another writer got there first, and the write starts over.
-That keeps an older version from replacing a newer one across sidecars without any lock.
+removing a node moves only about 1/N of them. Each node is its own failure domain: the
+tier exposes one ``Tier`` per node (``nodes()``, ``node_for()``), so that the engine can
+give each its own timeout, circuit breaker and record of missed keys, and a node that fails
+affects only the keys it holds. The tier's own ``get_many``/``set_many`` spread a batch over
+its nodes (asked concurrently) and fail when any node fails.
+
+``gutter=host:port`` names a spare memcached (``gutter()``): while a node is down, the
+engine serves its keys from the gutter and fills them into it, each value living at most
+``gutter_ttl`` seconds (default 10) there, however long the tier would keep it.
+
+Each entry is ``pack_versioned(version, payload)``. A write reads the entry with its CAS
+token (``gets``) and stores with ``add`` when it is missing or ``cas`` when its version is
+not higher (a batch: one multi-get and one pipeline of stores per node); memcached refuses
+the store when another writer got there first, and the write starts over. That keeps an
+older version from replacing a newer one across sidecars without any lock.
 
 Memcached's own rules stay here (https://github.com/memcached/memcached/blob/master/doc/protocol.txt):
 
@@ -16,17 +25,27 @@ Memcached's own rules stay here (https://github.com/memcached/memcached/blob/mas
   (2592000 s) is read as an absolute unix time (``_exptime``). Memcached's clock ticks once
   a second, so an entry given N seconds lives between N-1 and N seconds;
 - an item over the server's size limit (``-I``, 1 MiB by default) is refused with
-  "SERVER_ERROR object too large for cache": a tombstone of its version is stored instead.
+  "SERVER_ERROR object too large for cache": a tombstone of its version is stored instead;
+- a connection's commands are executed one after the other and answered in order: they
+  are pipelined, each reply matched to the oldest command still waiting for one.
 
-A node that does not answer fails the whole call, for reads as for writes: a write that
-skipped a node would let that node serve the old value once it is back.
+The client is the text protocol spoken by an ``asyncio.Protocol`` (``_Connection``): replies
+are parsed in ``data_received`` and each waiting call's future completed from there, with no
+task or stream reader per request. At most ``pool_size`` connections per node; a call goes
+on an idle one, else a new one is opened (up to the bound) while it is pipelined on the
+least busy. A connection whose reply is malformed, or on which a call is cancelled (the
+engine's timeout) before its reply came, is closed: it never serves a later call with the
+rest of an earlier reply. When the server closes a connection, every connection of that
+node opened until then stops taking calls (a restarted server closed them all), and the
+calls it took are tried once more on a fresh connection.
 
-Driver exceptions, mapped once in ``_Node._connection``::
+Exceptions, mapped once in ``_Client.call``::
 
-    TimeoutError                                      -> TierTimeout
-    OSError, EOF mid-reply (server gone)              -> TierUnavailable (after one retry
-                                                         on a fresh connection)
-    aiomcache.ClientException, any other unexpected   -> TierError
+    OSError from connecting (refused, unreachable)    -> TierUnavailable
+    connection closed or reset mid-call (after one    -> TierUnavailable
+    retry on a fresh connection)
+    no connection within _CONNECT_TIMEOUT             -> TierTimeout
+    a reply that is not the protocol's, or an error   -> TierError (connection closed)
     answer (e.g. "SERVER_ERROR out of memory")
 """
 
@@ -34,16 +53,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
+import collections
 import hashlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, NamedTuple, TypeVar, cast
-from urllib.parse import SplitResult
-
-import aiomcache
-from aiomcache.pool import Connection
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar, cast
+from urllib.parse import SplitResult, urlsplit
 
 from tiers.base import (
     Tier,
@@ -57,17 +73,24 @@ from tiers.base import (
     url_options,
 )
 
-_OPTIONS: dict[str, type] = {"prefix": str, "pool_size": int}
+_OPTIONS: dict[str, type] = {"prefix": str, "pool_size": int, "gutter": str, "gutter_ttl": int}
 _DEFAULT_PREFIX = "cachesvc:"
 _DEFAULT_POOL_SIZE = 4
+_DEFAULT_GUTTER_TTL = 10
 _MAX_KEY_BYTES = 250
 _MAX_RELATIVE_EXPTIME = 30 * 24 * 3600
 _RING_POINTS_PER_NODE = 160
 # Each lost race means another writer stored the key meanwhile, so a write only starts over
 # while others keep winning; past this many rounds the caller gets an error to retry.
 _MAX_CAS_ROUNDS = 10
+# A memcached answers a connect in well under a millisecond; one that does not within a
+# second is not reachable, and an attempt left to the kernel's SYN retries (minutes) would
+# hold up the node's next connection long after the server is back.
+_CONNECT_TIMEOUT = 1.0
 
 _T = TypeVar("_T")
+
+Address = tuple[str, int]
 
 
 class MemcachedTier(Tier):
@@ -75,60 +98,132 @@ class MemcachedTier(Tier):
 
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         super().__init__(name, url, ttl)
-        self.nodes = _parse_nodes(url)
-        options = _options(url)
+        self.addresses = _parse_nodes(url)
+        options = _options(url, self.addresses)
         self.prefix: str = options.get("prefix", _DEFAULT_PREFIX)
         self.pool_size: int = options.get("pool_size", _DEFAULT_POOL_SIZE)
-        self._ring = _Ring([f"{host}:{port}" for host, port in self.nodes])
-        self._clients: list[_Node] = []
+        self._ring = _Ring([_address_text(address) for address in self.addresses])
+        self._nodes = [
+            MemcachedNode(
+                f"{name}/{_address_text(address)}", address, ttl, self.prefix, self.pool_size
+            )
+            for address in self.addresses
+        ]
+        self._gutter: MemcachedNode | None = None
+        if "gutter" in options:
+            self._gutter = MemcachedNode(
+                f"{name}/gutter",
+                _parse_address(options["gutter"]),
+                float(options.get("gutter_ttl", _DEFAULT_GUTTER_TTL)),
+                self.prefix,
+                self.pool_size,
+                cap_ttl=True,
+            )
 
     @classmethod
     def validate_url(cls, url: SplitResult) -> None:
-        _parse_nodes(url)
-        _options(url)
+        _options(url, _parse_nodes(url))
         if url.path not in ("", "/"):
             raise ValueError(f"memcached:// takes no path (got {url.path!r})")
 
-    async def start(self) -> None:
-        # aiomcache connects on first use: a memcached that is down does not stop the start.
-        self._clients = [
-            _Node(self.name, host, port, pool_size=self.pool_size) for host, port in self.nodes
-        ]
+    # -- the nodes -------------------------------------------------------------------------
+
+    def nodes(self) -> Sequence[MemcachedNode]:
+        return self._nodes
+
+    def node_for(self, key: str) -> int:
+        return self._ring.node_for(_memcached_key(self.prefix, key))
+
+    def gutter(self) -> MemcachedNode | None:
+        return self._gutter
+
+    # -- the whole tier: the same calls, spread over the nodes -----------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        if not keys:
-            return []
-        clients = self._started()
-        mkeys = [self._memcached_key(key) for key in keys]
-        by_node: dict[int, set[bytes]] = {}
-        for mkey in mkeys:
-            by_node.setdefault(self._ring.node_for(mkey), set()).add(mkey)
+        if len(self._nodes) == 1:
+            return await self._nodes[0].get_many(keys)
+        mkeys = [_memcached_key(self.prefix, key) for key in keys]
+        by_node: dict[int, list[bytes]] = {}
+        for mkey in dict.fromkeys(mkeys):
+            by_node.setdefault(self._ring.node_for(mkey), []).append(mkey)
         found: dict[bytes, bytes] = {}
-        for values, _ in await _all(
-            clients[index].fetch(list(group)) for index, group in by_node.items()
+        for values in await _all(
+            self._nodes[index].fetch(group) for index, group in by_node.items()
         ):
             found.update(values)
         return [unpack_payload(found.get(mkey)) for mkey in mkeys]
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
-        clients = self._started()
+        if len(self._nodes) == 1:
+            await self._nodes[0].set_many(writes)
+            return
+        by_node: dict[int, list[TierWrite]] = {}
+        for write in writes:
+            by_node.setdefault(self.node_for(write.key), []).append(write)
+        await _all(self._nodes[index].set_many(group) for index, group in by_node.items())
+
+    async def ping(self) -> None:
+        await _all(node.ping() for node in self._nodes)
+
+    async def close(self) -> None:
+        for node in self._nodes:
+            await node.close()
+        if self._gutter is not None:
+            await self._gutter.close()
+
+
+class MemcachedNode(Tier):
+    """One memcached server of a ``MemcachedTier`` (one of its nodes, or its gutter), as a
+    full tier of its own. Built by the tier, never from a URL.
+
+    With ``cap_ttl`` (the gutter) no value lives longer than this node's ``ttl``, whatever
+    the write asks; tombstones keep their lifetime, since they only ever hide data.
+    """
+
+    schemes = ()
+
+    def __init__(
+        self,
+        name: str,
+        address: Address,
+        ttl: float,
+        prefix: str,
+        pool_size: int,
+        *,
+        cap_ttl: bool = False,
+    ) -> None:
+        super().__init__(name, urlsplit(f"memcached://{_address_text(address)}"), ttl)
+        self.address = address
+        self.prefix = prefix
+        self._cap_ttl = cap_ttl
+        self._client = _Client(name, address, pool_size)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        mkeys = [_memcached_key(self.prefix, key) for key in keys]
+        found = await self.fetch(list(dict.fromkeys(mkeys)))
+        return [unpack_payload(found.get(mkey)) for mkey in mkeys]
+
+    async def fetch(self, mkeys: list[bytes]) -> dict[bytes, bytes]:
+        """The stored blobs of those of ``mkeys`` (memcached keys, distinct) present."""
+        values, _ = await self._client.call(
+            b"get %s\r\n" % b" ".join(mkeys), lambda: _Values(with_cas=False)
+        )
+        return values
+
+    async def set_many(self, writes: Sequence[TierWrite]) -> None:
         # One write per key, the highest version (the last of equal ones) winning.
         latest: dict[bytes, TierWrite] = {}
         for write in writes:
-            mkey = self._memcached_key(write.key)
+            mkey = _memcached_key(self.prefix, write.key)
             if mkey not in latest or write.version >= latest[mkey].version:
                 latest[mkey] = write
         pending = list(latest.items())
         for _ in range(_MAX_CAS_ROUNDS):
             if not pending:
                 return
-            by_node: dict[int, list[tuple[bytes, TierWrite]]] = {}
-            for item in pending:
-                by_node.setdefault(self._ring.node_for(item[0]), []).append(item)
-            lost = await _all(
-                self._store_round(clients[index], group) for index, group in by_node.items()
-            )
-            pending = [item for items in lost for item in items]
+            pending = await self._store_round(pending)
         if pending:
             raise TierError(
                 f"memcached tier {self.name!r}: {len(pending)} write(s) kept losing "
@@ -136,35 +231,37 @@ class MemcachedTier(Tier):
             )
 
     async def ping(self) -> None:
-        await _all(client.ping() for client in self._started())
+        await self._client.call(b"version\r\n", lambda: _Lines(1, _version_answer))
 
     async def close(self) -> None:
-        clients, self._clients = self._clients, []
-        for client in clients:
-            await client.close()
+        self._client.close()
 
     async def _store_round(
-        self, node: _Node, items: list[tuple[bytes, TierWrite]]
+        self, items: list[tuple[bytes, TierWrite]]
     ) -> list[tuple[bytes, TierWrite]]:
         """One gets + add/cas pass over ``items``; returns those that lost a race."""
-        values, tokens = await node.fetch([mkey for mkey, _ in items])
+        values, tokens = await self._client.call(
+            b"gets %s\r\n" % b" ".join(mkey for mkey, _ in items), lambda: _Values(with_cas=True)
+        )
         todo: list[tuple[bytes, TierWrite]] = []
         stores: list[_Store] = []
         for mkey, write in items:
             current = values.get(mkey)
             if current is not None and _stored_version(current) > write.version:
                 continue  # a newer entry is there: nothing to do
-            command, token = (b"add", None) if current is None else (b"cas", tokens[mkey])
-            blob = pack_versioned(write.version, write.payload)
+            ttl = write.ttl
+            if self._cap_ttl and write.payload is not None:
+                ttl = min(ttl, self.ttl)
+            token = None if current is None else tokens[mkey]
             todo.append((mkey, write))
-            stores.append(_Store(command, mkey, blob, _exptime(write.ttl), token))
-        answers = await node.store_many(stores)
+            stores.append(_Store(mkey, pack_versioned(write.version, write.payload), ttl, token))
+        answers = await self._store_many(stores)
         # Over memcached's item size limit (-I, 1 MiB by default): store a tombstone of that
         # version instead, so that the value it replaces is not served any more. The lower
         # tiers hold the new value.
         too_large = [i for i, answer in enumerate(answers) if answer is None]
         if too_large:
-            retried = await node.store_many(
+            retried = await self._store_many(
                 [
                     stores[i]._replace(value=pack_versioned(todo[i][1].version, None))
                     for i in too_large
@@ -174,154 +271,369 @@ class MemcachedTier(Tier):
                 answers[i] = bool(answer)
         return [item for item, stored in zip(todo, answers, strict=True) if not stored]
 
-    def _memcached_key(self, key: str) -> bytes:
-        """``prefix + key`` when memcached accepts it as is, else ``prefix + "#" + hash``.
-
-        Plain keys never start with "#", so the two namespaces cannot collide.
-        """
-        plain = self.prefix + key
-        if (
-            key.isascii()
-            and key.isprintable()
-            and " " not in key
-            and not key.startswith("#")
-            and len(plain) <= _MAX_KEY_BYTES
-        ):
-            return plain.encode()
-        digest = hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
-        return f"{self.prefix}#{digest}".encode()
-
-    def _started(self) -> list[_Node]:
-        if not self._clients:
-            raise TierError(f"memcached tier {self.name!r} is not started")
-        return self._clients
-
-
-class _ConnectionLost(TierUnavailable):
-    """The server closed or reset a connection in the middle of a command."""
+    async def _store_many(self, stores: list[_Store]) -> list[bool | None]:
+        """Pipelined ``add``/``cas`` commands, sent in one write. Per command: True when
+        stored, False when memcached refused it (another writer got there first), None when
+        the item is too large for it."""
+        if not stores:
+            return []
+        return await self._client.call(
+            b"".join(map(_store_command, stores)), lambda: _Lines(len(stores), _store_answer)
+        )
 
 
 class _Store(NamedTuple):
-    command: bytes  # b"add" or b"cas"
     key: bytes
     value: bytes
-    exptime: int
-    cas: int | None
+    ttl: float
+    cas: int | None  # None: add (the key is missing); else cas with this token
 
 
-# What add/cas answer: stored, or refused because another writer was first.
-_STORE_ANSWERS = (b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND")
+def _store_command(store: _Store) -> bytes:
+    exptime = _exptime(store.ttl)
+    if store.cas is None:
+        return b"add %s 0 %d %d\r\n%s\r\n" % (store.key, exptime, len(store.value), store.value)
+    return b"cas %s 0 %d %d %d\r\n%s\r\n" % (
+        store.key,
+        exptime,
+        len(store.value),
+        store.cas,
+        store.value,
+    )
 
 
-class _Node(aiomcache.Client):
-    """One memcached server: aiomcache's connection pool and multi-get parser, with the
-    connection handling and the store commands done here.
+# -- the client: connections to one server ---------------------------------------------------
 
-    aiomcache 0.8's public commands are not used: their wrapper returns a connection to the
-    pool after a cancellation (it only catches Exception), so the engine's per-call timeout
-    would leave half a reply on the socket for the next command; its
-    ``_execute_simple_command`` (behind set/add/cas/version) re-reads ``b""`` forever,
-    blocking the event loop, once the server has closed the connection; and it sends one
-    command per round trip, where a batch of stores is pipelined here.
+
+class _ConnectionLost(TierUnavailable):
+    """The connection closed before the call's reply was complete."""
+
+
+class _BadReply(TierError):
+    """The server sent something the protocol does not allow there."""
+
+
+class _Client:
+    """Up to ``pool_size`` connections to one memcached, calls pipelined on them."""
+
+    def __init__(self, name: str, address: Address, pool_size: int) -> None:
+        self.where = f"memcached tier {name!r} ({_address_text(address)})"
+        self.address = address
+        self.pool_size = pool_size
+        self._open: list[_Connection] = []  # connected and taking calls
+        self._opening: asyncio.Task[_Connection] | None = None
+        self._closed = False
+
+    async def call(self, request: bytes, reply: Callable[[], _Reply[_T]]) -> _T:
+        """Send ``request`` and return its reply, parsed by a fresh ``reply()``.
+
+        A call whose connection closed before its reply came is tried once more: on a
+        fresh connection when the server closed it (a restart closed all of them), else on
+        any (this side closed it, for another call's sake). Replaying is harmless: a
+        multi-get reads again, and a replayed add/cas is refused or stores the same
+        version again.
+        """
+        try:
+            try:
+                return await (await self._connection()).send(request, reply())
+            except _ConnectionLost:
+                return await (await self._connection()).send(request, reply())
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise TierTimeout(f"{self.where}: no connection within {_CONNECT_TIMEOUT} s") from exc
+        except OSError as exc:
+            raise TierUnavailable(f"{self.where}: {exc}") from exc
+
+    async def _connection(self) -> _Connection:
+        if self._closed:
+            raise TierError(f"{self.where}: closed")
+        best: _Connection | None = None
+        for conn in self._open:
+            if best is None or len(conn.pending) < len(best.pending):
+                best = conn
+                if not conn.pending:
+                    return conn
+        # All busy (or none): open one more if the bound allows, and meanwhile pipeline on
+        # the least busy rather than wait for the connect.
+        if self._opening is None and len(self._open) < self.pool_size:
+            self._opening = asyncio.get_running_loop().create_task(self._connect())
+            self._opening.add_done_callback(_retrieve)
+        if best is not None:
+            return best
+        assert self._opening is not None
+        # Shielded: a caller that gives up does not cancel the connect for the others.
+        return await asyncio.shield(self._opening)
+
+    async def _connect(self) -> _Connection:
+        host, port = self.address
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: _Connection(self), host, port
+                )
+        finally:
+            self._opening = None
+        if self._closed:
+            conn.close()
+            raise TierError(f"{self.where}: closed")
+        self._open.append(conn)
+        return conn
+
+    def lost(self, conn: _Connection, by_server: bool) -> None:
+        """``conn`` closed. When the server closed it, no connection opened until now takes
+        another call: they most likely died with it (a restart)."""
+        if conn in self._open:
+            self._open.remove(conn)
+        if by_server:
+            retired, self._open = self._open, []
+            for other in retired:
+                other.retire()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._opening is not None:
+            self._opening.cancel()
+        conns, self._open = self._open, []
+        for conn in conns:
+            conn.close()
+
+
+def _retrieve(task: asyncio.Task[_Connection]) -> None:
+    # A connect nobody waits for any more: its error shows on the next call, not as
+    # "Task exception was never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: requests written as they come, replies matched to them in order.
+
+    Flow control is not needed: what is written is bounded by the calls in flight, each
+    under the engine's timeout, and a timed-out call closes its connection.
     """
 
-    def __init__(self, tier: str, host: str, port: int, *, pool_size: int) -> None:
-        # aiomcache's pool only grows up to its minsize, so minsize is the concurrency.
-        super().__init__(host, port, pool_size=pool_size, pool_minsize=pool_size)
-        self.tier = tier
-        self.address = f"{host}:{port}"
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+        self.pending: collections.deque[_Reply[Any]] = collections.deque()
+        self._transport: asyncio.Transport | None = None
+        self._closing = False  # closed or being closed by this side
+        self._retired = False  # takes no new call; closes once its replies are in
+        # An incomplete reply's bytes, kept until ``_need`` bytes are there to parse.
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._need = 0
 
-    async def fetch(self, keys: list[bytes]) -> tuple[dict[bytes, bytes], dict[bytes, int]]:
-        """Values and CAS tokens of those ``keys`` that are present (keys must be distinct)."""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
 
-        async def gets(conn: Connection) -> tuple[dict[bytes, bytes], dict[bytes, int]]:
-            return await self._multi_get(conn, *keys, with_cas=True)
-
-        return await self._run(gets)
-
-    async def store_many(self, stores: list[_Store]) -> list[bool | None]:
-        """Pipelined ``add``/``cas`` commands: all sent at once, then the answers read in
-        order (memcached answers a connection's commands in order). Per command: True when
-        stored, False when memcached refused it (another writer got there first), None when
-        the item is too large for it.
-        """
-        if not stores:
-            return []
-
-        async def pipeline(conn: Connection) -> list[bool | None]:
-            answers: list[bool | None] = []
-            commands = []
-            for store in stores:
-                line = b"%s %s 0 %d %d" % (
-                    store.command,
-                    store.key,
-                    store.exptime,
-                    len(store.value),
-                )
-                if store.cas is not None:
-                    line += b" %d" % store.cas
-                commands.append(b"%s\r\n%s\r\n" % (line, store.value))
-            conn.writer.write(b"".join(commands))  # one send for the batch, not one per key
-            await conn.writer.drain()
-            for answer in await _read_lines(conn.reader, len(stores)):
-                if answer in _STORE_ANSWERS:
-                    answers.append(answer == b"STORED")
-                elif answer.startswith(b"SERVER_ERROR object too large"):
-                    answers.append(None)  # memcached skips the data and goes on
-                else:
-                    raise TierError(
-                        f"memcached tier {self.tier!r} ({self.address}) answered {answer!r}"
-                    )
-            return answers
-
-        return await self._run(pipeline)
-
-    async def ping(self) -> None:
-        async def version(conn: Connection) -> bytes:
-            conn.writer.write(b"version\r\n")
-            await conn.writer.drain()
-            return await conn.reader.readuntil(b"\r\n")
-
-        answer = await self._run(version)
-        if not answer.startswith(b"VERSION"):
-            raise TierError(f"memcached tier {self.tier!r}: {self.address} answered {answer!r}")
-
-    async def _run(self, operation: Callable[[Connection], Awaitable[_T]]) -> _T:
-        # A pooled connection the server closed (restart) fails once; a fresh one then works.
-        # Replaying is harmless: a multi-get reads again, and a replayed add/cas is refused
-        # or stores the same version again.
+    async def send(self, request: bytes, reply: _Reply[_T]) -> _T:
+        if self._closing or self._transport is None:
+            raise _ConnectionLost(f"{self._client.where}: connection closed")
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        reply.future = future
+        self.pending.append(reply)
+        self._transport.write(request)
         try:
-            async with self._connection() as conn:
-                return await operation(conn)
-        except _ConnectionLost:
-            async with self._connection() as conn:
-                return await operation(conn)
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():
+                # Given up before the reply came: the connection would hand the rest of it
+                # to the next call. The other calls pipelined on it are tried again.
+                self._abort(_ConnectionLost(f"{self._client.where}: a call on it was cancelled"))
+            raise
 
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        where = f"memcached tier {self.tier!r} ({self.address})"
+    def data_received(self, data: bytes) -> None:
+        if self._chunks:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered < self._need:
+                return  # e.g. a large value still coming in: nothing to parse yet
+            data = b"".join(self._chunks)
+            self._chunks = []
+        pending = self.pending
+        pos = 0
         try:
-            conn = await self._pool.acquire()
-        except TimeoutError as exc:
-            raise TierTimeout(f"{where}: connect timed out") from exc
-        except OSError as exc:
-            raise TierUnavailable(f"{where}: {exc}") from exc
-        try:
-            yield conn
-        except BaseException as exc:
-            # Whatever interrupted the command, the connection may hold half a reply: mark
-            # it broken so that the pool closes it instead of reusing it.
-            conn.reader.set_exception(ConnectionAbortedError("interrupted mid-command"))
-            if not isinstance(exc, Exception) or isinstance(exc, TierError):
-                raise  # a cancellation (not the server's doing), or mapped already
-            if isinstance(exc, TimeoutError):
-                raise TierTimeout(f"{where}: {exc}") from exc
-            if isinstance(exc, (OSError, EOFError)) or conn.reader.at_eof():
-                raise _ConnectionLost(f"{where}: connection lost ({exc!r})") from exc
-            # aiomcache.ClientException, or a reply it could not parse
-            raise TierError(f"{where}: {exc!r}") from exc
-        finally:
-            self._pool.release(conn)
+            while pending:
+                reply = pending[0]
+                pos = reply.feed(data, pos)
+                if reply.need:
+                    break
+                pending.popleft()
+            else:
+                if pos < len(data):
+                    raise _BadReply(f"unexpected data {data[pos : pos + 80]!r}")
+                if self._retired:
+                    self.close()
+                return
+        except (_BadReply, ValueError, IndexError) as exc:  # ValueError: int() of a non-number
+            if pending and not pending[0].future.done():
+                error = _BadReply(f"{self._client.where}: malformed reply: {exc}")
+                pending.popleft().future.set_exception(error)
+            self._abort(_ConnectionLost(f"{self._client.where}: closed after a malformed reply"))
+            return
+        if pos < len(data):
+            self._chunks = [data[pos:]]
+            self._buffered = len(data) - pos
+            self._need = reply.need
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        by_server = not self._closing
+        self._closing = True
+        lost = _ConnectionLost(
+            f"{self._client.where}: connection lost ({exc or 'closed by the server'})"
+        )
+        lost.__cause__ = exc
+        self._fail_pending(lost)
+        self._client.lost(self, by_server=by_server)
+
+    def retire(self) -> None:
+        self._retired = True
+        if not self.pending:
+            self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._client.lost(self, by_server=False)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort(self, error: TierError) -> None:
+        self._closing = True
+        self._client.lost(self, by_server=False)
+        self._fail_pending(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail_pending(self, error: TierError) -> None:
+        pending, self.pending = self.pending, collections.deque()
+        for reply in pending:
+            if not reply.future.done():
+                reply.future.set_exception(error)
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+class _Reply(Generic[_T]):
+    """The parser of one command's reply, fed the connection's data as it comes.
+
+    ``feed(data, pos)`` consumes what it can of ``data[pos:]`` and returns the position
+    after it; then ``need`` is 0 and ``future`` has the result when the reply is complete,
+    else how many bytes from that position it needs before it can go on.
+    """
+
+    __slots__ = ("future", "need")
+
+    future: asyncio.Future[_T]
+    need: int
+
+    def feed(self, data: bytes, pos: int) -> int:
+        raise NotImplementedError
+
+
+class _Values(_Reply[tuple[dict[bytes, bytes], dict[bytes, int]]]):
+    """The reply to ``get``/``gets``: per value found ``VALUE <key> <flags> <bytes> [<cas>]``
+    and its data on the next line, then ``END``."""
+
+    __slots__ = ("fields", "tokens", "values")
+
+    def __init__(self, *, with_cas: bool) -> None:
+        self.fields = 5 if with_cas else 4  # of a VALUE line
+        self.values: dict[bytes, bytes] = {}
+        self.tokens: dict[bytes, int] = {}
+
+    def feed(self, data: bytes, pos: int) -> int:
+        # The hot loop of every read: locals, one split per line, no slicing to compare.
+        values, find, size, fields = self.values, data.find, len(data), self.fields
+        while True:
+            eol = find(b"\r\n", pos)
+            if eol < 0:
+                self.need = size - pos + 1
+                return pos
+            line = data[pos:eol].split(b" ")
+            if line[0] == b"VALUE" and len(line) == fields:
+                start = eol + 2
+                end = start + int(line[3])
+                if end < start:
+                    raise _BadReply(f"negative length in {data[pos:eol][:300]!r}")
+                if size < end + 2:
+                    self.need = end + 2 - pos
+                    return pos
+                if data[end] != 13 or data[end + 1] != 10:
+                    raise _BadReply("value not followed by CRLF")
+                values[line[1]] = data[start:end]
+                if fields == 5:
+                    self.tokens[line[1]] = int(line[4])
+                pos = end + 2
+            elif line == [b"END"]:
+                self.need = 0
+                self.future.set_result((values, self.tokens))
+                return eol + 2
+            else:
+                raise _BadReply(f"answered {data[pos:eol][:300]!r}")
+
+
+class _Lines(_Reply[list[_T]]):
+    """``count`` one-line answers, each read by ``parse`` (which raises _BadReply)."""
+
+    __slots__ = ("answers", "count", "parse")
+
+    def __init__(self, count: int, parse: Callable[[bytes], _T]) -> None:
+        self.count = count
+        self.parse = parse
+        self.answers: list[_T] = []
+
+    def feed(self, data: bytes, pos: int) -> int:
+        answers = self.answers
+        while len(answers) < self.count:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                self.need = len(data) - pos + 1
+                return pos
+            answers.append(self.parse(data[pos:eol]))
+            pos = eol + 2
+        self.need = 0
+        self.future.set_result(answers)
+        return pos
+
+
+def _store_answer(line: bytes) -> bool | None:
+    if line == b"STORED":
+        return True
+    if line in (b"NOT_STORED", b"EXISTS", b"NOT_FOUND"):
+        return False  # another writer got there first
+    if line.startswith(b"SERVER_ERROR object too large"):
+        return None  # memcached skipped the data and goes on
+    raise _BadReply(f"answered {line[:300]!r}")
+
+
+def _version_answer(line: bytes) -> bytes:
+    if not line.startswith(b"VERSION "):
+        raise _BadReply(f"answered {line[:300]!r} to version")
+    return line
+
+
+# -- keys, expiry, the ring ------------------------------------------------------------------
+
+
+def _memcached_key(prefix: str, key: str) -> bytes:
+    """``prefix + key`` when memcached accepts it as is, else ``prefix + "#" + hash``.
+
+    Plain keys never start with "#", so the two namespaces cannot collide.
+    """
+    plain = prefix + key
+    if (
+        key.isascii()
+        and key.isprintable()
+        and " " not in key
+        and not key.startswith("#")
+        and len(plain) <= _MAX_KEY_BYTES
+    ):
+        return plain.encode()
+    digest = hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
+    return f"{prefix}#{digest}".encode()
 
 
 class _Ring:
@@ -361,18 +673,6 @@ async def _all(aws: Iterable[Awaitable[_T]]) -> list[_T]:
     return cast(list[_T], results)
 
 
-async def _read_lines(reader: asyncio.StreamReader, count: int) -> list[bytes]:
-    """The next ``count`` lines, without their CRLF: read in as few calls as the data comes
-    in, not one per line. Only for answers that are all single lines (store commands)."""
-    data = b""
-    while data.count(b"\r\n") < count:
-        chunk = await reader.read(65536)
-        if not chunk:
-            raise asyncio.IncompleteReadError(data, None)  # EOF: the connection is lost
-        data += chunk
-    return data.split(b"\r\n", count)[:count]
-
-
 def _exptime(ttl: float) -> int:
     seconds = max(1, math.ceil(ttl))  # 0 would mean "never expires"
     if seconds > _MAX_RELATIVE_EXPTIME:
@@ -387,7 +687,10 @@ def _stored_version(stored: bytes) -> int:
         return -1
 
 
-def _options(url: SplitResult) -> dict[str, Any]:
+# -- the URL ---------------------------------------------------------------------------------
+
+
+def _options(url: SplitResult, nodes: list[Address]) -> dict[str, Any]:
     options = url_options(url, _OPTIONS)
     prefix = options.get("prefix", _DEFAULT_PREFIX)
     if not (prefix.isascii() and prefix.isprintable() and " " not in prefix):
@@ -396,28 +699,50 @@ def _options(url: SplitResult) -> dict[str, Any]:
         raise ValueError(f"option prefix is longer than {_MAX_KEY_BYTES - 41} characters")
     if options.get("pool_size", _DEFAULT_POOL_SIZE) <= 0:
         raise ValueError("option pool_size must be a positive integer")
+    if "gutter" in options:
+        try:
+            gutter = _parse_address(options["gutter"])
+        except ValueError as exc:
+            raise ValueError(f"option gutter: {exc}") from None
+        if gutter in nodes:
+            raise ValueError(
+                f"option gutter: {options['gutter']} is also a node of the ring; the gutter "
+                "must be a server of its own"
+            )
+    elif "gutter_ttl" in options:
+        raise ValueError("option gutter_ttl needs option gutter (the gutter node's host:port)")
+    # Whole seconds, memcached's granularity: a value then lives at most gutter_ttl there.
+    if not 0 < options.get("gutter_ttl", _DEFAULT_GUTTER_TTL) <= _MAX_RELATIVE_EXPTIME:
+        raise ValueError(f"option gutter_ttl must be whole seconds in 1-{_MAX_RELATIVE_EXPTIME}")
     return options
 
 
-def _parse_nodes(url: SplitResult) -> list[tuple[str, int]]:
+def _parse_nodes(url: SplitResult) -> list[Address]:
     """``host:port`` pairs of ``memcached://h1:p1,h2:p2`` (IPv6 as ``[::1]:11211``)."""
     if not url.netloc:
         raise ValueError("memcached:// needs at least one node, e.g. memcached://127.0.0.1:11211")
     if "@" in url.netloc:
         raise ValueError("memcached:// takes no user or password")
-    nodes: list[tuple[str, int]] = []
-    for node in url.netloc.split(","):
-        host, sep, port = node.rpartition(":")
-        if not sep or not port or node.endswith("]"):
-            raise ValueError(f"memcached node {node!r} needs a port, e.g. {node or 'host'}:11211")
-        if ":" in host and not (host.startswith("[") and host.endswith("]")):
-            raise ValueError(f"memcached node {node!r}: put an IPv6 address in brackets, [::1]")
-        host = host.removeprefix("[").removesuffix("]")
-        if not host:
-            raise ValueError(f"memcached node {node!r} has no host")
-        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"memcached node {node!r}: port {port!r} is not in 1-65535")
-        nodes.append((host, int(port)))
+    nodes = [_parse_address(node) for node in url.netloc.split(",")]
     if len(set(nodes)) != len(nodes):
         raise ValueError("memcached:// lists the same node twice")
     return nodes
+
+
+def _parse_address(node: str) -> Address:
+    host, sep, port = node.rpartition(":")
+    if not sep or not port or node.endswith("]"):
+        raise ValueError(f"memcached node {node!r} needs a port, e.g. {node or 'host'}:11211")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"memcached node {node!r}: put an IPv6 address in brackets, [::1]")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host:
+        raise ValueError(f"memcached node {node!r} has no host")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"memcached node {node!r}: port {port!r} is not in 1-65535")
+    return host, int(port)
+
+
+def _address_text(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -253,6 +253,29 @@ async def test_ping(tier: Tier) -> None:
     await tier.ping()
 
 
+# -- independent nodes (tiers that declare them) -----------------------------------------------
+
+
+async def test_each_key_lives_on_the_node_node_for_names(tier: Tier, key: Key) -> None:
+    nodes = tier.nodes()
+    if not nodes:
+        pytest.skip("one failure domain: no nodes")
+    assert tier.nodes() == nodes  # the same nodes on every call
+    assert len({node.name for node in nodes}) == len(nodes)
+    names = [key(f"n{i}") for i in range(24)] + [_pad(key("long"), "é")]
+    await tier.set_many([w(n, n.encode(), V) for n in names])
+    for n in names:
+        owner = tier.node_for(n)
+        for index, node in enumerate(nodes):
+            assert await node.get(n) == (n.encode() if index == owner else None), (n, index)
+    # A write through a node is the tier's entry: versions hold across the two ways in.
+    owner = nodes[tier.node_for(names[0])]
+    await owner.set_many([w(names[0], b"older", V - 1)])
+    assert await tier.get(names[0]) == names[0].encode()
+    await owner.set_many([w(names[0], b"via node", V + 1)])
+    assert await tier.get(names[0]) == b"via node"
+
+
 # -- what only one backend has -----------------------------------------------------------------
 
 
@@ -305,6 +328,8 @@ def test_registry_resolves_each_scheme(scheme: str, cls: type[Tier]) -> None:
         "memcached://127.0.0.1:11211",
         "memcached://10.0.0.1:11211,10.0.0.2:11212?pool_size=8&prefix=x:",
         "memcached://[::1]:11211",
+        "memcached://10.0.0.1:11211,10.0.0.2:11211?gutter=10.0.0.3:11211",
+        "memcached://10.0.0.1:11211?gutter=[::1]:11211&gutter_ttl=2",
         "postgresql://postgres@127.0.0.1:5432/postgres",
         "postgres://u:p@db/cache?table=my_cache&pool_size=2&sweep_interval=5&sslmode=prefer",
     ],
@@ -337,6 +362,12 @@ def test_validate_url_accepts(url: str) -> None:
         ("memcached://a:1?pool_size=0", "pool_size must be a positive integer"),
         ("memcached://a:1?pool_size=many", "option pool_size='many' is not a valid int"),
         ("memcached://a:1?prefix=%C3%BC", "prefix must be printable ASCII"),
+        ("memcached://a:1?gutter=b", "option gutter: memcached node 'b' needs a port"),
+        ("memcached://a:1,b:2?gutter=b:2", "option gutter: b:2 is also a node of the ring"),
+        ("memcached://a:1?gutter_ttl=5", "option gutter_ttl needs option gutter"),
+        ("memcached://a:1?gutter=c:3&gutter_ttl=0", "option gutter_ttl must be whole seconds"),
+        ("memcached://a:1?gutter=c:3&gutter_ttl=9999999", "gutter_ttl must be whole seconds"),
+        ("memcached://a:1?gutter=c:3&gutter_ttl=2.5", "gutter_ttl='2.5' is not a valid int"),
         ("postgresql://postgres@127.0.0.1/postgres?table=drop;table", "lowercase identifier"),
         ("postgresql://postgres@127.0.0.1/postgres?table=Entries", "lowercase identifier"),
         (

@@ -122,7 +122,9 @@ def sidecar_configs(redis_port: int, memcached_url: str, postgres_url: str) -> d
         "three-tier": tiers(
             ("l1", redis_db(1), 3600), ("l2", memcached_url, 3600), ("l3", postgres_url, 86400)
         ),
-        "memory-l1": tiers(("l1", "memory://", 3600), ("l2", postgres_url, 86400)),
+        # An in-process l1 in front of a shared tier needs the channel its peers use.
+        "memory-l1": tiers(("l1", "memory://", 3600), ("l2", postgres_url, 86400))
+        + f'\n[invalidation]\nurl = "{redis_db(4)}"\n',
         # The shortest lifetimes: Redis keeps the promoted copy 1 ms (PX 1), memcached
         # 1-2 s (its expiry is whole seconds, checked against a one-second clock).
         "l2-hit": tiers(

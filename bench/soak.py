@@ -81,6 +81,9 @@ ttl = 900
 name = "l4"
 url = "{postgres_url}"
 ttl = 3600
+
+[invalidation]
+url = "{redis_url}"
 """
 
 

@@ -83,6 +83,7 @@ def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal 
         max_attempts=write.max_attempts,
         metrics=metrics,
         consumer=sidecar_identity(settings, worker),
+        volatile=write.volatile_journal,
     )
 
 
@@ -97,7 +98,13 @@ def build_invalidator(settings: Settings, engine: Engine, metrics: Metrics) -> I
                 config.postgres_url, config.postgres_channel, config.liveness_interval
             )
         )
-    return Invalidator(engine, metrics, listeners, config.url, config.channel)
+    invalidator = Invalidator(
+        engine, metrics, listeners, config.url, config.channel, config.liveness_interval
+    )
+    if any(slot.tier.in_process for slot in engine.slots[:-1]):
+        # In-process copies of every sidecar and worker must learn of every write.
+        engine.announce = invalidator.announce
+    return invalidator
 
 
 def create_app(settings: Settings, worker: int = 0) -> web.Application:

@@ -103,6 +103,13 @@ def serve(settings: Settings, workers: int) -> int:
         return 2
     kind = "embedded default" if settings.is_embedded_default else "configured"
     log.info("tiers (%s): %s", kind, describe_tiers(settings.tiers))
+    if workers > 1 and all(tier.is_in_process for tier in settings.tiers):
+        print(
+            "refusing --workers with in-process tiers only: each worker would hold its own "
+            "copy of every entry; add a shared tier (with [invalidation].url) or use one worker",
+            file=sys.stderr,
+        )
+        return 2
     if workers == 1:
         return serve_worker(settings, worker=0)
     return supervise(settings, workers)

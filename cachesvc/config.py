@@ -81,6 +81,10 @@ class TierSettings(_Section):
     def parsed_url(self) -> SplitResult:
         return urlsplit(self.url)
 
+    @property
+    def is_in_process(self) -> bool:
+        return tier_class(self.parsed_url.scheme.lower()).in_process
+
 
 class WriteSettings(_Section):
     strategy: Strategy = "write-through"
@@ -97,6 +101,9 @@ class WriteSettings(_Section):
     reclaim_after: float = Field(30.0, gt=0)
     # Deliveries a refused (not unreachable) entry gets before it is dead-lettered.
     max_attempts: int = Field(5, ge=1)
+    # Acknowledge write-behind on a journal whose Redis does not persist every write
+    # (appendfsync always): its crash then loses acknowledged writes.
+    volatile_journal: bool = False
 
     @model_validator(mode="after")
     def _check_journal_url(self) -> WriteSettings:
@@ -115,8 +122,9 @@ class InvalidationSettings(_Section):
     # Postgres LISTEN/NOTIFY: a second source, so a database trigger can invalidate.
     postgres_url: str | None = None
     postgres_channel: str = Field("cachesvc_invalidate", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-    # A subscription silent for this long is checked (PING / SELECT 1).
-    liveness_interval: float = Field(5.0, gt=0)
+    # A lost source is noticed within this long (a silent subscription is PINGed at a
+    # third of it); until it is back the sidecar reads the durable tier only.
+    liveness_interval: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _check_urls(self) -> InvalidationSettings:
@@ -152,6 +160,15 @@ class Settings(_Section):
                 raise _FieldError(f"tiers[{position}].name", f"duplicate tier name {tier.name!r}")
             seen.add(tier.name)
         object.__setattr__(self, "tiers", named)
+        in_process = [position for position, tier in enumerate(named) if tier.is_in_process]
+        shared = len(in_process) < len(named)
+        if shared and in_process and self.invalidation.url is None:
+            raise _FieldError(
+                f"tiers[{in_process[0]}].url",
+                "an in-process tier in front of shared tiers needs [invalidation].url: "
+                "writes made through other sidecars (and other --workers) reach its copies "
+                "through that channel",
+            )
         if self.write.journal_url is None:
             redis_tier = next(
                 (t for t in named if t.parsed_url.scheme in ("redis", "rediss")), None

@@ -26,19 +26,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from redis.exceptions import RedisError
 
 from cachesvc.batching import Batcher, chain, then
 from cachesvc.config import Strategy
-from cachesvc.envelope import Entry, VersionClock, decode_live
+from cachesvc.envelope import Entry, decode_live
 from cachesvc.errors import Unavailable
 from cachesvc.journal import Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
+from cachesvc.versions import NodeLease, VersionClock
 from tiers.base import TierError, TierTimeout, TierWrite
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MONITOR_INTERVAL = 0.5
 
@@ -47,15 +51,14 @@ async def _false() -> bool:
     return False
 
 
-async def _settle(calls: Sequence[Awaitable[None]]) -> list[BaseException | None]:
-    """Await every call; what each raised, or None. (One call, the common case, is
+async def _settle(calls: Sequence[Awaitable[T]]) -> list[T | BaseException]:
+    """Await every call; what each returned or raised. (One call, the common case, is
     awaited directly: gather would wrap it in a task of its own.)"""
     if len(calls) == 1:
         try:
-            await calls[0]
+            return [await calls[0]]
         except Exception as exc:
             return [exc]
-        return [None]
     return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
@@ -70,6 +73,15 @@ class _StoreJob(NamedTuple):
 class Hit(NamedTuple):
     entry: Entry
     tier: str
+
+
+class Unflushed(NamedTuple):
+    """A write-behind write of this process not yet applied below the top tier."""
+
+    entry: Entry
+    payload: bytes
+    until: float  # wall-clock time when the top tier would have dropped it anyway
+    journal_id: bytes | None  # its journal entry, once the journal recorded it
 
 
 class NewValue(NamedTuple):
@@ -97,6 +109,9 @@ class Engine:
         self.top = self.slots[0]
         self.durable = self.slots[-1]
         self.clock = VersionClock()
+        # A node number unique among the sidecars sharing the durable tier (an in-process
+        # durable tier is this process's alone).
+        self.lease = None if self.durable.tier.in_process else NodeLease(self.clock, identity)
         self.request_timeout = request_timeout
         self.journal = journal
         self.drain_timeout = drain_timeout
@@ -112,10 +127,17 @@ class Engine:
         # promotion may restart a tier's ttl): markers older than that hide nothing.
         self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
         self._flights: dict[str, asyncio.Future[Hit | None]] = {}
-        # Write-behind writes of this process not yet applied below the top tier: reads
-        # that miss the top tier (evicted, or it failed) still see them.
-        # key -> (entry, payload, wall-clock time after which it is no longer served)
-        self._unflushed: dict[str, tuple[Entry, bytes, float]] = {}
+        # Write-behind writes of this process not yet applied below the top tier (by this
+        # sidecar or a peer): reads that miss the top tier (evicted, or it failed) still see
+        # them, unless a newer write or an invalidation covers the key.
+        self._unflushed: dict[str, Unflushed] = {}
+        # Set by the invalidator while an invalidation source is lost: events may be
+        # missed, so only the durable tier is read.
+        self.blind = False
+        # Tells the peers' in-process tiers that keys have newer versions (set by the
+        # invalidator when this sidecar's fleet has in-process tiers); the write is
+        # answered once they were told.
+        self.announce: Callable[[Sequence[tuple[str, int]]], asyncio.Future[None]] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._stop_flushing = asyncio.Event()
@@ -125,6 +147,12 @@ class Engine:
         for slot in self.slots:
             await slot.tier.start()
         await self._sync_missed()  # before serving: what was missed before a restart
+        await self._keep_lease()
+        if self.journal is not None:
+            try:
+                await self.journal.check_durability()
+            except RedisError as exc:  # the flusher checks again once it can
+                log.warning("write-behind journal unreachable at start: %s", exc)
         self._monitor = asyncio.create_task(self._watch_tiers(), name="cachesvc-tier-monitor")
         if self.journal is not None and len(self.slots) > 1:
             self._flusher = asyncio.create_task(
@@ -150,6 +178,8 @@ class Engine:
         await self._stores.close()
         await self._sync_missed()  # the last repairs, for the next start
         await self._missed_records.close()
+        if self.lease is not None:
+            await self.lease.release(self.durable)
         for slot in self.slots:
             await slot.close()
 
@@ -159,21 +189,22 @@ class Engine:
         """The live entry of ``key`` from the highest tier holding one (promoted into the
         tiers above it), or None. An in-process top tier's hit comes back as a done future,
         a remote top tier's from its batch's callback; only a read that goes below the top
-        tier runs a task. Fails with Unavailable when no tier could answer for certain."""
+        tier runs a task. Fails with Unavailable when no tier could answer for certain.
+
+        While ``blind`` (an invalidation source is lost, so events may be missed), only
+        the durable tier is read: no cache tier can be trusted for what it might have been
+        told to drop."""
         top = self.top
+        if self.blind and len(self.slots) > 1:
+            return self._read_below(key, floor=0, top_failed=False)
         if not top.readable(key):
-            return self._read_below(key, top_failed=False)
+            return self._read_below(key, floor=0, top_failed=False)
         if top.tier.in_process:
             try:
                 payload = top.get_now(key)
             except TierError:
-                return self._read_below(key, top_failed=True)
-            hit = self._top_hit(key, payload)
-            if hit is None:
-                return self._read_below(key, top_failed=False)
-            found: asyncio.Future[Hit | None] = self._loop.create_future()
-            found.set_result(hit)
-            return found
+                return self._read_below(key, floor=0, top_failed=True)
+            return self._top_answered(key, payload)
         return chain(top.get(key), lambda answer: self._after_top(key, answer))
 
     async def read_many(self, keys: Sequence[str]) -> list[Hit | None]:
@@ -185,81 +216,90 @@ class Engine:
         failure = answer.exception()
         if failure is not None:
             if isinstance(failure, TierError):
-                return self._read_below(key, top_failed=True)
+                return self._read_below(key, floor=0, top_failed=True)
             raise failure
-        hit = self._top_hit(key, answer.result())
-        if hit is None:
-            return self._read_below(key, top_failed=False)
-        found: asyncio.Future[Hit | None] = self._loop.create_future()
-        found.set_result(hit)
-        return found
+        return self._top_answered(key, answer.result())
 
-    def _top_hit(self, key: str, payload: bytes | None) -> Hit | None:
-        """The hit in what the top tier answered for ``key``, if it is live."""
+    def _top_answered(self, key: str, payload: bytes | None) -> asyncio.Future[Hit | None]:
+        """A hit in what the top tier answered for ``key``, or the read goes below."""
         top = self.top
-        entry = self._fresh(key, payload, time.time())
-        if entry is None:
-            top.metrics.misses.inc()
-            return None
-        top.metrics.hits.inc()
-        return Hit(entry, top.name)
+        entry = decode_live(payload, time.time())
+        floor = 0
+        if entry is not None:
+            floor = self.markers.hiding(key, entry) if self.markers.active else 0
+            if not floor:
+                top.metrics.hits.inc()
+                found: asyncio.Future[Hit | None] = self._loop.create_future()
+                found.set_result(Hit(entry, top.name))
+                return found
+        top.metrics.misses.inc()
+        return self._read_below(key, floor, top_failed=False)
 
-    def _read_below(self, key: str, top_failed: bool) -> asyncio.Future[Hit | None]:
-        return asyncio.ensure_future(self._get_below(key, top_failed))
+    def _read_below(self, key: str, floor: int, top_failed: bool) -> asyncio.Future[Hit | None]:
+        return asyncio.ensure_future(self._get_below(key, floor, top_failed))
 
-    async def _get_below(self, key: str, top_failed: bool) -> Hit | None:
-        """The rest of a read the top tier did not answer (or failed, ``top_failed``)."""
+    async def _get_below(self, key: str, floor: int, top_failed: bool) -> Hit | None:
+        """The rest of a read the top tier did not answer (or failed, ``top_failed``).
+
+        ``floor``: the version of an invalidation that hid what a tier above held; an
+        entry found below that is not newer is older than that entry, so invalidated too,
+        whether or not the invalidation names it (a tag the older value did not carry)."""
         top = self.top
         if len(self.slots) == 1:
             if top_failed:  # the only tier is the durable one: "not found" would be a guess
                 raise Unavailable(f"the tier {top.name!r} did not answer", top.name)
             return None
-        unflushed = self._unflushed.get(key)
-        if unflushed is not None:
-            entry, payload, until = unflushed
-            now = time.time()
-            if until < now:  # the top tier would have dropped it by now too
-                del self._unflushed[key]
-            elif self._fresh(key, payload, now) is not None:
+        if self.blind:
+            return await self._read_lower(key, self.slots[-1:], floor)
+        overlay = self._overlay(key)
+        if overlay is not None and overlay.entry.version > floor:
+            hiding = self.markers.hiding(key, overlay.entry) if self.markers.active else 0
+            if not hiding:
                 if not top_failed and top.readable(key):
-                    await self._promote(key, payload, entry, [top], now)
-                return Hit(entry, top.name)
+                    await self._promote(key, overlay.payload, overlay.entry, [top], time.time())
+                return Hit(overlay.entry, top.name)
+            floor = max(floor, hiding)
         flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(self._read_lower(key, top_failed))
+            flight = asyncio.ensure_future(
+                self._read_lower(key, self.slots[1:], floor, {top} if top_failed else set())
+            )
             self._flights[key] = flight
             flight.add_done_callback(lambda done: self._land(key, done))
         # Shielded: one reader giving up must not cancel the lookup others wait for.
         hit = await asyncio.shield(flight)
-        if hit is not None and self.markers.active and self.markers.hides(key, hit.entry):
+        if hit is None or hit.entry.version <= floor:
+            return None
+        if self.markers.active and self.markers.hiding(key, hit.entry):
             return None  # invalidated while the lookup this read joined was under way
         return hit
-
-    def _fresh(self, key: str, payload: bytes | None, now: float) -> Entry | None:
-        """The live entry in ``payload``, unless an invalidation marker hides it."""
-        entry = decode_live(payload, now)
-        if entry is not None and self.markers.active and self.markers.hides(key, entry):
-            return None
-        return entry
 
     def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
 
-    async def _read_lower(self, key: str, top_failed: bool) -> Hit | None:
+    async def _read_lower(
+        self,
+        key: str,
+        slots: Sequence[TierSlot],
+        floor: int,
+        failed: set[TierSlot] | None = None,
+    ) -> Hit | None:
         try:
             async with asyncio.timeout(self.request_timeout):
-                return await self._search_lower(key, {self.top} if top_failed else set())
+                return await self._search(key, slots, floor, failed or set())
         except TimeoutError:
             raise Unavailable(
                 f"the lower tiers did not answer within request_timeout ({self.request_timeout} s)"
             ) from None
 
-    async def _search_lower(self, key: str, failed: set[TierSlot]) -> Hit | None:
-        """The first live entry below the top tier, promoted into the tiers above it —
-        except those that just failed: the read must not wait on a hung tier twice."""
-        for position in range(1, len(self.slots)):
-            slot = self.slots[position]
+    async def _search(
+        self, key: str, slots: Sequence[TierSlot], floor: int, failed: set[TierSlot]
+    ) -> Hit | None:
+        """The first live entry in ``slots`` newer than ``floor``, promoted into the tiers
+        above it — except those that just failed (the read must not wait on a hung tier
+        twice), and none while ``blind``."""
+        for slot in slots:
             if not slot.readable(key):
                 continue
             try:
@@ -268,15 +308,19 @@ class Engine:
                 failed.add(slot)
                 continue
             now = time.time()
-            entry = self._fresh(key, payload, now)
-            if entry is None:
-                slot.metrics.misses.inc()
-                continue
-            slot.metrics.hits.inc()
-            assert payload is not None
-            above = [upper for upper in self.slots[:position] if upper not in failed]
-            await self._promote(key, payload, entry, above, now)
-            return Hit(entry, slot.name)
+            entry = decode_live(payload, now)
+            if entry is not None and entry.version > floor:
+                hiding = self.markers.hiding(key, entry) if self.markers.active else 0
+                if not hiding:
+                    slot.metrics.hits.inc()
+                    assert payload is not None
+                    if not self.blind:
+                        position = self.slots.index(slot)
+                        above = [upper for upper in self.slots[:position] if upper not in failed]
+                        await self._promote(key, payload, entry, above, now)
+                    return Hit(entry, slot.name)
+                floor = max(floor, hiding)
+            slot.metrics.misses.inc()
         if self.durable in failed:
             # The one tier that holds every entry could not be asked: "not found" would
             # be a guess. (A cache tier that failed does not matter: the durable tier
@@ -307,6 +351,19 @@ class Engine:
         now = time.time()
         entries = self._new_entries(values, now)
         versions = [entry.version for entry in entries]
+        stored = self._write(values, entries, strategy, now)
+        if self.announce is not None:
+            # Concurrently: the peers' in-process tiers drop older copies (a peer that reads
+            # the shared tiers meanwhile cannot promote an older value: its version is lower).
+            announced = self.announce(
+                [(new.key, version) for new, version in zip(values, versions, strict=True)]
+            )
+            stored = asyncio.gather(stored, announced)
+        return then(stored, lambda _: versions)
+
+    def _write(
+        self, values: Sequence[NewValue], entries: Sequence[Entry], strategy: Strategy, now: float
+    ) -> asyncio.Future[Any]:
         if strategy == "write-behind" and len(self.slots) > 1:
             return asyncio.ensure_future(self._write_behind(values, entries, now))
         durable_writes = []
@@ -322,7 +379,7 @@ class Engine:
                 else:
                     write = TierWrite(new.key, payload, entry.version, entry.ttl_in(slot.ttl, now))
                 cache_writes.append((slot, write))
-        return then(self._store(durable_writes, cache_writes), lambda _: versions)
+        return self._store(durable_writes, cache_writes)
 
     def _new_entries(self, values: Sequence[NewValue], now: float) -> list[Entry]:
         entries = []
@@ -348,6 +405,9 @@ class Engine:
             raise Unavailable(
                 "write-behind journal is full; retry later or write through", "journal"
             )
+        refusal = journal.refusal()
+        if refusal is not None:
+            raise Unavailable(refusal, "journal")
 
         top_writes = [
             TierWrite(new.key, entry.encode(), entry.version, entry.ttl_in(top.ttl, now))
@@ -355,7 +415,7 @@ class Engine:
         ]
         # Visible to reads of this process at once, in version order: set before any await.
         for write, entry in zip(top_writes, entries, strict=True):
-            self._unflushed[write.key] = (entry, write.payload or b"", now + top.ttl)
+            self._unflushed[write.key] = Unflushed(entry, write.payload or b"", now + top.ttl, None)
         try:
             async with asyncio.timeout(self.request_timeout):
                 stored, recorded = await asyncio.gather(
@@ -370,27 +430,30 @@ class Engine:
             raise Unavailable(
                 f"the write did not complete within {self.request_timeout} s", top.name
             ) from None
-        for write, stored_result, recorded_result in zip(top_writes, stored, recorded, strict=True):
-            if recorded_result is not None:
+        journal_failure: BaseException | None = None
+        for write, recorded_result in zip(top_writes, recorded, strict=True):
+            if isinstance(recorded_result, BaseException):
                 # Not journaled: the lower tiers will never get it, so neither the
                 # overlay nor the top tier may keep serving it.
+                journal_failure = journal_failure or recorded_result
                 self._forget_unflushed(write.key, write.version)
-                if stored_result is None:
-                    top.miss(write.key, write.version)
-        missed = [(w, r) for w, r in zip(top_writes, stored, strict=True) if r is not None]
-        for write, _ in missed:
-            top.miss(write.key, write.version)  # it may hold an older value
-        if missed:
+                top.miss(write.key, write.version)
+                continue
+            overlay = self._unflushed.get(write.key)  # known flushed once its entry is
+            if overlay is not None and overlay.entry.version == write.version:
+                self._unflushed[write.key] = overlay._replace(journal_id=recorded_result)
+        missed = [r for r in stored if isinstance(r, BaseException)]
+        for write, stored_result in zip(top_writes, stored, strict=True):
+            if isinstance(stored_result, BaseException):
+                top.miss(write.key, write.version)  # it may hold an older value
+        if missed or journal_failure is not None:
             await self._missed_records.submit(None)
-        if any(result is not None for result in recorded):
-            await self._missed_records.submit(None)
-        journal_failure = next((r for r in recorded if r is not None), None)
         if journal_failure is not None:
             raise Unavailable(
                 f"write-behind journal: {journal_failure}", "journal"
             ) from journal_failure
         if missed:
-            raise Unavailable(f"the top tier did not take the write: {missed[0][1]}", top.name)
+            raise Unavailable(f"the top tier did not take the write: {missed[0]}", top.name)
         return [entry.version for entry in entries]
 
     async def apply_write_behind(self, records: Sequence[Record]) -> None:
@@ -425,9 +488,30 @@ class Engine:
             self._forget_unflushed(key, rec.entry.version)
 
     def _forget_unflushed(self, key: str, version: int) -> None:
+        """Drop the overlay's value of ``key`` if ``version`` covers it."""
         unflushed = self._unflushed.get(key)
-        if unflushed is not None and unflushed[0].version <= version:
+        if unflushed is not None and unflushed.entry.version <= version:
             del self._unflushed[key]
+
+    def _overlay(self, key: str) -> Unflushed | None:
+        """The overlay's value of ``key``, unless it has been applied below (by anyone:
+        the journal's oldest entry is past it) or the top tier would have dropped it."""
+        unflushed = self._unflushed.get(key)
+        if unflushed is None:
+            return None
+        applied = (
+            unflushed.journal_id is not None
+            and self.journal is not None
+            and self.journal.applied(unflushed.journal_id)
+        )
+        if applied or unflushed.until < time.time():
+            del self._unflushed[key]
+            return None
+        return unflushed
+
+    def _sweep_overlay(self) -> None:
+        for key in list(self._unflushed):
+            self._overlay(key)
 
     def _forget(self, key: str) -> None:
         """A newer write or delete of ``key`` is under way: later readers must neither join
@@ -435,26 +519,27 @@ class Engine:
         self._flights.pop(key, None)
         self._unflushed.pop(key, None)
 
-    async def delete_many(
-        self, keys: Sequence[str], version: int | None = None, local_only: bool = False
-    ) -> None:
-        """Tombstone ``keys`` in every tier, durable first — or, ``local_only``, in the
-        in-process tiers only (a peer already did the shared ones) — at ``version``
-        (default: a new one per key)."""
+    async def superseded(self, versions: Sequence[tuple[str, int]]) -> None:
+        """Peers wrote or deleted these keys at these versions (their shared tiers are done):
+        older copies in this process — the in-process tiers, a lookup under way, the
+        overlay — are dropped. A tombstone at the version keeps an older value from being
+        promoted back; the newer value itself (equal version) may still be."""
+        for key, version in versions:
+            self.clock.witness(version)
+            self._flights.pop(key, None)
+            self._forget_unflushed(key, version - 1)
+        tombstones = [TierWrite(key, None, version, TOMBSTONE_TTL) for key, version in versions]
+        for slot in self.slots:
+            if slot.tier.in_process:
+                await slot.tier.set_many(tombstones)
+
+    async def delete_many(self, keys: Sequence[str], version: int | None = None) -> None:
+        """Tombstone ``keys`` in every tier, durable first, at ``version`` (default: a new
+        one per key)."""
         versions = []
         for key in keys:
             self._forget(key)
             versions.append(version or self.clock.next())
-        if local_only:
-            for slot in self.slots:
-                if slot.tier.in_process:
-                    await slot.tier.set_many(
-                        [
-                            TierWrite(k, None, v, TOMBSTONE_TTL)
-                            for k, v in zip(keys, versions, strict=True)
-                        ]
-                    )
-            return
         # In the durable tier a tombstone lives as long as anything may still be applied
         # there: a write-behind record replayed late must not bring a deleted value back.
         durable_tombstones = [
@@ -504,6 +589,7 @@ class Engine:
                 f"the durable tier {durable.name!r} did not answer within "
                 f"request_timeout ({self.request_timeout} s)",
                 durable.name,
+                outcome_unknown=True,
             ) from exc
         except TierError as exc:
             raise Unavailable(
@@ -558,10 +644,21 @@ class Engine:
             for slot, ok in zip(self.slots, answered, strict=True)
         ]
 
+    async def _keep_lease(self) -> None:
+        if self.lease is None or self.durable.state == "open":
+            return
+        try:
+            await self.lease.keep(self.durable)
+        except TierError as exc:
+            log.debug("node number not leased yet: %s", exc)
+
     async def check_tiers(self) -> None:
-        """Probe tiers that are not known good, repair those that came back, and keep
-        the record of missed keys in the durable tier."""
+        """Probe tiers that are not known good, repair those that came back, keep the
+        record of missed keys in the durable tier and the node number's lease, and drop
+        overlay values applied below since."""
         await self._sync_missed()
+        await self._keep_lease()
+        self._sweep_overlay()
         for slot in self.slots:
             if slot.state != "closed" or slot.missed:
                 if slot.state != "closed" and not await slot.probe():

@@ -1,4 +1,4 @@
-"""The per-entry envelope the engine stores in every tier, and the clock that versions it.
+"""The per-entry envelope the engine stores in every tier.
 
 An envelope is a msgpack array ``[value, content_type, version, expires_at, tags]``:
 arrays decode faster than maps and the schema is private to this module. ``expires_at``
@@ -8,7 +8,6 @@ promoted entry keeps its remaining lifetime across tiers and processes.
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import msgpack
@@ -62,25 +61,3 @@ def decode_live(payload: bytes | None, now: float) -> Entry | None:
     if entry.expires_at is not None and entry.expires_at <= now:
         return None
     return entry
-
-
-class VersionClock:
-    """Strictly increasing versions: microseconds since the epoch, bumped past the last one.
-
-    Wall-clock based so that versions from several sidecars sharing L2/L3 order writes by
-    when they happened; within one process they never repeat or go back, even when the
-    clock steps backwards. Across hosts the order is as good as their clock sync (NTP keeps
-    it to milliseconds), which is documented in the operations guide.
-    """
-
-    def __init__(self) -> None:
-        self._last = 0
-
-    def next(self) -> int:
-        self._last = max(time.time_ns() // 1000, self._last + 1)
-        return self._last
-
-    def witness(self, version: int) -> None:
-        """A peer's version was seen: later versions here must be newer (a hybrid
-        logical clock's receive rule)."""
-        self._last = max(self._last, version)

@@ -93,9 +93,11 @@ class Unavailable(ServiceError):
     status = 503
     code = "unavailable"
 
-    def __init__(self, detail: str, tier: str | None = None) -> None:
+    def __init__(self, detail: str, tier: str | None = None, outcome_unknown: bool = False) -> None:
         super().__init__(detail)
         self.tier = tier
+        # The tier did not answer in time: it may have done what was asked.
+        self.outcome_unknown = outcome_unknown
 
     def body(self) -> dict[str, str]:
         body = super().body()

@@ -20,9 +20,12 @@ Which crash loses what:
   re-read by the same consumer name when it restarts, or claimed by a peer.
 - lower tier down: nothing; entries stay pending and are retried with backoff and jitter.
   The journal answers 503 once ``journal_max_pending`` entries wait (back-pressure).
-- journal Redis crash: whatever it had not persisted. Run it with ``appendonly yes`` and
-  ``appendfsync always`` (or ``everysec`` to trade up to a second of writes for speed);
-  see docs/operations.md.
+- journal Redis crash: nothing, on a journal that persists every write — ``appendonly yes``
+  with ``appendfsync always``, which the journal checks (``CONFIG GET``) at start and every
+  ``DURABILITY_CHECK_INTERVAL`` seconds. On any other journal write-behind answers 503
+  naming the journal and the fix, unless the operator accepted the loss with
+  ``[write] volatile_journal = true`` (then ``/readyz`` and ``cachesvc_journal_durable``
+  say so).
 
 Entries that can never be applied (undecodable, or refused by the durable tier
 ``max_attempts`` times with a non-transient error) move to ``<stream>:dead``, where
@@ -39,7 +42,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachesvc.batching import Batcher
 from cachesvc.envelope import Entry, decode_envelope
@@ -50,6 +56,13 @@ from tiers.base import TierError, TierTimeout, TierUnavailable
 log = logging.getLogger(__name__)
 
 GROUP = "cachesvc-flushers"
+DURABILITY_CHECK_INTERVAL = 10.0
+# The flusher re-reads its own pending entries this often: one whose read reply was lost
+# (a reset connection) is delivered to it and to nobody else until then.
+OWN_PENDING_INTERVAL = 1.0
+# One immediate retry on a fresh connection: a pooled connection a Redis restart closed
+# fails once, then works (as the Redis tier does).
+RETRY_ONCE = Retry(NoBackoff(), 1, supported_errors=(ConnectionError, RedisTimeoutError))
 
 
 class JournalUnavailable(Exception):
@@ -78,6 +91,7 @@ class Journal:
         max_attempts: int,
         metrics: Metrics,
         consumer: str,
+        volatile: bool = False,
     ) -> None:
         self.stream = stream
         self.dead_stream = f"{stream}:dead"
@@ -86,7 +100,13 @@ class Journal:
         self.reclaim_after = reclaim_after
         self.max_attempts = max_attempts
         self.consumer = consumer
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        self.volatile = volatile  # the operator accepts a journal that may lose writes
+        # Whether the journal's Redis persists every write; None until checked.
+        self.durable: bool | None = None
+        self._durability_checked = 0.0
+        self._client = redis.Redis.from_url(
+            url, socket_connect_timeout=1, socket_timeout=2, retry=RETRY_ONCE
+        )
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
         # Back-pressure counts the stream exactly, appends racing a count included: a
         # count (XLEN with the newest ID, atomically) holds every append whose ID is not
@@ -104,14 +124,52 @@ class Journal:
         self.m_flushed = metrics.journal_flushed
         self.m_retried = metrics.journal_retried
         self.m_dead = metrics.journal_dead_lettered
+        self.m_durable = metrics.journal_durable
 
     # -- producer side -------------------------------------------------------------------
 
     def has_room(self, count: int) -> bool:
         return self._depth + self._appending + count <= self.max_pending
 
-    async def append(self, key: str, payload: bytes) -> None:
-        """Record a write durably; raises JournalUnavailable."""
+    def refusal(self) -> str | None:
+        """Why write-behind must not be acknowledged on this journal, if it must not."""
+        if self.volatile or self.durable:
+            return None
+        if self.durable is None:
+            return (
+                "the write-behind journal's durability is not known yet (its Redis is unreachable)"
+            )
+        return (
+            "the write-behind journal's Redis does not persist every write (it needs "
+            "appendonly yes and appendfsync always): a crash would lose acknowledged "
+            "writes. Fix its persistence, write through, or accept the loss with "
+            "[write] volatile_journal = true"
+        )
+
+    async def check_durability(self) -> None:
+        """Whether the journal's Redis persists every write it accepts, from its config."""
+        try:
+            config = await self._client.config_get("append*")
+        except ResponseError as exc:  # CONFIG disabled (a managed Redis): cannot tell
+            log.warning("cannot read the journal Redis's persistence settings: %s", exc)
+            self.durable = False
+        else:
+            self.durable = (
+                config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
+            )
+        self._durability_checked = time.monotonic()
+        self.m_durable.set(1 if self.durable else 0)
+
+    def applied(self, entry_id: bytes) -> bool:
+        """Whether the entry ``entry_id`` (appended by this process) has been applied to
+        the lower tiers, by this sidecar or a peer: it was in the stream when the depth was
+        last counted, and the stream's oldest entry is now past it."""
+        return not _id_after(entry_id, self._counted_up_to) and (
+            self._oldest_id is None or _id_after(self._oldest_id, entry_id)
+        )
+
+    async def append(self, key: str, payload: bytes) -> bytes:
+        """Record a write durably; its entry id. Raises JournalUnavailable."""
         if not self.has_room(1):
             raise JournalUnavailable(f"journal full ({self._depth} pending writes)")
         self._appending += 1
@@ -126,6 +184,7 @@ class Journal:
             self._depth += 1
         if _id_after(entry_id, self._last_appended):
             self._last_appended = entry_id
+        return entry_id
 
     async def _append_batch(self, items: list[tuple[str, bytes]]) -> list[bytes]:
         await self._ensure_group()
@@ -151,11 +210,16 @@ class Journal:
         """Flush until ``stop`` is set and nothing of ours is pending (or cancelled)."""
         backoff = Backoff()
         own_pending = True  # first our own unacknowledged entries (after a crash or retry)
-        last_reclaim = 0.0
+        last_reclaim = last_own = 0.0
         while True:
             try:
                 await self._ensure_group()
                 await self._refresh_depth()
+                now = time.monotonic()
+                if now - self._durability_checked > DURABILITY_CHECK_INTERVAL:
+                    await self.check_durability()
+                if now - last_own > OWN_PENDING_INTERVAL:
+                    own_pending, last_own = True, now
                 if own_pending:
                     records = await self._read("0", block=None)
                     own_pending = bool(records)
@@ -331,6 +395,10 @@ class Journal:
     async def close(self) -> None:
         await self._appends.close()
         await self._client.aclose()
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _id_time(entry_id: bytes) -> float:

@@ -101,6 +101,12 @@ class Metrics:
             "Write-behind writes whose flush failed and is retried.",
             registry=r,
         )
+        self.journal_durable = Gauge(
+            "cachesvc_journal_durable",
+            "1 when an acknowledged write-behind write survives a crash of the journal's "
+            "Redis (appendonly yes with appendfsync always), else 0.",
+            registry=r,
+        )
         self.journal_dead_lettered = Counter(
             "cachesvc_journal_dead_lettered",
             "Write-behind writes moved to the dead-letter stream after repeated refusal.",

@@ -101,8 +101,6 @@ class TierSlot:
         # key -> version of the newest write this tier missed for it
         self.missed: dict[str, int] = {}
         self.missed_changed = False  # not yet recorded in the durable tier
-        # Set while this (in-process) tier may be missing invalidation events.
-        self.suspended = False
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gets = Batcher(self._get_batch)
@@ -111,9 +109,8 @@ class TierSlot:
     # -- reads ---------------------------------------------------------------------------
 
     def readable(self, key: str) -> bool:
-        """Whether this tier may answer for ``key``: it did not miss a write of it, nor
-        (in-process tiers) invalidation events."""
-        if self.suspended or (self._blind_until and time.monotonic() < self._blind_until):
+        """Whether this tier may answer for ``key``: it did not miss a write of it."""
+        if self._blind_until and time.monotonic() < self._blind_until:
             return False
         return key not in self.missed
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_ITEMS = 10_000  # per field: a bigger event is a mistake, not an invalidation
-# Versions are microseconds since the epoch and must stay exact in a double (tiers compare
-# them in Lua); sent_at becomes a version when an event carries none.
-MAX_VERSION = 2**53
-MAX_SENT_AT = MAX_VERSION / 1_000_000
+MAX_VERSION = 2**63  # versions are 63-bit integers (a Postgres bigint)
+# sent_at becomes a version when an event carries none: times up to 2090.
+MAX_SENT_AT = 3_800_000_000
 
 
 class MalformedEvent(ValueError):
@@ -36,9 +35,12 @@ class InvalidationEvent:
     # The publishing sidecar's version of the invalidation: receivers tombstone and mark
     # at it, so a write acknowledged after the invalidation is never hidden by it.
     version: int | None = field(default=None, compare=False)
+    # Keys a sidecar wrote, each at its version: peers drop older copies from their
+    # in-process tiers (the shared tiers hold the new value already).
+    written: tuple[tuple[str, int], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.prefixes or self.tags)
+        return bool(self.keys or self.prefixes or self.tags or self.written)
 
     def to_json(self) -> str:
         document: dict[str, Any] = {
@@ -52,6 +54,8 @@ class InvalidationEvent:
             document["sent_at"] = self.sent_at
         if self.version is not None:
             document["version"] = self.version
+        if self.written:
+            document["written"] = [list(pair) for pair in self.written]
         return json.dumps(document, ensure_ascii=False)
 
 
@@ -73,7 +77,28 @@ def parse_event(raw: bytes | str) -> InvalidationEvent:
         origin=origin if isinstance(origin, str) else None,
         sent_at=_timestamp(sent_at),
         version=version if isinstance(version, int) and 0 < version < MAX_VERSION else None,
+        written=_written(document.get("written")),
     )
+
+
+def _written(value: Any) -> tuple[tuple[str, int], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise MalformedEvent(f"written must be a list of at most {MAX_ITEMS} [key, version] pairs")
+    pairs = []
+    for pair in value:
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and pair[0]
+            and isinstance(pair[1], int)
+            and 0 < pair[1] < MAX_VERSION
+        ):
+            raise MalformedEvent("written must be a list of [key, version] pairs")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
 
 
 def _timestamp(value: Any) -> float | None:

@@ -95,6 +95,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def volatile_redis_server() -> Iterator[RedisServer]:
+    """A Redis that keeps nothing on disk: restarted, it comes back empty."""
+    with RedisServer(persistent=False) as server:
+        yield server
+
+
+@pytest.fixture
 def memcached_server() -> Iterator[MemcachedServer]:
     with MemcachedServer() as server:
         yield server

@@ -335,19 +335,32 @@ def _require(binary: str, hint: str) -> str:
 
 
 class RedisServer(Server):
+    """``persistent``: every write is in its append-only file before Redis answers
+    (``appendfsync always``), as a write-behind journal needs; otherwise a restart comes
+    back empty."""
+
     name = "redis"
+
+    def __init__(self, port: int | None = None, persistent: bool = True) -> None:
+        super().__init__(port)
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
 
     def _command(self) -> list[str]:
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
         return [
             _require("redis-server", "CACHESVC_TEST_REDIS_URL"),
             "--port", str(self.port),
             "--bind", LOOPBACK,
             "--save", "",
-            "--appendonly", "no",
+            *persistence,
             "--dir", str(self.dir),
         ]  # fmt: skip
 

@@ -46,6 +46,14 @@ class TierTimeout(TierError):
     """The tier's server did not answer in time."""
 
 
+class Marker(NamedTuple):
+    """An invalidation of everything not newer than ``version`` under ``name``: ``t:<tag>``,
+    ``p:<key prefix>`` or ``k:<key>`` (see cachesvc.markers)."""
+
+    name: str
+    version: int
+
+
 class TierWrite(NamedTuple):
     key: str
     payload: bytes | None  # None writes a tombstone
@@ -53,8 +61,9 @@ class TierWrite(NamedTuple):
     ttl: float  # seconds, > 0: how long the tier keeps it
 
 
-# Versions are microseconds since the epoch (see cachesvc.engine.VersionClock): they fit
-# a double exactly until the year 2255, which Redis' Lua needs to compare them.
+# Versions are non-negative 63-bit integers (cachesvc.versions). Written as 16 lowercase hex
+# digits, their order is the order of the strings, which is how Redis' Lua compares them
+# (a Lua number, a double, is exact only to 2^53).
 VERSION_HEADER_LEN = 16
 
 
@@ -114,6 +123,9 @@ class Tier(abc.ABC):
     # The per-call timeout when the config names none: a network cache answers in well
     # under a millisecond on localhost, a database commit can take longer.
     default_timeout: ClassVar[float] = 0.25
+    # Keeps invalidation markers (save_markers/load_markers): as the durable tier, it holds
+    # them for every sidecar, so that they outlive a restart of any cache server.
+    keeps_markers: ClassVar[bool] = False
 
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         self.name = name
@@ -141,6 +153,15 @@ class Tier(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    async def save_markers(self, markers: Sequence[Marker], ttl: float) -> None:
+        """Keep each marker for ``ttl`` seconds, unless one of its name with a higher
+        version is kept already. Required of tiers that declare ``keeps_markers``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no markers")
+
+    async def load_markers(self) -> list[Marker]:
+        """Every marker kept and not expired."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no markers")
 
     async def clear(self) -> None:
         """Drop every entry. Required of in-process tiers only: the engine clears them

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import SplitResult
 
-from tiers.base import Tier, TierWrite, url_options
+from tiers.base import Marker, Tier, TierWrite, url_options
 
 _OPTIONS: dict[str, type] = {"max_items": int, "max_bytes": int}
 
@@ -28,6 +28,7 @@ class _Slot(NamedTuple):
 class MemoryTier(Tier):
     schemes = ("memory",)
     in_process = True
+    keeps_markers = True
 
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         super().__init__(name, url, ttl)
@@ -36,6 +37,9 @@ class MemoryTier(Tier):
         self.max_bytes = int(options.get("max_bytes", 256 * 1024 * 1024))
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._bytes = 0
+        # name -> (version, monotonic deadline): markers are kept apart from the entries,
+        # never evicted, and outlive clear() (it drops cached values, not invalidations).
+        self._markers: dict[str, tuple[int, float]] = {}
 
     @classmethod
     def validate_url(cls, url: SplitResult) -> None:
@@ -85,6 +89,19 @@ class MemoryTier(Tier):
 
     async def ping(self) -> None:
         return None
+
+    async def save_markers(self, markers: Sequence[Marker], ttl: float) -> None:
+        now = time.monotonic()
+        for name, version in markers:
+            held = self._markers.get(name)
+            if held is None or held[0] < version or held[1] <= now:
+                self._markers[name] = (version, now + ttl)
+
+    async def load_markers(self) -> list[Marker]:
+        now = time.monotonic()
+        for name in [name for name, (_, deadline) in self._markers.items() if deadline <= now]:
+            del self._markers[name]
+        return [Marker(name, version) for name, (version, _) in self._markers.items()]
 
     async def close(self) -> None:
         await self.clear()

@@ -44,6 +44,7 @@ import asyncpg
 import asyncpg.pool
 
 from tiers.base import (
+    Marker,
     Tier,
     TierError,
     TierTimeout,
@@ -119,6 +120,7 @@ _RETRY_ONCE = (
 
 class PostgresTier(Tier):
     schemes = ("postgresql", "postgres")
+    keeps_markers = True
     # A write is a commit (WAL flush), and the first call of a fresh pool connection pays
     # for the connect; both take longer than a network cache's round trip.
     default_timeout = 1.0
@@ -138,6 +140,7 @@ class PostgresTier(Tier):
         self._calls: set[asyncio.Task[Any]] = set()
 
         table = f'"{self.table}"'
+        markers = f'"{self.table}_markers"'
         self._ddl = f"""
             CREATE TABLE IF NOT EXISTS {table} (
                 key text PRIMARY KEY,
@@ -146,7 +149,24 @@ class PostgresTier(Tier):
                 expires_at timestamptz NOT NULL
             );
             CREATE INDEX IF NOT EXISTS "{self.table}_expires_at_idx" ON {table} (expires_at);
+            CREATE TABLE IF NOT EXISTS {markers} (
+                name text PRIMARY KEY,
+                version bigint NOT NULL,
+                expires_at timestamptz NOT NULL
+            );
         """
+        # Invalidation markers (cachesvc.markers): the newest version of each name, kept
+        # while it could hide an entry; expired ones go with the sweep.
+        self._sql_save_markers = f"""
+            INSERT INTO {markers} AS m (name, version, expires_at)
+            SELECT n, v, now() + $3 * interval '1 second'
+            FROM unnest($1::text[], $2::int8[]) AS w(n, v)
+            ON CONFLICT (name) DO UPDATE
+            SET version = EXCLUDED.version, expires_at = EXCLUDED.expires_at
+            WHERE m.version < EXCLUDED.version OR m.expires_at <= now()
+        """
+        self._sql_load_markers = f"SELECT name, version FROM {markers} WHERE expires_at > now()"
+        self._sql_sweep_markers = f"DELETE FROM {markers} WHERE expires_at <= now()"
         self._sql_get = f"""
             SELECT key, payload FROM {table}
             WHERE key = ANY($1::text[]) AND expires_at > now()
@@ -232,12 +252,35 @@ class PostgresTier(Tier):
 
         await self._run(select_one)
 
+    async def save_markers(self, markers: Sequence[Marker], ttl: float) -> None:
+        newest: dict[str, int] = {}
+        for name, version in markers:  # one row per name in one upsert
+            newest[name] = max(version, newest.get(name, 0))
+        if not newest:
+            return
+        names = sorted(newest)  # rows locked in one order by every writer
+
+        async def upsert(conn: _Conn) -> None:
+            await conn.execute(self._sql_save_markers, names, [newest[name] for name in names], ttl)
+
+        await self._run(upsert)
+
+    async def load_markers(self) -> list[Marker]:
+        async def select(conn: _Conn) -> list[asyncpg.Record]:
+            return await conn.fetch(self._sql_load_markers)
+
+        return [Marker(row[0], row[1]) for row in await self._run(select)]
+
     async def sweep(self) -> int:
         """Delete expired rows in bounded batches; returns how many went."""
 
         async def delete(conn: _Conn) -> str:
             return await conn.execute(self._sql_sweep, _SWEEP_BATCH)
 
+        async def delete_markers(conn: _Conn) -> str:
+            return await conn.execute(self._sql_sweep_markers)
+
+        await self._run(delete_markers)
         total = 0
         for _ in range(_SWEEP_MAX_BATCHES):
             deleted = int((await self._run(delete)).rpartition(" ")[2])  # "DELETE <n>"

@@ -34,6 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from tiers.base import (
+    Marker,
     Tier,
     TierError,
     TierTimeout,
@@ -54,21 +55,37 @@ _DRIVER_OPTIONS: dict[str, type] = {
     ),
 }
 _DEFAULT_PREFIX = "cachesvc:"
+_MARKERS = "\x1fmarkers"  # after the prefix: a control character, so no entry's key
 
 # KEYS: the entries. ARGV[2i-1], ARGV[2i]: KEYS[i]'s new versioned blob and its lifetime in
 # milliseconds. One call stores a whole batch (one command for redis-py to pack and parse,
 # instead of one per key); keys repeated in it are stored in order, so the highest version
-# still wins. Versions are below 2^53, so tonumber(hex, 16) compares them exactly as
-# doubles. A stored value without a version header (some other program's key) is replaced.
+# still wins. Versions are compared as their fixed-width hex headers, whose string order is
+# their numeric order. A stored value without a version header (some other program's key)
+# is replaced.
 _CONDITIONAL_SET = b"""
 for i, key in ipairs(KEYS) do
   local blob = ARGV[2 * i - 1]
   local current = redis.call('GET', key)
-  local stored = current and tonumber(string.sub(current, 1, 16), 16)
-  if not (stored and stored > tonumber(string.sub(blob, 1, 16), 16)) then
+  local stored = current and string.match(current, '^%x+', 1)
+  if not (stored and #stored >= 16 and string.sub(current, 1, 16) > string.sub(blob, 1, 16)) then
     redis.call('SET', key, blob, 'PX', ARGV[2 * i])
   end
 end
+return 0
+"""
+# KEYS[1]: the hash of markers. ARGV: name, 16-hex-digit version pairs, then the lifetime in
+# milliseconds. A marker is kept unless its name is held at a higher version; the hash lives
+# as long as its newest marker (a marker outlives nothing it could hide).
+_SAVE_MARKERS = """
+local last = #ARGV
+for i = 1, last - 1, 2 do
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  if not held or held < ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[last])
 return 0
 """
 # Keys per script call: a script blocks Redis while it runs, so a huge batch is split.
@@ -86,6 +103,7 @@ _RETRY = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionErro
 
 class RedisTier(Tier):
     schemes = ("redis", "rediss")
+    keeps_markers = True
 
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         super().__init__(name, url, ttl)
@@ -155,6 +173,16 @@ class RedisTier(Tier):
         with self._mapped_errors():
             await client.ping()
 
+    async def save_markers(self, markers: Sequence[Marker], ttl: float) -> None:
+        if not markers:
+            return
+        with self._mapped_errors():
+            await save_markers(self._started(), self.prefix + _MARKERS, markers, ttl)
+
+    async def load_markers(self) -> list[Marker]:
+        with self._mapped_errors():
+            return await load_markers(self._started(), self.prefix + _MARKERS)
+
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
@@ -198,6 +226,27 @@ class RedisTier(Tier):
             raise TierUnavailable(f"redis tier {self.name!r}: {exc}") from exc
         except redis.exceptions.RedisError as exc:
             raise TierError(f"redis tier {self.name!r}: {exc}") from exc
+
+
+async def save_markers(
+    client: redis.asyncio.Redis, key: str, markers: Sequence[Marker], ttl: float
+) -> None:
+    """Keep ``markers`` in the hash ``key`` (see ``_SAVE_MARKERS``)."""
+    arguments: list[str | int] = []
+    for name, version in markers:
+        arguments += [name, f"{version:016x}"]
+    arguments.append(max(1, math.ceil(ttl * 1000)))
+    await client.eval(_SAVE_MARKERS, 1, key, *arguments)
+
+
+async def load_markers(client: redis.asyncio.Redis, key: str) -> list[Marker]:
+    """The markers kept in the hash ``key``."""
+    stored = await client.hgetall(key)
+    return [Marker(_text(name), int(_text(version), 16)) for name, version in stored.items()]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _no_script(result: object) -> bool:

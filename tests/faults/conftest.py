@@ -32,7 +32,10 @@ FAST_DURABLE_TIER: dict[str, Any] = {"breaker_failures": 3, "breaker_reset": 0.5
 
 
 def fault_settings(
-    *urls: str, journal_url: str | None = None, **per_tier: dict[str, Any]
+    *urls: str,
+    journal_url: str | None = None,
+    volatile_journal: bool = False,
+    **per_tier: dict[str, Any],
 ) -> Settings:
     """Tiers l1..lN at ``urls`` (ttl 300/3600/86400), with fast fault detection.
 
@@ -50,7 +53,7 @@ def fault_settings(
     # that a test flushing l1 (FLUSHDB of db 0) does not delete the journal's stream.
     if journal_url is None and urls[0].startswith("redis://"):
         journal_url = urlunsplit(urlsplit(urls[0])._replace(path="/1", query=""))
-    write: dict[str, Any] = {"drain_timeout": 1}
+    write: dict[str, Any] = {"drain_timeout": 1, "volatile_journal": volatile_journal}
     if journal_url is not None:
         write["journal_url"] = journal_url
     return Settings.model_validate({"tiers": tiers, "write": write})

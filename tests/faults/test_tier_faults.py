@@ -622,16 +622,19 @@ async def test_a_tier_that_missed_a_delete_never_serves_the_deleted_value(
 
 
 async def test_l1_killed_and_restarted_is_used_again_and_write_behind_still_flows(
-    redis_server: RedisServer,
+    volatile_redis_server: RedisServer,
     clean_memcached_url: str,
     clean_postgres_url: str,
     make_client: MakeClient,
 ) -> None:
     """The journal lives in the top tier's Redis: a Redis restart without persistence takes
     the stream and its consumer group with it, and new write-behind writes must still reach
-    the lower tiers."""
+    the lower tiers (the operator accepted a journal that may lose writes)."""
+    redis_server = volatile_redis_server
     client = await make_client(
-        fault_settings(redis_server.url, clean_memcached_url, clean_postgres_url)
+        fault_settings(
+            redis_server.url, clean_memcached_url, clean_postgres_url, volatile_journal=True
+        )
     )
     status, _ = await put(client, "l1-killed:before", b"v", "strategy=write-behind")
     assert status == 202

@@ -164,7 +164,7 @@ async def test_notify_from_a_trigger_invalidates(
         settings(
             "memory://",
             clean_postgres_url,
-            invalidation={"postgres_url": clean_postgres_url},
+            invalidation={"url": clean_redis_url, "postgres_url": clean_postgres_url},
         )
     )
     await until(lambda: ready(client), 5.0, "listening")

@@ -53,13 +53,44 @@ def test_three_tier_sidecar_exits_0_on_sigterm(
     assert "l3=postgresql://" in sidecar.log
 
 
-def test_workers_share_the_port_and_stop_together() -> None:
-    with Sidecar(None, None, "--workers", "2") as sidecar:
+def test_workers_share_the_port_and_stop_together(
+    clean_redis_url: str, clean_postgres_url: str
+) -> None:
+    config = tiers_config("memory://", clean_postgres_url) + (
+        f'[invalidation]\nurl = "{clean_redis_url}"\n'
+    )
+    with Sidecar(config, None, "--workers", "2") as sidecar:
         for n in range(20):  # new connections: the kernel spreads them over the workers
             assert request("PUT", f"{sidecar.url}/v1/cache/k{n}", b"v")[0] == 204
         assert request("GET", sidecar.url + "/healthz")[0] == 200
         assert sidecar.terminate() == 0
     assert "Traceback" not in sidecar.log
+
+
+def test_two_workers_read_their_writes(clean_redis_url: str, clean_postgres_url: str) -> None:
+    """Each worker has its own in-process l1: a write answered by one reaches the other's
+    before the answer (it was 21 of 40 fresh-connection GETs returning the old value)."""
+    config = tiers_config("memory://", clean_postgres_url) + (
+        f'[invalidation]\nurl = "{clean_redis_url}"\n'
+    )
+    with Sidecar(config, None, "--workers", "2") as sidecar:
+        url = sidecar.url + "/v1/cache/ryw"
+        assert request("PUT", url, b"v1")[0] == 204
+        for _ in range(40):  # fresh connections: both workers' l1 now hold v1
+            assert request("GET", url)[2] == b"v1"
+        stale = 0
+        for round_ in range(2, 12):
+            value = f"v{round_}".encode()
+            assert request("PUT", url, value)[0] == 204
+            stale += sum(request("GET", url)[2] != value for _ in range(20))
+        assert sidecar.terminate() == 0
+    assert stale == 0
+
+
+def test_workers_with_in_process_tiers_only_are_refused() -> None:
+    result = run_cli("serve", "--port", "0", "--workers", "2")
+    assert result.returncode == 2
+    assert "refusing --workers with in-process tiers only" in result.stderr
 
 
 def test_non_loopback_bind_without_token_is_refused(tmp_path: Path) -> None:

@@ -61,6 +61,18 @@ def test_variables_that_are_not_settings_are_skipped() -> None:
 def test_journal_defaults_to_the_first_redis_tier() -> None:
     settings = load_settings(
         None,
-        {"CACHESVC_TIERS": '[{"url": "memory://"}, {"url": "redis://127.0.0.1:1/3?prefix=x:"}]'},
+        {
+            "CACHESVC_TIERS": '[{"url": "memory://"}, {"url": "redis://127.0.0.1:1/3?prefix=x:"}]',
+            "CACHESVC_INVALIDATION__URL": "redis://127.0.0.1:1/0",
+        },
     )
     assert settings.write.journal_url == "redis://127.0.0.1:1/3"
+
+
+def test_an_in_process_tier_over_shared_ones_needs_the_channel() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {"CACHESVC_TIERS": '[{"url": "memory://"}, {"url": "redis://h/0"}]'})
+    assert (
+        "tiers[0].url: an in-process tier in front of shared tiers needs [invalidation].url"
+        in str(refused.value)
+    )

@@ -17,7 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from tests.servers import free_port
+# Its walk of /proc by parent pid (/proc/<pid>/task/<tid>/children is not on every kernel).
+from tests.servers import _descendants, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,11 +158,44 @@ def pyplot() -> Any:
 
 
 def schedstat(pid: int) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting for a CPU) of the process's main thread, the
-    one running the event loop. Waiting means something else held its CPU."""
-    with open(f"/proc/{pid}/schedstat") as stat:
-        on_cpu, waiting, _ = stat.read().split()
-    return int(on_cpu), int(waiting)
+    """(ns on a CPU, ns runnable but waiting for a CPU) of the threads of ``pid`` now
+    alive (for cachesvc and the Python peers, the event loop's thread is all there is to
+    it; webdis answers from worker threads). Waiting means something else held a CPU."""
+    on_cpu = waiting = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                ran, waited, _ = stat.read().split()
+            on_cpu += int(ran)
+            waiting += int(waited)
+    return on_cpu, waiting
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu_ticks(stat: str) -> int:
+    """utime + stime + cutime + cstime of a /proc/<pid>/stat line, in clock ticks: the
+    CPU time of all of the process's threads, live or gone, and of the children it has
+    waited for."""
+    # The command name is in parentheses and may itself hold spaces or ')'; fields 14-17
+    # (utime, stime, cutime, cstime) are 11-14 after it, counting the state as 0.
+    fields = stat.rpartition(")")[2].split()
+    return sum(int(field) for field in fields[11:15])
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) used so far by ``pid`` and its descendants: threads,
+    children alive and children exited and waited for. Its resolution is a clock tick
+    (10 ms at the usual 100 Hz), so measure over seconds."""
+    ticks = 0
+    for process in (pid, *_descendants(pid)):
+        with (
+            contextlib.suppress(FileNotFoundError, ProcessLookupError),
+            open(f"/proc/{process}/stat") as stat,
+        ):
+            ticks += stat_cpu_ticks(stat.read())
+    return ticks / CLOCK_TICKS
 
 
 def load_average() -> float:

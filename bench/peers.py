@@ -1,4 +1,4 @@
-"""The reference servers the bench compares cachesvc with, each a standalone process.
+"""The two reference servers the bench compares cachesvc with, each a standalone process.
 
 ``python -m bench.peers minimal --port P [--value-size N]``
     The floor: aiohttp on uvloop answering ``GET /v1/cache/{key}`` (the same route as
@@ -11,29 +11,16 @@
 
 Both answer ``/healthz``, serve ``GET /v1/cache/{key}`` like cachesvc, and log no
 access lines (cachesvc does not either).
-
-``Webdis(redis_port)``
-    webdis (https://github.com/nicolasff/webdis, Debian's ``webdis`` package), a C HTTP
-    front for Redis on libevent and hiredis, in front of the bench's Redis: what a
-    Redis read over HTTP costs without Python. ``GET /GET/<key>?type=...`` answers the
-    raw value with that content type (``.txt`` or no suffix would answer JSON).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import redis.asyncio
 import uvloop
 from aiohttp import web
-
-from tests.servers import LOOPBACK, Server, ServerError
 
 CLIENT = web.AppKey("client", redis.asyncio.Redis)
 
@@ -70,62 +57,6 @@ def naive_app(redis_url: str) -> web.Application:
     app.router.add_get("/v1/cache/{key}", get)
     app.router.add_get("/healthz", healthz)
     return app
-
-
-def webdis_config(
-    redis_port: int, http_port: int, log_path: Path, threads: int = 1
-) -> dict[str, object]:
-    """webdis.json for a private webdis in front of the Redis on ``redis_port`` (database
-    0), in the foreground, logging errors only (cachesvc logs no access lines either).
-    One worker thread: like every server under test it is pinned to one CPU, where more
-    threads would only take turns."""
-    return {
-        "redis_host": LOOPBACK,
-        "redis_port": redis_port,
-        "http_host": LOOPBACK,
-        "http_port": http_port,
-        "threads": threads,
-        "database": 0,
-        "daemonize": False,
-        "verbosity": 0,
-        "logfile": str(log_path),
-    }
-
-
-class Webdis(Server):
-    """webdis on a free loopback port, started and cleaned up like tests/servers.py's."""
-
-    name = "webdis"
-
-    def __init__(self, redis_port: int, threads: int = 1) -> None:
-        super().__init__()
-        self.redis_port = redis_port
-        self.threads = threads
-        self.config_path = self.dir / "webdis.json"
-
-    @staticmethod
-    def available() -> str | None:
-        return shutil.which("webdis")
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def _command(self) -> list[str]:
-        binary = self.available()
-        if binary is None:
-            raise ServerError("webdis not found: apt-get install webdis")
-        # Written here, not in _prepare: a start retried on another port rewrites it.
-        config = webdis_config(self.redis_port, self.port, self.log_path, self.threads)
-        self.config_path.write_text(json.dumps(config, indent=2) + "\n")
-        return [binary, str(self.config_path)]
-
-    def _is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/PING", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -66,7 +66,7 @@ from typing import Any
 import redis
 
 from bench import loadgen, proc, wrk
-from bench.peers import Webdis
+from bench.proc import Webdis
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
 

@@ -22,7 +22,7 @@ import redis
 from aiohttp import web
 
 from bench import loadgen, proc, profile, run, soak, wrk
-from bench.peers import Webdis, webdis_config
+from bench.proc import Webdis, webdis_config
 from bench.workload import Values, Workload, ZipfSampler
 from cachesvc.config import load_settings
 from tests.sidecar import Sidecar

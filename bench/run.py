@@ -1,12 +1,14 @@
 """The side-by-side benchmark: ``python -m bench.run [--duration 10] [--connections 64]``.
 
-One run starts private redis-server, memcached and Postgres (tests/servers.py), the two
+One run starts private redis-server, memcached and Postgres (tests/servers.py), the
 peers (bench/peers.py) and four cachesvc sidecars, fills them, and measures one scenario
 after the other with the same load generator:
 
 =============  ===========================================================================
 minimal        the minimal aiohttp+uvloop handler: the floor for any aiohttp service
 naive          aiohttp + one redis-py asyncio GET per request
+webdis         webdis, Debian's C HTTP front for Redis: a GET of the naive peer's values
+               (skipped, with a line saying so, when webdis is not installed)
 l1             cachesvc GET served by L1, three-tier sidecar [redis, memcached, postgres]
 l1-memory      cachesvc GET served by an in-process L1, sidecar [memory, postgres]
 l2             cachesvc GET served by L2: the L2 sidecar's L1 keeps entries for 1 ms
@@ -23,6 +25,12 @@ key set large enough that no key comes back while its promoted copy lives. Which
 served each read is taken from the sidecar's ``cachesvc_tier_hits`` counters, not
 assumed: the table shows that share.
 
+In each round, after the throughput runs, the fixed-rate CPU measurement: each of the
+``--cpu-scenarios`` at a steady ``--cpu-rate`` (2,000 requests/s, open loop: what a
+pod's sidecar sees, where nothing is coalesced), and the server's CPU seconds per 1,000
+requests from /proc/<pid>/stat (user + system, threads and children included), beside
+the minimal handler's.
+
 Then, at a fixed 1,000 requests/s (open loop, latency from the due time), the p99 of an
 L1 hit through the sidecar against a redis-py GET of the same Redis: what the sidecar
 adds. Last, each sidecar's peak RSS (VmHWM).
@@ -31,7 +39,7 @@ On two or more CPUs the server under test is pinned to the last CPU and everythi
 (load generator, Redis, memcached, Postgres) to the others: the sidecar is measured on
 one core, and the load generator never competes with it. wrk runs with one thread.
 
-Results: a table on stdout, and ``bench/results/bench-<time>.{json,md,png}``.
+Results: the tables on stdout, and ``bench/results/bench-<time>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from typing import Any
 import redis
 
 from bench import loadgen, proc, wrk
+from bench.proc import Webdis
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
 
@@ -89,6 +98,9 @@ class Scenario:
 SCENARIOS = [
     Scenario("minimal", "minimal aiohttp handler", "minimal", "/v1/cache/min:", 10_000),
     Scenario("naive", "naive sidecar (aiohttp + redis-py)", "naive", "/v1/cache/naive:", 10_000),
+    # The naive peer's keys; ?type= makes webdis answer the raw value, not JSON.
+    Scenario("webdis", "webdis GET (C, Redis over HTTP)", "webdis", "/GET/naive:", 10_000,
+             query="type=application/octet-stream"),
     Scenario("l1", "cachesvc GET, L1 hit (redis L1)", "three-tier", "/v1/cache/l1:", 10_000,
              tier="l1"),
     Scenario("l1-memory", "cachesvc GET, L1 hit (memory L1)", "memory-l1", "/v1/cache/mem:",
@@ -103,6 +115,8 @@ SCENARIOS = [
              method="PUT", query="strategy=write-behind"),
 ]  # fmt: skip
 BY_KEY = {s.key: s for s in SCENARIOS}
+# What the fixed-rate CPU measurement runs by default: the floor, the peers and an L1 hit.
+CPU_SCENARIOS = ("minimal", "naive", "webdis", "l1", "l1-memory")
 
 
 def sidecar_configs(redis_port: int, memcached_url: str, postgres_url: str) -> dict[str, str]:
@@ -243,6 +257,9 @@ class Options:
     rounds: int = 1
     profile: bool = False
     results: Path = RESULTS
+    cpu_rate: float = 2000.0
+    cpu_duration: float = 10.0  # 0: no fixed-rate CPU measurement
+    cpu_scenarios: tuple[str, ...] = CPU_SCENARIOS
 
 
 @dataclass
@@ -362,6 +379,96 @@ def combine(measured: Sequence[Row]) -> Row:
         cpu_wait=max(r.cpu_wait for r in rounds),
         rounds_rps=[r.rps for r in measured],
         l1_batch=first.l1_batch,
+        rounds_used=len(rounds),
+    )
+
+
+# -- CPU at a fixed rate ---------------------------------------------------------------------
+
+
+@dataclass
+class CpuRow:
+    """One server's CPU at a fixed request rate: ``cpu_per_1k`` is its CPU seconds (user +
+    system, threads and children included) per 1,000 requests answered."""
+
+    scenario: str
+    title: str
+    rate: float  # requests/s asked
+    achieved: float  # requests/s answered
+    requests: int
+    errors: int
+    cpu_per_1k: float
+    p50_ms: float
+    p99_ms: float
+    cpu_wait: float  # as Row.cpu_wait
+    ratio_minimal: float | None = None
+    rounds_per_1k: list[float] = field(default_factory=list)
+    rounds_used: int = 1
+
+
+def fixed_rate_cpu(
+    base: str, pid: int, scenario: Scenario, options: Options, warmup: float
+) -> CpuRow:
+    """``scenario`` at ``options.cpu_rate`` requests/s for ``options.cpu_duration`` s, open
+    loop (bench/loadgen.py: requests go out on schedule whatever the answers do), after
+    ``warmup`` s at the same rate; the CPU the server at ``pid`` used meanwhile."""
+    body = b"x" * options.value_size if scenario.method == "PUT" else None
+    requests = loadgen.key_requests(
+        base + scenario.path, scenario.keys, scenario.method, body, scenario.query
+    )
+    host, port = base.removeprefix("http://").split(":")
+
+    async def run() -> tuple[loadgen.OpenLoopResult, float, float]:
+        pool = loadgen.HttpPool(host, int(port))
+
+        async def call(i: int) -> int:
+            return await pool.request(requests[i % len(requests)])
+
+        try:
+            if warmup > 0:
+                await loadgen.open_loop(call, options.cpu_rate, warmup)
+            cpu, waiting, wall = proc.cpu_seconds(pid), proc.schedstat(pid)[1], time.monotonic()
+            # open_loop returns once every answer is in: the server's work is done.
+            result = await loadgen.open_loop(call, options.cpu_rate, options.cpu_duration)
+            used = proc.cpu_seconds(pid) - cpu
+            waited = (proc.schedstat(pid)[1] - waiting) / ((time.monotonic() - wall) * 1e9)
+        finally:
+            pool.close()
+        return result, used, waited
+
+    result, used, waited = asyncio.run(run())
+    numbers = result.summary()
+    return CpuRow(
+        scenario=scenario.key,
+        title=scenario.title,
+        rate=options.cpu_rate,
+        achieved=result.rps,
+        requests=result.requests,
+        errors=result.errors,
+        cpu_per_1k=used / result.requests * 1000 if result.requests else math.nan,
+        p50_ms=numbers["p50_ms"],
+        p99_ms=numbers["p99_ms"],
+        cpu_wait=waited,
+    )
+
+
+def combine_cpu(measured: Sequence[CpuRow]) -> CpuRow:
+    """Rounds of one fixed-rate measurement as one row, like combine(): medians of the
+    undisturbed rounds (of all when every one was disturbed), sums of the counts."""
+    rounds = [r for r in measured if r.cpu_wait <= DISTURBED] or list(measured)
+    first = rounds[0]
+    return CpuRow(
+        scenario=first.scenario,
+        title=first.title,
+        rate=first.rate,
+        achieved=statistics.median(r.achieved for r in rounds),
+        requests=sum(r.requests for r in rounds),
+        errors=sum(r.errors for r in rounds),
+        cpu_per_1k=statistics.median(r.cpu_per_1k for r in rounds),
+        p50_ms=statistics.median(r.p50_ms for r in rounds),
+        p99_ms=statistics.median(r.p99_ms for r in rounds),
+        cpu_wait=max(r.cpu_wait for r in rounds),
+        rounds_per_1k=[r.cpu_per_1k for r in measured],
         rounds_used=len(rounds),
     )
 
@@ -501,6 +608,40 @@ def table(rows: Sequence[Row], markdown: bool = False) -> str:
                 f"{row.cpu_wait:.1%}",
             ]
         )
+    return render(header, lines, markdown)
+
+
+def cpu_table(rows: Sequence[CpuRow], markdown: bool = False) -> str:
+    header = [
+        "scenario",
+        "CPU-s / 1k req",
+        "us / req",
+        "x minimal",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "cpu wait",
+    ]
+    lines = [
+        [
+            row.title,
+            f"{row.cpu_per_1k:.3f}",
+            f"{row.cpu_per_1k * 1000:.1f}",
+            _ratio(row.ratio_minimal),
+            f"{row.achieved:,.0f}",
+            f"{row.p50_ms:.2f}",
+            f"{row.p99_ms:.2f}",
+            str(row.errors),
+            f"{row.cpu_wait:.1%}",
+        ]
+        for row in rows
+    ]
+    return render(header, lines, markdown)
+
+
+def render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
+    """A table as Markdown, or as aligned columns for the terminal."""
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -593,7 +734,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per scenario (0: no throughput run)"
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each one")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--value-size", type=int, default=256, help="bytes per value")
@@ -612,11 +755,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="py-spy the server in each scenario (results/profile-*)",
     )
+    parser.add_argument(
+        "--cpu-rate", type=float, default=2000.0, help="fixed-rate CPU run: requests/s"
+    )
+    parser.add_argument(
+        "--cpu-duration", type=float, default=10.0, help="fixed-rate CPU run: seconds (0: skip)"
+    )
+    parser.add_argument(
+        "--cpu-scenarios",
+        default=",".join(CPU_SCENARIOS),
+        help="which of the --scenarios get the fixed-rate CPU run (comma-separated)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    unknown = set(args.scenarios.split(",")) - set(BY_KEY)
-    if unknown:
-        parser.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(BY_KEY)}")
+    for option in ("scenarios", "cpu_scenarios"):
+        unknown = set(getattr(args, option).split(",")) - set(BY_KEY) - {""}
+        if unknown:
+            parser.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(BY_KEY)}")
     if args.loadgen == "auto":
         args.loadgen = "wrk" if wrk.available() else "python"
     if args.loadgen == "wrk" and not wrk.available():
@@ -639,8 +794,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         profile=args.profile,
         results=args.results,
+        cpu_rate=args.cpu_rate,
+        cpu_duration=args.cpu_duration,
+        cpu_scenarios=tuple(args.cpu_scenarios.split(",")),
     )
     chosen = [s for s in SCENARIOS if s.key in set(args.scenarios.split(","))]
+    if Webdis.available() is None and "webdis" in {s.key for s in chosen}:
+        print("webdis is not installed (scripts/install-system-deps.sh installs it from "
+              "Debian's packages): its rows are skipped", flush=True)  # fmt: skip
+        chosen = [s for s in chosen if s.key != "webdis"]
+    cpu_chosen = (
+        [s for s in chosen if s.key in options.cpu_scenarios] if options.cpu_duration > 0 else []
+    )
     value = b"x" * options.value_size
     cpus = proc.split_cpus() if options.pin else None
     started = dt.datetime.now(dt.UTC)
@@ -652,11 +817,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"bench: {len(chosen)} scenarios x ({options.warmup:g} s warm-up + "
         f"{options.duration:g} s), {options.connections} connections, "
-        f"load generator {options.loadgen}, {placement}",
+        f"load generator {options.loadgen}, {placement}; "
+        + (
+            f"{len(cpu_chosen)} at {options.cpu_rate:g} req/s x ({options.warmup:g} s warm-up "
+            f"+ {options.cpu_duration:g} s) for their CPU"
+            if cpu_chosen
+            else "no fixed-rate CPU run"
+        ),
         flush=True,
     )
 
     rows: list[Row] = []
+    cpu_rows: list[CpuRow] = []
     load_before = proc.load_average()
     latency: dict[str, Any] | None = None
     peak_rss: dict[str, int] = {}
@@ -669,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets: dict[str, tuple[str, int]] = {}  # name -> (base url, pid)
 
         needed = {s.target for s in chosen}
-        if "naive" in needed or options.latency_duration > 0:
+        if {"naive", "webdis"} & needed or options.latency_duration > 0:
             fill_redis(naive_redis, "naive:", BY_KEY["naive"].keys, value)
         if options.latency_duration > 0:
             needed |= {"minimal", "three-tier"}
@@ -681,6 +853,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "naive" in needed:
             peer = stack.enter_context(proc.Peer("naive", "--redis", naive_redis))
             targets["naive"] = (peer.url, peer.pid)
+        if "webdis" in needed:
+            webdis = stack.enter_context(Webdis(redis_server.port))
+            assert webdis.pid is not None
+            targets["webdis"] = (webdis.url, webdis.pid)
         configs = sidecar_configs(redis_server.port, memcached.url, postgres.url)
         for name, config in configs.items():
             if name not in needed:
@@ -696,10 +872,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             move_to_server_cpu(pid)
 
         measured: dict[str, list[Row]] = {s.key: [] for s in chosen}
+        measured_cpu: dict[str, list[CpuRow]] = {s.key: [] for s in cpu_chosen}
         for round_number in range(1, options.rounds + 1):
-            for scenario in chosen:
+            label = f" (round {round_number}/{options.rounds})" if options.rounds > 1 else ""
+            for scenario in chosen if options.duration > 0 else []:
                 base, pid = targets[scenario.target]
-                label = f" (round {round_number}/{options.rounds})" if options.rounds > 1 else ""
                 print(f"measuring {scenario.title}{label} ...", flush=True)
                 row = run_scenario(base, pid, scenario, options, scenario.target in configs)
                 measured[scenario.key].append(row)
@@ -716,7 +893,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print("  write-behind journal NOT drained within 120 s", flush=True)
                     else:
                         print(f"  write-behind journal drained {drained:.1f} s after", flush=True)
-        rows = [combine(measured[s.key]) for s in chosen]
+            for scenario in cpu_chosen:
+                base, pid = targets[scenario.target]
+                print(f"CPU of {scenario.title} at {options.cpu_rate:g} req/s{label} ...",
+                      flush=True)  # fmt: skip
+                cpu_row = fixed_rate_cpu(base, pid, scenario, options, options.warmup)
+                measured_cpu[scenario.key].append(cpu_row)
+                print(
+                    f"  {cpu_row.cpu_per_1k:.3f} CPU-s per 1,000 requests "
+                    f"({cpu_row.cpu_per_1k * 1000:.1f} us each), {cpu_row.achieved:,.0f} req/s "
+                    f"answered, p50 {cpu_row.p50_ms:.2f} ms, p99 {cpu_row.p99_ms:.2f} ms, "
+                    f"errors {cpu_row.errors}, cpu wait {cpu_row.cpu_wait:.1%}",
+                    flush=True,
+                )
+        rows = [combine(measured[s.key]) for s in chosen if measured[s.key]]
+        cpu_rows = [combine_cpu(measured_cpu[s.key]) for s in cpu_chosen]
 
         if options.latency_duration > 0:
             print(f"open loop at {options.rate:g} req/s: cachesvc L1 hit vs redis-py GET ...",
@@ -740,6 +931,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             row.ratio_minimal = row.rps / by_key["minimal"].rps
         if "naive" in by_key:
             row.ratio_naive = row.rps / by_key["naive"].rps
+    cpu_minimal = next((r.cpu_per_1k for r in cpu_rows if r.scenario == "minimal"), None)
+    for cpu_row in cpu_rows:
+        if cpu_minimal:
+            cpu_row.ratio_minimal = cpu_row.cpu_per_1k / cpu_minimal
 
     machine = proc.machine()
     revision = git_revision()
@@ -748,8 +943,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{machine['cpu_model']}, Python {machine['python']}, {options.loadgen} "
         f"-c{options.connections}, {options.duration:g} s per scenario"
     )
-    extras = ["", *verdicts(rows)]
-    disturbed = [row.scenario for row in rows if row.cpu_wait > DISTURBED]
+    extras = ["", *verdicts(rows)] if rows else []
+    disturbed = [row.scenario for row in rows if row.cpu_wait > DISTURBED] + [
+        f"{row.scenario} (CPU run)" for row in cpu_rows if row.cpu_wait > DISTURBED
+    ]
     dropped = [
         f"{row.scenario} {len(row.rounds_rps) - row.rounds_used}"
         for row in rows
@@ -775,7 +972,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if peak_rss:
         extras += ["", "peak RSS (VmHWM): " + ", ".join(
             f"{name} {size / 2**20:.1f} MiB" for name, size in peak_rss.items())]  # fmt: skip
-    print("\n" + "\n".join([headline, "", table(rows), *extras]))
+    tables = [table(rows)] if rows else []
+    markdown_tables = [table(rows, markdown=True)] if rows else []
+    if cpu_rows:
+        cpu_title = (
+            f"server CPU at a fixed {options.cpu_rate:g} requests/s (open loop, "
+            f"{options.cpu_duration:g} s): CPU-seconds per 1,000 requests"
+        )
+        tables.append(cpu_title + "\n" + cpu_table(cpu_rows))
+        markdown_tables.append(cpu_title + "\n\n" + cpu_table(cpu_rows, markdown=True))
+    print("\n" + "\n\n".join([headline, *tables]) + "\n" + "\n".join(extras))
 
     args.results.mkdir(parents=True, exist_ok=True)
     base = args.results / f"bench-{started:%Y%m%dT%H%M%SZ}"
@@ -786,15 +992,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "options": {**asdict(options), "results": str(options.results)},
         "cpus": None if cpus is None else {"load": sorted(cpus[0]), "server": sorted(cpus[1])},
         "scenarios": [{**asdict(row), "tier_share": row.tier_share} for row in rows],
+        "fixed_rate_cpu": [asdict(row) for row in cpu_rows],
         "targets": verdicts(rows),
         "added_latency": latency,
         "peak_rss_bytes": peak_rss,
     }
     base.with_suffix(".json").write_text(json.dumps(_finite(document), indent=2) + "\n")
-    markdown = [headline, "", table(rows, markdown=True), "", "```", *extras[1:], "```"]
+    markdown = ["\n\n".join([headline, *markdown_tables]), "", "```", *extras[1:], "```"]
     base.with_suffix(".md").write_text("\n".join(markdown) + "\n")
     written = [base.with_suffix(".json"), base.with_suffix(".md")]
-    if plot(rows, base.with_suffix(".png"), headline):
+    if not rows:
+        pass  # nothing to plot: the throughput runs were skipped (--duration 0)
+    elif plot(rows, base.with_suffix(".png"), headline):
         written.append(base.with_suffix(".png"))
     else:
         print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the servers the test suite starts privately (redis-server, memcached, a
-# PostgreSQL cluster) and wrk for the benchmarks, from Debian packages, when missing.
+# PostgreSQL cluster), and wrk and webdis (a peer: Debian's C HTTP front for Redis) for the
+# benchmarks, from Debian packages, when missing.
 # Idempotent: does nothing on a machine that has them.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v memcached >/dev/null || missing+=(memcached)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v webdis >/dev/null || missing+=(webdis)
 if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     missing+=(postgresql)
 fi

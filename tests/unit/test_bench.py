@@ -22,6 +22,7 @@ import redis
 from aiohttp import web
 
 from bench import loadgen, proc, profile, run, soak, wrk
+from bench.proc import Webdis, webdis_config
 from bench.workload import Values, Workload, ZipfSampler
 from cachesvc.config import load_settings
 from tests.sidecar import Sidecar
@@ -52,6 +53,38 @@ def test_naive_peer_reads_redis(clean_redis_url: str) -> None:
     with proc.Peer("naive", "--redis", clean_redis_url) as peer:
         assert _get(peer.url + "/v1/cache/naive:1") == (200, b"value")
         assert _get(peer.url + "/v1/cache/naive:2")[0] == 404
+
+
+def test_webdis_config_points_at_the_bench_redis(tmp_path: Path) -> None:
+    config = webdis_config(6400, 7400, tmp_path / "webdis.log")
+    assert config["redis_host"] == config["http_host"] == "127.0.0.1"
+    assert (config["redis_port"], config["http_port"]) == (6400, 7400)
+    assert config["daemonize"] is False  # stays the child the bench started, its pid known
+    assert config["threads"] == 1
+    assert config["logfile"] == str(tmp_path / "webdis.log")
+    assert json.loads(json.dumps(config)) == config
+
+
+@pytest.mark.skipif(Webdis.available() is None, reason="webdis is not installed")
+async def test_webdis_peer_answers_raw_values_on_kept_connections(clean_redis_url: str) -> None:
+    redis_port = int(clean_redis_url.split(":")[2].split("/")[0])
+    with redis.Redis.from_url(clean_redis_url) as client:
+        client.set("naive:1", b"x" * 100)
+    with Webdis(redis_port) as webdis:
+        assert webdis.pid is not None and proc.cpu_seconds(webdis.pid) >= 0
+        host = webdis.url.removeprefix("http://")
+        path = run.BY_KEY["webdis"].path
+        query = run.BY_KEY["webdis"].query
+        status, body = _get(f"{webdis.url}{path}1?{query}")
+        assert (status, body) == (200, b"x" * 100)  # the value, not webdis' JSON
+        assert _get(f"{webdis.url}{path}2?{query}")[0] == 404
+        pool = loadgen.HttpPool("127.0.0.1", int(host.split(":")[1]))
+        request = loadgen.build_request("GET", f"{path}1?{query}", host)
+        try:
+            assert [await pool.request(request) for _ in range(3)] == [200, 200, 200]
+        finally:
+            pool.close()
+        assert pool.opened == 1  # keep-alive, as the load generators need
 
 
 # -- the Python load generator --------------------------------------------------------------
@@ -386,6 +419,32 @@ def test_table_ratios_and_verdicts() -> None:
     assert combined.served_by == {"l1": 198, "l2": 2}
 
 
+def cpu_row(scenario: str, per_1k: float, cpu_wait: float = 0.0) -> run.CpuRow:
+    return run.CpuRow(scenario, scenario, 2000.0, 1999.0, 20_000, 0, per_1k, 0.5, 2.0, cpu_wait)
+
+
+def test_cpu_rounds_combine_to_medians_of_the_undisturbed() -> None:
+    rounds = [cpu_row("l1", 0.150), cpu_row("l1", 0.900, cpu_wait=0.2), cpu_row("l1", 0.170)]
+    rounds.append(cpu_row("l1", 0.160))
+    combined = run.combine_cpu(rounds)
+    assert combined.cpu_per_1k == pytest.approx(0.160)  # 0.900 was disturbed: left out
+    assert combined.rounds_per_1k == [0.150, 0.900, 0.170, 0.160]
+    assert (combined.rounds_used, combined.requests) == (3, 60_000)
+    everything_disturbed = run.combine_cpu([cpu_row("l1", 0.2, 0.5), cpu_row("l1", 0.4, 0.5)])
+    assert everything_disturbed.cpu_per_1k == pytest.approx(0.3)
+
+
+def test_cpu_table_shows_seconds_per_thousand_and_the_ratio() -> None:
+    rows = [cpu_row("minimal", 0.080), cpu_row("l1", 0.152)]
+    rows[1].ratio_minimal = 1.9
+    text = run.cpu_table(rows)
+    assert "CPU-s / 1k req" in text.splitlines()[0]
+    assert "0.152" in text and "152.0" in text and "1.90x" in text
+    markdown = run.cpu_table(rows, markdown=True).splitlines()
+    assert len(markdown) == 4 and markdown[1] == "|" + "---|" * 9
+    assert markdown[3].startswith("| l1 | 0.152 | 152.0 | 1.90x | 1,999 |")
+
+
 def test_sidecar_configs_are_valid(tmp_path: Path) -> None:
     configs = run.sidecar_configs(6379, "memcached://127.0.0.1:11211", "postgresql://pg/db")
     for name, config in configs.items():
@@ -426,6 +485,51 @@ def test_profile_summary() -> None:
     assert ("run_app (aiohttp/web.py)", 1.0) in summary["inclusive"]
 
 
+def test_stat_cpu_ticks_adds_user_system_and_waited_for_children() -> None:
+    fields = " ".join(str(n) for n in range(1, 11))  # ppid .. cmajflt
+    line = f"4242 (a) b (c)) S {fields} 100 20 3 4 20 0 1 0 99 ...\n"
+    assert proc.stat_cpu_ticks(line) == 100 + 20 + 3 + 4
+
+
+BURN = """
+import time
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("burnt", flush=True)
+input()
+"""
+
+
+def test_cpu_seconds_counts_children_alive_and_reaped() -> None:
+    """A parent that only waits is charged the CPU its child burnt, while the child lives
+    and once it has been reaped."""
+    parent_code = (
+        f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {BURN!r}])\n"
+        "print('reaped', flush=True)\ninput()\n"
+    )
+    burnt = 0.3 - 2 / proc.CLOCK_TICKS  # stat counts whole ticks
+    with subprocess.Popen(
+        [sys.executable, "-c", parent_code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as parent:
+        assert parent.stdin is not None and parent.stdout is not None
+        try:
+            assert parent.stdout.readline() == "burnt\n"
+            assert proc.cpu_seconds(parent.pid) >= burnt  # the child, alive
+            parent.stdin.write("\n")
+            parent.stdin.flush()
+            assert parent.stdout.readline() == "reaped\n"
+            assert proc.cpu_seconds(parent.pid) >= burnt  # the child, reaped: in cutime
+            parent.stdin.write("\n")
+            parent.stdin.flush()
+            assert parent.wait(30) == 0
+        finally:
+            parent.kill()
+
+
 def test_process_readings() -> None:
     pid = os.getpid()
     assert proc.rss_bytes(pid) > 0
@@ -443,6 +547,7 @@ def test_bench_run_end_to_end_at_tiny_scale(tmp_path: Path) -> None:
             sys.executable, "-m", "bench.run", "--scenarios", "minimal,l1",
             "--duration", "1", "--warmup", "0", "--connections", "4",
             "--latency-duration", "0.3", "--rate", "100", "--loadgen", "python",
+            "--cpu-duration", "0.5", "--cpu-rate", "200", "--cpu-scenarios", "minimal,l1",
             "--results", str(tmp_path),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -456,4 +561,9 @@ def test_bench_run_end_to_end_at_tiny_scale(tmp_path: Path) -> None:
     assert by_key["l1"]["tier_share"] == 1.0
     assert document["added_latency"]["cachesvc_l1"]["requests"] == 30
     assert document["peak_rss_bytes"]["three-tier"] > 0
-    assert list(tmp_path.glob("bench-*.md"))
+    cpu = {row["scenario"]: row for row in document["fixed_rate_cpu"]}
+    assert set(cpu) == {"minimal", "l1"}
+    assert [(cpu[s]["requests"], cpu[s]["errors"]) for s in cpu] == [(100, 0), (100, 0)]
+    assert all(row["cpu_per_1k"] >= 0 for row in cpu.values())
+    (markdown,) = tmp_path.glob("bench-*.md")
+    assert "CPU-seconds per 1,000 requests" in markdown.read_text()

@@ -1,20 +1,48 @@
-"""The in-process memory tier's bounds: least recently used entries go first, and its
-byte count stays exact through replacements, expiries and evictions."""
+"""The in-process memory tier: least recently used entries go first, its byte count stays
+exact through replacements, tombstones, expiries, evictions and oversized values, entries
+expire on the monotonic clock, and a write never replaces a live entry of a higher
+version."""
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
 from urllib.parse import urlsplit
 
+import pytest
+
+import tiers.memory
 from tiers.base import TierWrite
 from tiers.memory import MemoryTier
 
 
-def tier(query: str) -> MemoryTier:
+class FakeClock:
+    """Stands in for the ``time`` module inside tiers.memory: a monotonic clock that
+    moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(tiers.memory, "time", fake)
+    return fake
+
+
+def tier(query: str = "") -> MemoryTier:
     return MemoryTier("l1", urlsplit(f"memory://?{query}"), 300)
 
 
-def write(key: str, payload: bytes, version: int = 1, ttl: float = 300) -> TierWrite:
+def write(key: str, payload: bytes | None, version: int = 1, ttl: float = 300) -> TierWrite:
     return TierWrite(key, payload, version, ttl)
+
+
+# -- LRU bounds -------------------------------------------------------------------------------
 
 
 async def test_max_items_evicts_the_least_recently_used() -> None:
@@ -24,6 +52,23 @@ async def test_max_items_evicts_the_least_recently_used() -> None:
     await memory.set(write("k3", b"v"))
     assert len(memory) == 3
     assert await memory.get_many(["k0", "k1", "k2", "k3"]) == [b"v", None, b"v", b"v"]
+
+
+async def test_get_many_refreshes_recency_too() -> None:
+    memory = tier("max_items=3")
+    await memory.set_many([write(f"k{n}", b"v") for n in range(3)])
+    assert await memory.get_many(["k1", "k0"]) == [b"v", b"v"]  # k2 is now the oldest
+    await memory.set(write("k3", b"v"))
+    assert await memory.get("k2") is None
+    assert await memory.get_many(["k0", "k1", "k3"]) == [b"v", b"v", b"v"]
+
+
+async def test_a_replacement_counts_as_a_use() -> None:
+    memory = tier("max_items=2")
+    await memory.set_many([write("a", b"1"), write("b", b"1")])
+    await memory.set(write("a", b"2", version=2))  # "b" is now the oldest
+    await memory.set(write("c", b"1"))
+    assert await memory.get_many(["a", "b", "c"]) == [b"2", None, b"1"]
 
 
 async def test_max_bytes_counts_keys_and_payloads_exactly() -> None:
@@ -40,9 +85,213 @@ async def test_max_bytes_counts_keys_and_payloads_exactly() -> None:
     assert memory.size_bytes == 72
 
 
+async def test_one_large_write_evicts_as_many_entries_as_it_needs() -> None:
+    memory = tier("max_bytes=100")
+    await memory.set_many([write(f"k{n}", b"x" * 18) for n in range(5)])  # 5 x 20 bytes
+    assert memory.size_bytes == 100
+    await memory.set(write("big", b"y" * 47))  # 50 bytes: the three oldest go
+    assert await memory.get_many([f"k{n}" for n in range(5)]) == [None] * 3 + [b"x" * 18] * 2
+    assert (len(memory), memory.size_bytes) == (3, 90)
+
+
+async def test_an_oversized_replacement_drops_the_older_value() -> None:
+    memory = tier("max_bytes=100")
+    await memory.set(write("a", b"old"))
+    await memory.set(write("a", b"n" * 200, version=2))
+    # The newer value is not kept, and the older one must not be served in its place.
+    assert await memory.get("a") is None
+    assert (len(memory), memory.size_bytes) == (0, 0)
+
+
+async def test_a_key_longer_than_max_bytes_is_not_kept_even_as_a_tombstone() -> None:
+    memory = tier("max_bytes=10")
+    await memory.set(write("k" * 11, None))
+    assert (len(memory), memory.size_bytes) == (0, 0)
+
+
+async def test_clear_and_close_drop_everything() -> None:
+    memory = tier()
+    await memory.set_many([write("a", b"1"), write("b", None)])
+    await memory.clear()
+    assert (len(memory), memory.size_bytes) == (0, 0)
+    assert await memory.get_many(["a", "b"]) == [None, None]
+    await memory.set(write("a", b"again"))  # a lower version than before: nothing remains
+    assert memory.size_bytes == 6
+    await memory.close()
+    assert (len(memory), memory.size_bytes) == (0, 0)
+
+
+# -- tombstones and versions ------------------------------------------------------------------
+
+
+async def test_a_tombstone_reads_as_a_miss_and_weighs_its_key() -> None:
+    memory = tier()
+    await memory.set(write("gone", b"x" * 50, version=1))
+    await memory.set(write("gone", None, version=2))
+    assert await memory.get("gone") is None
+    assert await memory.get_many(["gone"]) == [None]
+    assert (len(memory), memory.size_bytes) == (1, 4)
+
+
+async def test_a_tombstone_keeps_lower_versions_out_until_it_expires(clock: FakeClock) -> None:
+    memory = tier()
+    await memory.set(write("k", None, version=5, ttl=10))
+    await memory.set(write("k", b"stale", version=4))
+    assert await memory.get("k") is None
+    clock.now += 10
+    await memory.set(write("k", b"later", version=4))  # the tombstone has expired
+    assert await memory.get("k") == b"later"
+    await memory.set(write("k", b"newer", version=6))
+    assert await memory.get("k") == b"newer"
+
+
+async def test_versions_order_writes() -> None:
+    memory = tier()
+    v = 1_700_000_000_000_000  # microseconds since the epoch, as the engine makes them
+    await memory.set(write("k", b"second", version=v + 1))
+    await memory.set(write("k", b"first", version=v))
+    assert await memory.get("k") == b"second"
+    await memory.set(write("k", b"same version", version=v + 1))  # equal replaces
+    assert await memory.get("k") == b"same version"
+    assert memory.size_bytes == 1 + len(b"same version")
+
+
+async def test_in_one_batch_the_highest_version_of_a_key_wins() -> None:
+    memory = tier()
+    await memory.set_many([write("k", b"3", 3), write("k", b"1", 1), write("k", b"2", 2)])
+    assert await memory.get("k") == b"3"
+    assert (len(memory), memory.size_bytes) == (1, 2)
+
+
+async def test_an_expired_entry_does_not_protect_its_version(clock: FakeClock) -> None:
+    memory = tier()
+    await memory.set(write("k", b"new", version=9, ttl=5))
+    clock.now += 5
+    await memory.set(write("k", b"old", version=1))
+    assert await memory.get("k") == b"old"
+    assert memory.size_bytes == 4
+
+
+# -- expiry -----------------------------------------------------------------------------------
+
+
 async def test_expired_entries_give_their_bytes_back_when_read() -> None:
     memory = tier("max_items=10")
     await memory.set(write("gone", b"x" * 10, ttl=0.0))
     assert memory.size_bytes == 14
     assert await memory.get("gone") is None
     assert (len(memory), memory.size_bytes) == (0, 0)
+
+
+async def test_an_entry_lives_until_its_deadline_and_not_at_it(clock: FakeClock) -> None:
+    memory = tier()
+    await memory.set_many([write("a", b"1", ttl=10), write("b", b"2", ttl=10)])
+    clock.now += 9.75  # steps that are exact in binary: the deadline is hit exactly
+    assert await memory.get("a") == b"1"
+    assert await memory.get_many(["b"]) == [b"2"]
+    clock.now += 0.25  # exactly at the deadline: expired
+    assert await memory.get("a") is None
+    assert await memory.get_many(["b", "b"]) == [None, None]
+    assert (len(memory), memory.size_bytes) == (0, 0)
+
+
+async def test_expiry_follows_the_clock_in_fine_steps(clock: FakeClock) -> None:
+    memory = tier()
+    await memory.set(write("k", b"v", ttl=2**-20))  # about a microsecond
+    clock.now += 2**-21
+    assert await memory.get("k") == b"v"
+    clock.now += 2**-21
+    assert await memory.get("k") is None
+
+
+@pytest.mark.parametrize("ttl", [0.0, -5.0, float("nan")])
+async def test_a_ttl_of_zero_or_less_expires_at_once(clock: FakeClock, ttl: float) -> None:
+    memory = tier()
+    await memory.set(write("k", b"v", version=9, ttl=ttl))
+    assert await memory.get_many(["k"]) == [None]
+    await memory.set(write("k", b"v", version=9, ttl=ttl))
+    await memory.set(write("k", b"lower", version=1))  # an expired entry protects nothing
+    assert await memory.get("k") == b"lower"
+
+
+async def test_long_ttls_keep_entries(clock: FakeClock) -> None:
+    memory = tier()
+    await memory.set_many([write("year", b"1", ttl=365 * 86400), write("inf", b"2", ttl=1e300)])
+    clock.now += 364 * 86400
+    assert await memory.get_many(["year", "inf"]) == [b"1", b"2"]
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+async def test_get_many_keeps_order_repeats_and_misses() -> None:
+    memory = tier()
+    await memory.set_many([write("a", b"1"), write("b", b"2"), write("t", None)])
+    assert await memory.get_many([]) == []
+    assert await memory.get_many(["b", "x", "a", "t", "b"]) == [b"2", None, b"1", None, b"2"]
+
+
+async def test_payloads_come_back_byte_for_byte() -> None:
+    memory = tier()
+    payloads = {f"k{n}": bytes(range(256))[n:] + b"\xff" * n for n in range(0, 256, 17)}
+    await memory.set_many([write(key, payload) for key, payload in payloads.items()])
+    assert await memory.get_many(list(payloads)) == list(payloads.values())
+
+
+# -- against a reference model ----------------------------------------------------------------
+
+
+class Model:
+    """The tier's rules written plainly: an OrderedDict of (payload, version, deadline)."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.entries: OrderedDict[str, tuple[bytes | None, int, float]] = OrderedDict()
+
+    def size(self) -> int:
+        return sum(len(k) + len(p or b"") for k, (p, _, _) in self.entries.items())
+
+    def get(self, key: str, now: float) -> bytes | None:
+        if key not in self.entries:
+            return None
+        payload, _, deadline = self.entries[key]
+        if deadline <= now:
+            del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        return payload
+
+    def set(self, w: TierWrite, now: float) -> None:
+        if w.key in self.entries:
+            _, version, deadline = self.entries[w.key]
+            if deadline > now and version > w.version:
+                return
+            del self.entries[w.key]
+        if len(w.key) + len(w.payload or b"") <= self.max_bytes:
+            self.entries[w.key] = (w.payload, w.version, now + w.ttl)
+        while len(self.entries) > self.max_items or self.size() > self.max_bytes:
+            self.entries.popitem(last=False)
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_random_operations_match_the_model(clock: FakeClock, seed: int) -> None:
+    rng = random.Random(seed)
+    memory, model = tier("max_items=12&max_bytes=400"), Model(12, 400)
+    keys = [f"key{n}" for n in range(20)]
+    for _ in range(2000):
+        roll = rng.random()
+        if roll < 0.45:
+            payload = None if rng.random() < 0.2 else rng.randbytes(rng.choice([1, 30, 90, 500]))
+            w = write(rng.choice(keys), payload, rng.randrange(5), rng.choice([0.5, 3, 50]))
+            await memory.set(w)
+            model.set(w, clock.now)
+        elif roll < 0.7:
+            key = rng.choice(keys)
+            assert await memory.get(key) == model.get(key, clock.now)
+        elif roll < 0.9:
+            asked = rng.sample(keys, 3)
+            assert await memory.get_many(asked) == [model.get(k, clock.now) for k in asked]
+        else:
+            clock.now += rng.choice([0.25, 1.0, 2.5])
+        assert len(memory) == len(model.entries)
+        assert memory.size_bytes == model.size()

@@ -9,8 +9,9 @@ URLs::
     redis-cluster://[user:password@]h1:p1[,h2:p2...][?options]
 
 A Sentinel URL names the Sentinels and the service they watch; the client talks to the
-master they name and asks them again whenever a connection to it fails, so it follows a
-failover by itself (redis-py's ``Sentinel.master_for``). The user and password are the
+master they name (redis-py's ``Sentinel.master_for``), asks them again whenever a
+connection fails, and moves its connections as soon as they name another master
+(``MasterFollowingPool``), so it follows a failover without a restart. The user and password are the
 data servers', the Sentinels are reached without. A cluster URL names some of the nodes;
 the rest are discovered from them (``CLUSTER SLOTS``), and redis-py follows MOVED and ASK
 redirects and refreshes its slot map after a failover.
@@ -29,6 +30,8 @@ cluster the retry also refreshes the slot map first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -213,10 +216,57 @@ def create_client(
     client = sentinel.master_for(
         target.service,
         redis_class=SentinelMasterClient,
+        connection_pool_class=MasterFollowingPool,
         db=target.db,
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
     )
     return cast(SentinelMasterClient, client)
+
+
+class MasterFollowingPool(SentinelConnectionPool):
+    """The connections to the master that the Sentinels name, moved when they name another.
+
+    redis-py asks the Sentinels only when it opens a connection. After a ``SENTINEL
+    FAILOVER`` the old master stays a master, with its clients connected, until Sentinel
+    reconfigures it as a replica (on its next INFO, about 10 s later): pooled connections
+    would go on reading and writing it, and those writes are lost when it resyncs from the
+    new master; a pub/sub connection would hear nothing published on the new one. So the
+    pool asks the Sentinels every ``check_interval`` seconds, in the background, and when
+    they name another master it drops every connection, in use or not: each reconnects to
+    the new master, and a command it interrupted fails with a connection error, which the
+    retry policy retries once on a fresh connection.
+    """
+
+    check_interval = 1.0
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._watch: asyncio.Task[None] | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        # Started here, not in __init__: the pool may be built outside an event loop.
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._follow_master())
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        await super().aclose()
+
+    async def _follow_master(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            try:
+                address = await self.sentinel_manager.discover_master(self.service_name)
+            except (redis.exceptions.RedisError, OSError):
+                continue  # no Sentinel answers: the connections find out for themselves
+            if self.master_address is not None and address != self.master_address:
+                self.master_address = address
+                await self.disconnect(inuse_connections=True)
 
 
 class SentinelMasterClient(redis.asyncio.Redis):
@@ -290,7 +340,7 @@ def _nodes(scheme: str, hosts: str) -> tuple[tuple[str, int], ...]:
             host, _, rest = node[1:].partition("]")
             port = rest.removeprefix(":") if rest.startswith(":") else ""
         else:
-            host, _, port = node.rpartition(":")
+            host, _, port = node.rpartition(":") if ":" in node else (node, "", "")
             if ":" in host:
                 raise ValueError(f"node {node!r}: write an IPv6 address in brackets, [::1]:6379")
         if not host:

@@ -53,6 +53,7 @@ __all__ = [
     "flush_memcached",
     "flush_redis",
     "free_port",
+    "free_ports",
     "truncate_postgres",
 ]
 
@@ -71,6 +72,16 @@ def free_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago: picked while all are
+    bound, so that servers started together never get the same one."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _roundtrip(port: int, request: bytes, timeout: float, host: str = LOOPBACK) -> bytes:
@@ -428,11 +439,11 @@ class RedisClusterNode(RedisServer):
 
     name = "redis-cluster-node"
 
-    def __init__(self, node_timeout_ms: int) -> None:
-        super().__init__()
+    def __init__(self, node_timeout_ms: int, port: int, bus_port: int) -> None:
+        super().__init__(port)
         self.node_timeout_ms = node_timeout_ms
         # The bus port defaults to port + 10000, which is out of range for many free ports.
-        self.bus_port = free_port()
+        self.bus_port = bus_port
 
     def _command(self) -> list[str]:
         return [
@@ -508,7 +519,11 @@ class RedisClusterServers:
     start_timeout = 60.0
 
     def __init__(self, node_timeout_ms: int = 1000) -> None:
-        self.nodes = [RedisClusterNode(node_timeout_ms) for _ in range(2 * self.masters)]
+        ports = iter(free_ports(4 * self.masters))  # a client and a bus port per node
+        self.nodes = [
+            RedisClusterNode(node_timeout_ms, next(ports), next(ports))
+            for _ in range(2 * self.masters)
+        ]
 
     @property
     def url(self) -> str:
@@ -670,8 +685,8 @@ class SentinelDataServer(RedisServer):
 
     name = "redis-sentinel-data"
 
-    def __init__(self, replica_of: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, port: int, replica_of: int | None = None) -> None:
+        super().__init__(port)
         self.config_path = self.dir / "redis.conf"
         self.config_path.write_text(
             "" if replica_of is None else f"replicaof {LOOPBACK} {replica_of}\n"
@@ -693,8 +708,10 @@ class SentinelDataServer(RedisServer):
 class SentinelNode(Server):
     name = "redis-sentinel"
 
-    def __init__(self, service: str, master_port: int, down_after_ms: int, failover_ms: int):
-        super().__init__()
+    def __init__(
+        self, port: int, service: str, master_port: int, down_after_ms: int, failover_ms: int
+    ) -> None:
+        super().__init__(port)
         self.config_path = self.dir / "sentinel.conf"
         # Sentinel rewrites this file as it learns the other Sentinels and the replicas.
         self.config_path.write_text(
@@ -743,11 +760,11 @@ class RedisSentinelServers:
     service = "cachesvc"
 
     def __init__(self, down_after_ms: int = 1000, failover_ms: int = 2000) -> None:
-        self.servers = [SentinelDataServer()]
-        self.servers.append(SentinelDataServer(replica_of=self.servers[0].port))
+        master, replica, *sentinels = free_ports(5)
+        self.servers = [SentinelDataServer(master), SentinelDataServer(replica, master)]
         self.sentinels = [
-            SentinelNode(self.service, self.servers[0].port, down_after_ms, failover_ms)
-            for _ in range(3)
+            SentinelNode(port, self.service, master, down_after_ms, failover_ms)
+            for port in sentinels
         ]
 
     @property

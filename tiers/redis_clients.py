@@ -207,7 +207,7 @@ def create_client(
             **settings,
         )
     assert target.service is not None
-    sentinel = Sentinel(
+    sentinel = SerializedSentinel(
         target.nodes,
         # The Sentinels get the socket timeouts, not the data servers' credentials.
         sentinel_kwargs={k: v for k, v in settings.items() if k.startswith("socket_")},
@@ -221,6 +221,24 @@ def create_client(
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
     )
     return cast(SentinelMasterClient, client)
+
+
+class SerializedSentinel(Sentinel):
+    """redis-py's ``Sentinel``, asking the Sentinels one discovery at a time.
+
+    ``discover_master`` moves the Sentinel that answered to the front of its list with a
+    swap by index made after an ``await``: concurrent discoveries (every connection the
+    pool opens makes one, so a burst of them after a failover) can write one Sentinel
+    over another, which then is neither asked again nor closed (its connections leak).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._discovering = asyncio.Lock()
+
+    async def discover_master(self, service_name: str) -> Any:
+        async with self._discovering:
+            return await super().discover_master(service_name)
 
 
 class MasterFollowingPool(SentinelConnectionPool):

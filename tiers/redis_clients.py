@@ -143,7 +143,8 @@ def parse_redis_url(url: str, own_options: Collection[str] = ()) -> RedisTarget:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"must be a {', '.join(s + '://' for s in SCHEMES)} URL")
+        *others, last = (f"{known}://" for known in SCHEMES)
+        raise ValueError(f"must be a {', '.join(others)} or {last} URL")
     query = [(name, value) for name, value in parse_qsl(parts.query) if name not in own_options]
     driver_url = urlunsplit(parts._replace(query=urlencode(query), fragment=""))
     if scheme in ("redis", "rediss"):

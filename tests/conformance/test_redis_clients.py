@@ -3,14 +3,17 @@ cluster and behind Sentinel beyond the shared contract."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from cachesvc.config import Settings
 from tests.conformance.conftest import MakeTier
 from tests.servers import free_port
 from tiers.base import TierUnavailable, TierWrite
@@ -73,6 +76,34 @@ def test_parsed_urls() -> None:
     )
     assert cluster.options == {}
     assert "prefix" not in cluster.url
+
+
+@pytest.mark.parametrize(
+    "url", ["redis-cluster://10.0.0.1:7000,10.0.0.2:7000", "redis-sentinel://10.0.0.1:26379/m/1"]
+)
+def test_config_takes_cluster_and_sentinel_urls_wherever_redis_urls_go(url: str) -> None:
+    settings = Settings.model_validate(
+        {
+            "tiers": [{"url": f"{url}?prefix=app:"}],
+            "write": {"journal_url": url},
+            "invalidation": {"url": url},
+        }
+    )
+    assert settings.write.journal_url == settings.invalidation.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis-sentinel://10.0.0.1:26379", "needs the service name"),
+        ("redis-cluster://10.0.0.1:7000?prefix=x:", "unknown option 'prefix'"),
+        ("memcached://10.0.0.1:11211", "must be a redis://, rediss://, redis-sentinel:// or"),
+    ],
+)
+def test_config_names_what_is_wrong_with_a_redis_url(url: str, message: str) -> None:
+    for section, field in (("write", "journal_url"), ("invalidation", "url")):
+        with pytest.raises(ValidationError, match=f"{field}: .*{re.escape(message)}"):
+            Settings.model_validate({section: {field: url}})
 
 
 async def test_create_client_kinds() -> None:

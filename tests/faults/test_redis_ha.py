@@ -299,6 +299,21 @@ async def test_sentinel_tier_follows_the_new_master(
     assert traffic.failures_since(followed) == []
 
 
+async def test_sentinel_tier_leaves_the_old_master_before_sentinel_demotes_it(
+    sentinel_set: RedisSentinelServers, sentinel_tier: Tier
+) -> None:
+    # One call at a time: the pool reuses one connection, so nothing but the pool's own
+    # check moves it; redis-py alone asks the Sentinels only when it opens a connection.
+    key = unique_keys("pooled", 1)[0]
+    assert await _landed_on(sentinel_tier, sentinel_set.master().port, key)
+    old = sentinel_set.master()
+    new = await asyncio.to_thread(sentinel_set.failover)
+    await until(lambda: _landed_on(sentinel_tier, new.port, key), 5, "writes on the new master")
+    # Sentinel has not made the old master a replica yet (it does on its next INFO, ~10 s
+    # after): until then, a client still connected to it would write there, and lose it.
+    assert (await asyncio.to_thread(old.info, "replication"))["role"] == "master"
+
+
 async def _landed_on(tier: Tier, port: int, key: str) -> bool:
     version = time.time_ns() // 1000
     try:

@@ -49,6 +49,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "SCHEMES",
     "SOCKET_TIMEOUT",
+    "TOPOLOGY_REFRESH_INTERVAL",
     "RedisClient",
     "RedisTarget",
     "create_client",
@@ -64,6 +65,7 @@ SCHEMES = ("redis", "rediss", "redis-sentinel", "redis-cluster")
 
 CONNECT_TIMEOUT = 1.0
 SOCKET_TIMEOUT = 5.0
+TOPOLOGY_REFRESH_INTERVAL = 0.25
 # redis-py's own default is no timeout at all: a caller that waits for pub/sub messages
 # passes None on purpose, so "not given" needs its own marker.
 _DEFAULT: Any = object()
@@ -205,6 +207,9 @@ def create_client(
             # Attempts after the first. On a cluster a retry also follows a timeout or a
             # CLUSTERDOWN, and it refreshes the slot map first.
             retry=Retry(NoBackoff(), 1),
+            # How soon after a failover the client may read the new slot map (each call
+            # that fails on a dead master asks for a refresh; they run at most this often).
+            topology_refresh_min_interval=TOPOLOGY_REFRESH_INTERVAL,
             **settings,
         )
     assert target.service is not None

@@ -348,6 +348,32 @@ async def test_invalidation_listener_follows_a_sentinel_failover(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_invalidation_listener_follows_its_shard_to_a_promoted_replica(
+    cluster: RedisClusterServers,
+) -> None:
+    channel = "ha:invalidate"
+    sink = Sink()
+    listener = RedisPubSubListener(cluster.url, channel, liveness_interval=0.5)
+    task = asyncio.create_task(listener.run(sink))
+    try:
+        await until(lambda: _true(sink.gaps == 1), 5, "subscribed")
+        await asyncio.to_thread(cluster.kill, cluster.master_of(channel))
+        await asyncio.to_thread(cluster.wait_serving, 30)
+
+        async def delivered() -> bool:
+            try:
+                await publish(cluster.url, channel, '{"keys": ["k"]}')
+            except (redis.RedisError, redis.RedisClusterException):
+                return False  # the publisher's slot map is older than the failover
+            return bool(sink.events)
+
+        await until(delivered, 10, "an event published on the promoted replica delivered")
+        assert sink.gaps >= 2  # the subscription was lost and made again: a gap
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class Sink:
     def __init__(self) -> None:
         self.events: list[InvalidationEvent] = []

@@ -78,12 +78,17 @@ def redis_cluster() -> Iterator[RedisClusterServers]:
         yield cluster
 
 
+def _env_or_private_url(request: pytest.FixtureRequest, env_var: str, fixture: str) -> str:
+    """The URL in ``env_var``, else the private server group's (started only then)."""
+    if url := os.environ.get(env_var):
+        return url
+    servers: RedisClusterServers | RedisSentinelServers = request.getfixturevalue(fixture)
+    return servers.url
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_url(request: pytest.FixtureRequest) -> str:
-    if url := os.environ.get("CACHESVC_TEST_REDIS_CLUSTER_URL"):
-        return url
-    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
-    return cluster.url
+    return _env_or_private_url(request, "CACHESVC_TEST_REDIS_CLUSTER_URL", "redis_cluster")
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +100,7 @@ def redis_sentinel() -> Iterator[RedisSentinelServers]:
 
 @pytest.fixture(scope="session")
 def redis_sentinel_url(request: pytest.FixtureRequest) -> str:
-    if url := os.environ.get("CACHESVC_TEST_REDIS_SENTINEL_URL"):
-        return url
-    servers: RedisSentinelServers = request.getfixturevalue("redis_sentinel")
-    return servers.url
+    return _env_or_private_url(request, "CACHESVC_TEST_REDIS_SENTINEL_URL", "redis_sentinel")
 
 
 # Emptied before, not after, the test: a test then starts clean even if the previous one

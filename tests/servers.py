@@ -139,11 +139,40 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
 
 # --- the servers ----------------------------------------------------------------------------
 
+
+class Managed(abc.ABC):
+    """A server, or servers that work together: ``start()`` on entering a ``with`` block,
+    ``close()`` on leaving it, whatever happened."""
+
+    @abc.abstractmethod
+    def start(self) -> Self:
+        """Start, and return once ready to serve."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop whatever the state, delete the files. Idempotent."""
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 _live: set[Server] = set()
 _live_lock = threading.Lock()
 
 
-class Server(abc.ABC):
+class Server(Managed):
     """One private server process: started on demand, always cleaned up."""
 
     name: ClassVar[str]
@@ -178,7 +207,7 @@ class Server(abc.ABC):
     def _is_ready(self) -> bool:
         """True when the server answers a real request; must not raise on refusal."""
 
-    def _prepare(self) -> None:  # noqa: B027 (optional hook)
+    def _prepare(self) -> None:
         """Anything needed once before the first start (e.g. initdb)."""
 
     def _spawn_kwargs(self) -> dict[str, Any]:
@@ -308,7 +337,7 @@ class Server(abc.ABC):
             with _live_lock:
                 _live.discard(self)
 
-    def _release(self) -> None:  # noqa: B027 (optional hook)
+    def _release(self) -> None:
         """Free what a dead server may have left outside its directory."""
 
     def _reap(self) -> None:
@@ -323,21 +352,6 @@ class Server(abc.ABC):
 
     def _log_tail(self) -> str:
         return self._read_log()[-_LOG_TAIL_CHARS:]
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url} pid={self.pid}>"
@@ -497,15 +511,15 @@ def _cluster_nodes(node: RedisClusterNode) -> list[_ClusterNodeView]:
     return views
 
 
-class RedisClusterServers:
+class RedisClusterServers(Managed):
     """A Redis Cluster of three masters with one replica each, on free loopback ports::
 
         with RedisClusterServers() as cluster:   # start() on enter, close() on exit
             cluster.url                          # redis-cluster://127.0.0.1:p1,...
             node = cluster.master_of("key")      # the master serving the key's slot
-            cluster.kill(node)                   # SIGKILL
+            node.kill()                          # SIGKILL
             cluster.wait_serving()               # a replica took over its slots
-            cluster.restart(node)                # back, as a replica
+            node.restart()                       # back, as a replica (its nodes.conf)
             cluster.reshard(100, node, other)    # move 100 slots (redis-cli --cluster)
             cluster.wait_healthy()               # every slot served, every master replicated
             cluster.restore()                    # restart what was killed, wait healthy
@@ -543,24 +557,7 @@ class RedisClusterServers:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     # -- faults
-
-    def kill(self, node: RedisClusterNode) -> None:
-        node.kill()
-
-    def restart(self, node: RedisClusterNode) -> None:
-        """Start a killed (or stopped) node again, on its port, with its nodes.conf."""
-        node.restart()
 
     def master_of(self, key: str) -> RedisClusterNode:
         """The node that the cluster says serves ``key``'s slot now."""
@@ -705,7 +702,9 @@ class SentinelDataServer(RedisServer):
         self.restart()
 
 
-class SentinelNode(Server):
+class SentinelNode(RedisServer):
+    """A Sentinel: a Redis server in Sentinel mode (it answers PING and INFO the same)."""
+
     name = "redis-sentinel"
 
     def __init__(
@@ -725,23 +724,11 @@ class SentinelNode(Server):
         return f"redis://{LOOPBACK}:{self.port}"
 
     def _command(self) -> list[str]:
-        return [
-            _require("redis-server", "CACHESVC_TEST_REDIS_SENTINEL_URL"),
-            str(self.config_path),
-            "--sentinel",
-            "--port", str(self.port),
-            "--bind", LOOPBACK,
-            "--dir", str(self.dir),
-        ]  # fmt: skip
-
-    def _is_ready(self) -> bool:
-        try:
-            return _roundtrip(self.port, b"PING\r\n", timeout=1).startswith(b"+PONG")
-        except OSError:
-            return False
+        binary, *options = super()._command()
+        return [binary, str(self.config_path), "--sentinel", *options]
 
 
-class RedisSentinelServers:
+class RedisSentinelServers(Managed):
     """A master, one replica and three Sentinels (quorum 2), on free loopback ports::
 
         with RedisSentinelServers() as servers:  # start() on enter, close() on exit
@@ -781,16 +768,6 @@ class RedisSentinelServers:
     def close(self) -> None:
         for server in [*self.sentinels, *self.servers]:
             server.close()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def master(self) -> SentinelDataServer:
         """The server the first Sentinel that answers names as master."""

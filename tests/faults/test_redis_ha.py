@@ -94,9 +94,23 @@ class Traffic:
     failures: list[tuple[float, BaseException]] = field(default_factory=list)
     stale_reads: list[tuple[str, int, int]] = field(default_factory=list)
     worst: float = 0.0  # the longest call, seconds
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _workers: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def run(self, stop: asyncio.Event, workers: int = 4) -> None:
-        await asyncio.gather(*(self._worker(stop, n) for n in range(workers)))
+    async def __aenter__(self) -> Traffic:
+        """Start four workers; return once calls succeed."""
+        self._workers = [asyncio.create_task(self._worker(self._stop, n)) for n in range(4)]
+        await self.until_succeeded(50, since=0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._workers)
+
+    async def until_succeeded(self, calls: int, since: float) -> None:
+        await until(
+            lambda: _true(self.successes_since(since) > calls), 10, f"{calls} calls succeeding"
+        )
 
     async def _worker(self, stop: asyncio.Event, seed: int) -> None:
         rng = random.Random(seed)
@@ -197,21 +211,15 @@ async def test_cluster_master_killed_under_traffic_fails_fast_then_serves_again(
     cluster: RedisClusterServers, cluster_tier: Tier
 ) -> None:
     keys = unique_keys("kill", 300)
-    traffic, stop = Traffic(cluster_tier, keys), asyncio.Event()
-    running = asyncio.create_task(traffic.run(stop))
-    try:
-        await until(lambda: _true(traffic.successes_since(0) > 50), 10, "traffic flowing")
+    async with Traffic(cluster_tier, keys) as traffic:
         victim = cluster.master_of(f"cachesvc:{keys[0]}")
         killed_at = time.monotonic()
-        await asyncio.to_thread(cluster.kill, victim)
+        await asyncio.to_thread(victim.kill)
         await until(lambda: _true(bool(traffic.failures)), 10, "calls failing after the kill")
         await asyncio.to_thread(cluster.wait_serving, 30)  # a replica took over
         await until(lambda: serving(cluster_tier, keys[0]), 15, "the tier serving again")
         recovered = time.monotonic()
-        await until(lambda: _true(traffic.successes_since(recovered) > 100), 10, "traffic after")
-    finally:
-        stop.set()
-        await running
+        await traffic.until_succeeded(100, since=recovered)
     outage = Outage.of(traffic, killed_at)
     print("\n" + outage.report("cluster master killed -9", traffic))
     assert traffic.worst < HANG
@@ -224,10 +232,7 @@ async def test_cluster_slots_migrated_under_traffic_lose_nothing(
     cluster: RedisClusterServers, cluster_tier: Tier
 ) -> None:
     keys = unique_keys("reshard", 400)
-    traffic, stop = Traffic(cluster_tier, keys), asyncio.Event()
-    running = asyncio.create_task(traffic.run(stop))
-    try:
-        await until(lambda: _true(traffic.successes_since(0) > 50), 10, "traffic flowing")
+    async with Traffic(cluster_tier, keys) as traffic:
         source = cluster.master_of(f"cachesvc:{keys[0]}")
         target = cluster.master_of(next(k for k in _other_slots(cluster, source)))
         began = time.monotonic()
@@ -235,11 +240,7 @@ async def test_cluster_slots_migrated_under_traffic_lose_nothing(
         await asyncio.to_thread(cluster.reshard, 3000, source, target)
         took = time.monotonic() - began
         await asyncio.to_thread(cluster.wait_healthy, 30)
-        done = time.monotonic()
-        await until(lambda: _true(traffic.successes_since(done) > 50), 10, "traffic after")
-    finally:
-        stop.set()
-        await running
+        await traffic.until_succeeded(50, since=time.monotonic())
     print(
         f"\n3000 slots migrated in {took:.2f} s under traffic: {len(traffic.successes)} calls,"
         f" {len(traffic.failures)} failed, worst call {traffic.worst:.3f} s"
@@ -267,10 +268,7 @@ async def test_sentinel_tier_follows_the_new_master(
     sentinel_set: RedisSentinelServers, sentinel_tier: Tier, how: str
 ) -> None:
     keys = unique_keys("sentinel", 200)
-    traffic, stop = Traffic(sentinel_tier, keys), asyncio.Event()
-    running = asyncio.create_task(traffic.run(stop))
-    try:
-        await until(lambda: _true(traffic.successes_since(0) > 50), 10, "traffic flowing")
+    async with Traffic(sentinel_tier, keys) as traffic:
         old = sentinel_set.master()
         began = time.monotonic()
         if how == "kill -9":
@@ -285,10 +283,7 @@ async def test_sentinel_tier_follows_the_new_master(
         probe = keys[0] + ":probe"
         await until(lambda: _landed_on(sentinel_tier, new.port, probe), 5, "writes on the new")
         followed = time.monotonic()
-        await until(lambda: _true(traffic.successes_since(followed) > 100), 10, "traffic after")
-    finally:
-        stop.set()
-        await running
+        await traffic.until_succeeded(100, since=followed)
     outage = Outage.of(traffic, began)
     print(
         f"\n{outage.report(f'Sentinel failover ({how})', traffic)}; Sentinels named the new "
@@ -357,7 +352,7 @@ async def test_invalidation_listener_follows_its_shard_to_a_promoted_replica(
     task = asyncio.create_task(listener.run(sink))
     try:
         await until(lambda: _true(sink.gaps == 1), 5, "subscribed")
-        await asyncio.to_thread(cluster.kill, cluster.master_of(channel))
+        await asyncio.to_thread(cluster.master_of(channel).kill)
         await asyncio.to_thread(cluster.wait_serving, 30)
 
         async def delivered() -> bool:

@@ -11,8 +11,9 @@ URLs::
 A Sentinel URL names the Sentinels and the service they watch; the client talks to the
 master they name (redis-py's ``Sentinel.master_for``), asks them again whenever a
 connection fails, and moves its connections as soon as they name another master
-(``MasterFollowingPool``), so it follows a failover without a restart. The user and password are the
-data servers', the Sentinels are reached without. A cluster URL names some of the nodes;
+(``MasterFollowingPool``), so it follows a failover without a restart. The user and
+password are the data servers'; the Sentinels are reached without, and answer within the
+connect timeout. A cluster URL names some of the nodes;
 the rest are discovered from them (``CLUSTER SLOTS``), and redis-py follows MOVED and ASK
 redirects and refreshes its slot map after a failover.
 
@@ -125,8 +126,8 @@ def hash_tag(name: str) -> str:
     entries: their keys must spread over the masters.
     """
     start = name.find("{")
-    if start != -1 and name.find("}", start + 2) != -1:
-        return name  # Redis hashes the first non-empty {...} only
+    if start != -1 and name.find("}", start + 1) > start + 1:
+        return name  # Redis hashes what is between the first { and the first } after it
     tag, colon, rest = name.partition(":")
     return f"{{{tag}}}{colon}{rest}"
 
@@ -215,8 +216,12 @@ def create_client(
     assert target.service is not None
     sentinel = SerializedSentinel(
         target.nodes,
-        # The Sentinels get the socket timeouts, not the data servers' credentials.
-        sentinel_kwargs={k: v for k, v in settings.items() if k.startswith("socket_")},
+        # Not the data servers' credentials, and never an unbounded wait (a pub/sub
+        # reader has no socket timeout): a Sentinel's answer is small and immediate.
+        sentinel_kwargs={
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": connect_timeout,
+        },
         **settings,
     )
     client = sentinel.master_for(
@@ -286,11 +291,11 @@ class MasterFollowingPool(SentinelConnectionPool):
             await asyncio.sleep(self.check_interval)
             try:
                 address = await self.sentinel_manager.discover_master(self.service_name)
+                if self.master_address is not None and address != self.master_address:
+                    self.master_address = address
+                    await self.disconnect(inuse_connections=True)
             except (redis.exceptions.RedisError, OSError):
                 continue  # no Sentinel answers: the connections find out for themselves
-            if self.master_address is not None and address != self.master_address:
-                self.master_address = address
-                await self.disconnect(inuse_connections=True)
 
 
 class SentinelMasterClient(redis.asyncio.Redis):

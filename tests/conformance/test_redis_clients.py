@@ -38,6 +38,7 @@ V = 1_700_000_000_000_000
         ("{app}:journal", "{app}:journal"),
         ("a{b}c", "a{b}c"),
         ("a{}:b", "{a{}}:b"),  # an empty {} is no tag: Redis hashes the whole key
+        ("a{}b}:c", "{a{}b}}:c"),  # nor is {} followed by a }
     ],
 )
 def test_hash_tag(name: str, tagged: str) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from tiers.redis_clients import validate_redis_url
 from tiers.registry import tier_class
 
 ENV_PREFIX = "CACHESVC_"
@@ -107,11 +108,11 @@ class WriteSettings(_Section):
 
     @model_validator(mode="after")
     def _check_journal_url(self) -> WriteSettings:
-        if self.journal_url is not None and urlsplit(self.journal_url).scheme not in (
-            "redis",
-            "rediss",
-        ):
-            raise _FieldError("journal_url", "must be a redis:// or rediss:// URL")
+        if self.journal_url is not None:
+            try:
+                validate_redis_url(self.journal_url)
+            except ValueError as exc:
+                raise _FieldError("journal_url", str(exc)) from None
         return self
 
 
@@ -128,8 +129,11 @@ class InvalidationSettings(_Section):
 
     @model_validator(mode="after")
     def _check_urls(self) -> InvalidationSettings:
-        if self.url is not None and urlsplit(self.url).scheme not in ("redis", "rediss"):
-            raise _FieldError("url", "must be a redis:// or rediss:// URL")
+        if self.url is not None:
+            try:
+                validate_redis_url(self.url)
+            except ValueError as exc:
+                raise _FieldError("url", str(exc)) from None
         if self.postgres_url is not None and urlsplit(self.postgres_url).scheme not in (
             "postgresql",
             "postgres",

@@ -1,17 +1,29 @@
-"""Invalidation events over Redis pub/sub (SPEC §4)."""
+"""Invalidation events over Redis pub/sub (SPEC §4), and sharded pub/sub on a cluster.
+
+The URL is any the Redis client factory knows (tiers/redis_clients.py): a server, the
+master that Sentinels name (followed through a failover: the subscription moves with it,
+and its confirmation is a gap like any reconnect), or a Redis Cluster. A cluster's
+ordinary pub/sub sends every message to every node; sharded pub/sub keeps a channel on
+the nodes of its hash slot, so there the listener ``SSUBSCRIBE``\\s and ``publish``
+``SPUBLISH``\\es, and redis-py moves the subscription when the slot changes hands.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from invalidation.base import Backoff, EventSink, Listener
+from tiers.redis_clients import create_client
 
 
 class RedisPubSubListener(Listener):
-    """SUBSCRIBE on ``channel``; a silent connection is detected by PINGing it.
+    """SUBSCRIBE (SSUBSCRIBE on a cluster) on ``channel``; a silent connection is detected
+    by PINGing it.
 
     A pub/sub connection that a proxy or ``CLIENT KILL`` dropped may look idle rather than
     broken, so after ``liveness_interval`` seconds without traffic the listener PINGs, and
@@ -20,46 +32,74 @@ class RedisPubSubListener(Listener):
 
     source = "redis"
 
-    connection_errors = (RedisError, OSError)
+    connection_errors = (RedisError, RedisClusterException, OSError)
 
     async def listen(self, sink: EventSink, backoff: Backoff) -> None:
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
+        # No socket timeout: the reads wait with their own, and liveness is checked by PING.
+        client = create_client(self.url, socket_timeout=None, connect_timeout=2)
         try:
-            await self._subscribed(client, sink, backoff)
+            async with client.pubsub() as pubsub:
+                await self._subscribed(pubsub, sink, backoff)
         finally:
             await client.aclose()
 
-    async def _subscribed(self, client: redis.Redis, sink: EventSink, backoff: Backoff) -> None:
-        async with client.pubsub() as pubsub:
+    async def _subscribed(self, pubsub: PubSub, sink: EventSink, backoff: Backoff) -> None:
+        sharded = isinstance(pubsub, ClusterPubSub)
+        if isinstance(pubsub, ClusterPubSub):
+            await pubsub.ssubscribe(self.channel)
+        else:
             await pubsub.subscribe(self.channel)
-            last_heard = time.monotonic()
-            ping_sent: float | None = None
-            while True:
-                message = await pubsub.get_message(timeout=min(1.0, self.liveness_interval))
-                now = time.monotonic()
-                if message is None:
-                    if ping_sent is not None and now - ping_sent > self.liveness_interval:
-                        raise RedisError("no PONG on the pub/sub connection")
-                    if ping_sent is None and now - last_heard > self.liveness_interval:
-                        await pubsub.ping()
-                        ping_sent = now
-                    continue
-                last_heard, ping_sent = now, None
-                kind = message["type"]
-                if kind == "subscribe":
-                    # Also after a reconnect inside redis-py: either way, a gap just ended.
-                    self.state = "up"
-                    backoff.reset()
-                    await sink.on_gap(self.source)
-                elif kind == "message":
-                    await self.deliver(message["data"], sink)
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        while True:
+            message = await self._next_message(pubsub, min(1.0, self.liveness_interval))
+            now = time.monotonic()
+            if message is None:
+                if ping_sent is not None and now - ping_sent > self.liveness_interval:
+                    raise RedisError("no PONG on the pub/sub connection")
+                if ping_sent is None and now - last_heard > self.liveness_interval:
+                    await _ping(pubsub)
+                    ping_sent = now
+                continue
+            last_heard, ping_sent = now, None
+            kind = message["type"]
+            if kind == ("ssubscribe" if sharded else "subscribe"):
+                # Also after a reconnect inside redis-py: either way, a gap just ended.
+                self.state = "up"
+                backoff.reset()
+                await sink.on_gap(self.source)
+            elif kind == ("smessage" if sharded else "message"):
+                await self.deliver(message["data"], sink)
+
+    @staticmethod
+    async def _next_message(pubsub: PubSub, wait: float) -> dict[str, Any] | None:
+        """The next message, or None after ``wait`` seconds without one."""
+        if isinstance(pubsub, ClusterPubSub):
+            return await pubsub.get_sharded_message(timeout=wait)
+        message: dict[str, Any] | None = await pubsub.get_message(timeout=wait)
+        return message
+
+
+async def _ping(pubsub: PubSub) -> None:
+    """PING the connection(s) the subscription lives on; the PONG arrives as a message."""
+    if isinstance(pubsub, ClusterPubSub):
+        # The subscription lives on the connection to its slot's node, not on the
+        # cluster pub/sub's own.
+        for node_pubsub in list(pubsub.node_pubsub_mapping.values()):
+            await node_pubsub.ping()
+    else:
+        await pubsub.ping()
 
 
 async def publish(url: str, channel: str, message: str) -> int:
-    """Publish ``message`` on ``channel``; returns how many subscribers received it."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    """Publish ``message`` on ``channel`` (SPUBLISH on a cluster); returns how many
+    subscribers received it."""
+    client = create_client(url, connect_timeout=2)
     try:
-        receivers: int = await client.publish(channel, message)
+        if isinstance(client, RedisCluster):
+            receivers: int = await client.spublish(channel, message)
+        else:
+            receivers = await client.publish(channel, message)
     finally:
         await client.aclose()
     return receivers

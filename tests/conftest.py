@@ -5,6 +5,12 @@ Session fixtures (``redis_url``, ``memcached_url``, ``postgres_url``) use the se
 shared by the whole session. ``clean_*_url`` are the same servers, emptied before the test.
 Function fixtures (``redis_server``, ...) give a test its own server to kill, hang or restart.
 
+A Redis Cluster (six nodes) and a Sentinel set (master, replica, three Sentinels) take
+seconds to start, so each is started once per session: ``redis_cluster_url`` and
+``redis_sentinel_url`` (``CACHESVC_TEST_REDIS_CLUSTER_URL`` / ``..._SENTINEL_URL`` when set),
+and ``redis_cluster`` / ``redis_sentinel``, the private servers themselves, for the fault
+tests that break them; those restore them before they end.
+
 With ``CACHESVC_TEST_<NAME>_URL`` set, ``clean_*_url`` empties that server's database
 (FLUSHDB, flush_all, TRUNCATE cachesvc_entries): point it only at disposable data.
 """
@@ -20,6 +26,8 @@ import pytest
 from tests.servers import (
     MemcachedServer,
     PostgresServer,
+    RedisClusterServers,
+    RedisSentinelServers,
     RedisServer,
     Server,
     flush_memcached,
@@ -61,6 +69,38 @@ def memcached_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     yield from _shared_url("CACHESVC_TEST_POSTGRES_URL", PostgresServer)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """The private Redis Cluster: three masters, a replica each."""
+    with RedisClusterServers() as cluster:
+        yield cluster
+
+
+def _env_or_private_url(request: pytest.FixtureRequest, env_var: str, fixture: str) -> str:
+    """The URL in ``env_var``, else the private server group's (started only then)."""
+    if url := os.environ.get(env_var):
+        return url
+    servers: RedisClusterServers | RedisSentinelServers = request.getfixturevalue(fixture)
+    return servers.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(request: pytest.FixtureRequest) -> str:
+    return _env_or_private_url(request, "CACHESVC_TEST_REDIS_CLUSTER_URL", "redis_cluster")
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelServers]:
+    """The private Sentinel set: a master, its replica and three Sentinels."""
+    with RedisSentinelServers() as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_url(request: pytest.FixtureRequest) -> str:
+    return _env_or_private_url(request, "CACHESVC_TEST_REDIS_SENTINEL_URL", "redis_sentinel")
 
 
 # Emptied before, not after, the test: a test then starts clean even if the previous one

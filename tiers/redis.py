@@ -1,4 +1,6 @@
-"""Redis tier: ``redis://[user:password@]host:port/db?prefix=cachesvc:`` (or ``rediss://``).
+"""Redis tier: ``redis://[user:password@]host:port/db?prefix=cachesvc:`` (or ``rediss://``),
+and ``redis-sentinel://s1:p1,s2:p2/<service name>[/<db>]?prefix=...`` for the master that
+the Sentinels name, followed through a failover (see tiers/redis_clients.py).
 
 Each entry is one string, ``pack_versioned(version, payload)``, under ``prefix + key``, with
 the tier's TTL as a PX expiry, so Redis expires entries by itself. Reads are one MGET per
@@ -7,15 +9,21 @@ value with the new one and only then SETs: Redis runs a script atomically, so co
 sidecars can never let an older version replace a newer one. A batch of writes is one
 pipeline of EVALSHA calls.
 
+``RedisTier`` is also the base of the Redis Cluster tier (tiers/redis_cluster.py), which
+changes only how a batch is split into commands (``_read``, ``_script_calls``) and what
+``ping`` asks; the script, the option parsing and the error mapping are this module's.
+
 Query options other than ``prefix`` are redis-py's own (``socket_timeout``,
 ``max_connections``, ...) and are passed on to it.
 
-Driver exceptions, mapped once in ``_mapped_errors``::
+Driver exceptions, mapped once in ``mapped_errors``::
 
-    redis.TimeoutError, TimeoutError             -> TierTimeout
-    redis.ConnectionError (refused, reset, auth), -> TierUnavailable
-    other OSError
-    any other redis.RedisError (WRONGTYPE, OOM)  -> TierError
+    redis.TimeoutError, TimeoutError              -> TierTimeout
+    redis.ConnectionError (refused, reset, auth,  -> TierUnavailable
+    no master found), other OSError, CLUSTERDOWN,
+    no node reachable, a slot no node serves
+    any other redis.RedisError (WRONGTYPE, OOM),  -> TierError
+    any other RedisClusterException
 """
 
 from __future__ import annotations
@@ -24,14 +32,10 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
-from urllib.parse import SplitResult
+from typing import Any, ClassVar, cast
+from urllib.parse import SplitResult, parse_qsl
 
-import redis.asyncio
 import redis.exceptions
-from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from tiers.base import (
     Marker,
@@ -40,20 +44,12 @@ from tiers.base import (
     TierTimeout,
     TierUnavailable,
     TierWrite,
-    driver_url,
     pack_versioned,
     unpack_payload,
-    url_options,
 )
+from tiers.redis_clients import RedisClient, create_client, parse_redis_url
 
-_OWN_OPTIONS: dict[str, type] = {"prefix": str}
-# What redis-py itself reads from a URL query; anything else is a typo, not a setting.
-_DRIVER_OPTIONS: dict[str, type] = {
-    **dict.fromkeys(URL_QUERY_ARGUMENT_PARSERS, str),
-    **dict.fromkeys(
-        ("client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), str
-    ),
-}
+_OWN_OPTIONS = ("prefix",)
 _DEFAULT_PREFIX = "cachesvc:"
 _MARKERS = "\x1fmarkers"  # after the prefix: a control character, so no entry's key
 
@@ -89,115 +85,108 @@ redis.call('PEXPIRE', KEYS[1], ARGV[last])
 return 0
 """
 # Keys per script call: a script blocks Redis while it runs, so a huge batch is split.
-_KEYS_PER_CALL = 200
+KEYS_PER_CALL = 200
 _CONDITIONAL_SET_SHA = hashlib.sha1(_CONDITIONAL_SET, usedforsecurity=False).hexdigest()
-
-# The engine bounds every call with its own timeout, so the driver must neither wait long for
-# a connection nor retry with backoff. One immediate retry on a connection error lets a pooled
-# connection that a Redis restart closed be replaced transparently; replaying a MGET or the
-# conditional SET is harmless.
-_CONNECT_TIMEOUT = 1.0
-_SOCKET_TIMEOUT = 5.0
-_RETRY = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
 class RedisTier(Tier):
-    schemes = ("redis", "rediss")
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis-sentinel")
     keeps_markers = True
 
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         super().__init__(name, url, ttl)
-        self.prefix: str = self._own_options(url).get("prefix", _DEFAULT_PREFIX)
-        self._driver_url = driver_url(url, _OWN_OPTIONS)
-        self._client: redis.asyncio.Redis | None = None
+        self.prefix = self._prefix(url)
+        self._target = parse_redis_url(url.geturl(), _OWN_OPTIONS)
+        self._client: RedisClient | None = None
 
     @classmethod
     def validate_url(cls, url: SplitResult) -> None:
-        cls._own_options(url)
-        if not url.hostname:
-            raise ValueError(f"{url.scheme}:// needs a host, e.g. {url.scheme}://127.0.0.1:6379/0")
-        url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-        database = url.path.lstrip("/")
-        if database and not (database.isascii() and database.isdigit()):
-            raise ValueError(f"database {database!r} is not a number, e.g. /0")
-        try:
-            parse_url(driver_url(url, _OWN_OPTIONS))
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+        cls._prefix(url)
+        parse_redis_url(url.geturl(), _OWN_OPTIONS)
 
     @staticmethod
-    def _own_options(url: SplitResult) -> dict[str, Any]:
-        options = url_options(url, {**_OWN_OPTIONS, **_DRIVER_OPTIONS})
-        prefix = options.get("prefix", _DEFAULT_PREFIX)
+    def _prefix(url: SplitResult) -> str:
+        prefix = dict(parse_qsl(url.query, keep_blank_values=True)).get("prefix", _DEFAULT_PREFIX)
         if any(ch.isspace() or not ch.isprintable() for ch in prefix):
             raise ValueError("option prefix must not contain whitespace or control characters")
-        return {name: options[name] for name in _OWN_OPTIONS if name in options}
+        return prefix
 
     async def start(self) -> None:
-        # No I/O here: the pool connects on first use, so a Redis that is down does not stop
-        # the sidecar from starting, and the tier works as soon as Redis is back.
-        self._client = redis.asyncio.Redis.from_url(
-            self._driver_url,
-            decode_responses=False,
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
-            retry=_RETRY,
-        )
+        # No I/O here: the client connects on first use, so a Redis that is down does not
+        # stop the sidecar from starting, and the tier works as soon as Redis is back.
+        self._client = create_client(self._target)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
         client = self._started()
-        with self._mapped_errors():
-            stored = await client.mget([self.prefix + key for key in keys])
+        with self.mapped_errors():
+            stored = await self._read(client, [self.prefix + key for key in keys])
         # decode_responses=False: values arrive as bytes, never str.
         return [unpack_payload(cast(bytes | None, value)) for value in stored]
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         if not writes:
             return
-        chunks = [writes[i : i + _KEYS_PER_CALL] for i in range(0, len(writes), _KEYS_PER_CALL)]
-        with self._mapped_errors():
-            results = await self._run_scripts(chunks)
+        client = self._started()
+        chunks = self._script_calls(client, writes)
+        with self.mapped_errors():
+            results = await self._run_scripts(client, chunks)
             unknown = [c for c, r in zip(chunks, results, strict=True) if _no_script(r)]
-            if unknown:
-                await self._started().script_load(_CONDITIONAL_SET)
+            if unknown:  # a new or restarted server (or a promoted replica)
+                await client.script_load(_CONDITIONAL_SET)
                 results = [r for r in results if not _no_script(r)]
-                results += await self._run_scripts(unknown)
+                results += await self._run_scripts(client, unknown)
             for result in results:
                 if isinstance(result, Exception):
                     raise result
 
     async def ping(self) -> None:
         client = self._started()
-        with self._mapped_errors():
+        with self.mapped_errors():
             await client.ping()
 
     async def save_markers(self, markers: Sequence[Marker], ttl: float) -> None:
         if not markers:
             return
-        with self._mapped_errors():
+        with self.mapped_errors():
             await save_markers(self._started(), self.prefix + _MARKERS, markers, ttl)
 
     async def load_markers(self) -> list[Marker]:
-        with self._mapped_errors():
+        with self.mapped_errors():
             return await load_markers(self._started(), self.prefix + _MARKERS)
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            with self._mapped_errors():
+            with self.mapped_errors():
                 await client.aclose()
 
-    async def _run_scripts(self, chunks: Sequence[Sequence[TierWrite]]) -> list[Any]:
+    # -- what a cluster does differently ---------------------------------------------------
+
+    async def _read(self, client: RedisClient, keys: list[str]) -> list[Any]:
+        """The stored values of ``keys``, in order."""
+        return list(await client.mget(keys))
+
+    def _script_calls(
+        self, client: RedisClient, writes: Sequence[TierWrite]
+    ) -> list[Sequence[TierWrite]]:
+        """``writes`` cut into the batches of one script call each."""
+        return [writes[i : i + KEYS_PER_CALL] for i in range(0, len(writes), KEYS_PER_CALL)]
+
+    # -- shared ----------------------------------------------------------------------------
+
+    async def _run_scripts(
+        self, client: RedisClient, chunks: Sequence[Sequence[TierWrite]]
+    ) -> list[Any]:
         """One script call per chunk; what each answered or raised."""
         calls = [self._script_arguments(chunk) for chunk in chunks]
-        client = self._started()
         if len(calls) == 1:  # the common case: redis-py's pipeline machinery costs more
             try:
                 return [await client.evalsha(_CONDITIONAL_SET_SHA, len(chunks[0]), *calls[0])]
             except redis.exceptions.ResponseError as exc:
                 return [exc]
+        # A cluster's pipeline sends each node its calls, to all nodes at once.
         pipe = client.pipeline(transaction=False)
         for chunk, arguments in zip(chunks, calls, strict=True):
             pipe.evalsha(_CONDITIONAL_SET_SHA, len(chunk), *arguments)
@@ -211,25 +200,33 @@ class RedisTier(Tier):
             arguments.append(max(1, math.ceil(write.ttl * 1000)))
         return arguments
 
-    def _started(self) -> redis.asyncio.Redis:
+    def _started(self) -> RedisClient:
         if self._client is None:
             raise TierError(f"redis tier {self.name!r} is not started")
         return self._client
 
     @contextlib.contextmanager
-    def _mapped_errors(self) -> Iterator[None]:
+    def mapped_errors(self) -> Iterator[None]:
         try:
             yield
         except (redis.exceptions.TimeoutError, TimeoutError) as exc:
             raise TierTimeout(f"redis tier {self.name!r}: {exc}") from exc
-        except (redis.exceptions.ConnectionError, OSError) as exc:
+        except (
+            redis.exceptions.ConnectionError,
+            OSError,
+            # The cluster cannot serve the slot now: a master failed and no replica has
+            # taken over yet, or no node answered the client's refresh of its slot map.
+            redis.exceptions.ClusterDownError,
+            redis.exceptions.RedisClusterUnreachableError,
+            redis.exceptions.SlotNotCoveredError,
+        ) as exc:
             raise TierUnavailable(f"redis tier {self.name!r}: {exc}") from exc
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise TierError(f"redis tier {self.name!r}: {exc}") from exc
 
 
 async def save_markers(
-    client: redis.asyncio.Redis, key: str, markers: Sequence[Marker], ttl: float
+    client: RedisClient, key: str, markers: Sequence[Marker], ttl: float
 ) -> None:
     """Keep ``markers`` in the hash ``key`` (see ``_SAVE_MARKERS``)."""
     arguments: list[str | int] = []
@@ -239,7 +236,7 @@ async def save_markers(
     await client.eval(_SAVE_MARKERS, 1, key, *arguments)
 
 
-async def load_markers(client: redis.asyncio.Redis, key: str) -> list[Marker]:
+async def load_markers(client: RedisClient, key: str) -> list[Marker]:
     """The markers kept in the hash ``key``."""
     stored = await client.hgetall(key)
     return [Marker(_text(name), int(_text(version), 16)) for name, version in stored.items()]

@@ -17,6 +17,8 @@ _BUILTIN: dict[str, str] = {
     "memory": "tiers.memory:MemoryTier",
     "redis": "tiers.redis:RedisTier",
     "rediss": "tiers.redis:RedisTier",
+    "redis-sentinel": "tiers.redis:RedisTier",
+    "redis-cluster": "tiers.redis_cluster:RedisClusterTier",
     "memcached": "tiers.memcached:MemcachedTier",
     "postgresql": "tiers.postgres:PostgresTier",
     "postgres": "tiers.postgres:PostgresTier",

@@ -1,10 +1,10 @@
 """Fixtures of the tier conformance suite: one ``tier`` fixture for every backend.
 
 Every test in ``test_tier_contract.py`` that takes ``tier`` runs once per backend (memory,
-Redis, Memcached with one node and with two, Postgres), against the session servers of
-``tests/conftest.py``. Tests do not share keys: each gets its own namespace (``key``), so
-they never see each other's entries, whatever server they run against and whatever an
-earlier run left there.
+Redis, Redis Cluster, Redis behind Sentinel, Memcached with one node and with two,
+Postgres), against the session servers of ``tests/conftest.py``. Tests do not share keys:
+each gets its own namespace (``key``), so they never see each other's entries, whatever
+server they run against and whatever an earlier run left there.
 """
 
 from __future__ import annotations
@@ -22,10 +22,22 @@ from tiers.base import Tier
 from tiers.registry import tier_class
 
 # "memcached-ring": the session memcached plus a second node, keys spread over both.
-BACKENDS = ("memory", "redis", "memcached", "memcached-ring", "postgres")
+# NETWORK_BACKENDS: those the TcpProxy can stand in front of (a cluster and Sentinel hand
+# out their servers' own addresses, which no proxy sits in front of).
+BACKENDS = (
+    "memory",
+    "redis",
+    "redis-cluster",
+    "redis-sentinel",
+    "memcached",
+    "memcached-ring",
+    "postgres",
+)
 NETWORK_BACKENDS = ("redis", "memcached", "postgres")
 _URL_FIXTURES = {
     "redis": "redis_url",
+    "redis-cluster": "redis_cluster_url",
+    "redis-sentinel": "redis_sentinel_url",
     "memcached": "memcached_url",
     "memcached-ring": "memcached_ring_url",
     "postgres": "postgres_url",

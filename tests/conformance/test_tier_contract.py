@@ -30,6 +30,7 @@ from tiers.memcached import MemcachedTier
 from tiers.memory import MemoryTier
 from tiers.postgres import PostgresTier
 from tiers.redis import RedisTier
+from tiers.redis_cluster import RedisClusterTier
 from tiers.registry import tier_class
 
 Key = Callable[[str], str]
@@ -309,6 +310,8 @@ async def test_postgres_sweep_deletes_only_expired_rows(
         ("memory", MemoryTier),
         ("redis", RedisTier),
         ("rediss", RedisTier),
+        ("redis-sentinel", RedisTier),
+        ("redis-cluster", RedisClusterTier),
         ("memcached", MemcachedTier),
         ("postgresql", PostgresTier),
         ("postgres", PostgresTier),
@@ -325,6 +328,10 @@ def test_registry_resolves_each_scheme(scheme: str, cls: type[Tier]) -> None:
         "redis://127.0.0.1:6379/0",
         "redis://user:secret@cache.internal/3?prefix=app1:&socket_timeout=0.5",
         "rediss://127.0.0.1:6380/0?ssl_cert_reqs=none",
+        "redis-cluster://10.0.0.1:7000",
+        "redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/?prefix=a:&max_connections=8",
+        "redis-sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
+        "redis-sentinel://:secret@10.0.0.1:26379/mymaster/3?socket_timeout=0.5&prefix=x:",
         "memcached://127.0.0.1:11211",
         "memcached://10.0.0.1:11211,10.0.0.2:11212?pool_size=8&prefix=x:",
         "memcached://[::1]:11211",
@@ -348,6 +355,23 @@ def test_validate_url_accepts(url: str) -> None:
         ("redis://127.0.0.1:6379/0?db=x", "Invalid value for 'db'"),
         ("redis:///0", "needs a host"),
         ("redis://127.0.0.1/0?prefix=a%20b", "prefix must not contain whitespace"),
+        ("redis-cluster://", "needs a list of cluster nodes"),
+        ("redis-cluster://10.0.0.1", "needs a port"),
+        ("redis-cluster://10.0.0.1:7000,", "node '' has no host"),
+        ("redis-cluster://10.0.0.1:7000,10.0.0.1:7000", "listed twice"),
+        ("redis-cluster://::1:7000", "IPv6 address in brackets"),
+        ("redis-cluster://10.0.0.1:70000", "port '70000' is not in 1-65535"),
+        ("redis-cluster://10.0.0.1:7000/3", "only database 0"),
+        ("redis-cluster://10.0.0.1:7000?db=1", "unknown option 'db'"),
+        ("redis-cluster://10.0.0.1:7000?ssl_certfile=c.pem", "unknown option 'ssl_certfile'"),
+        ("redis-cluster://10.0.0.1:7000?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis-cluster://10.0.0.1:7000?prefix=a%0A", "prefix must not contain whitespace"),
+        ("redis-sentinel://10.0.0.1:26379", "needs the service name"),
+        ("redis-sentinel://10.0.0.1:26379/", "needs the service name"),
+        ("redis-sentinel://10.0.0.1:26379/mymaster/zero", "only a database number may follow"),
+        ("redis-sentinel://10.0.0.1:26379/mymaster/0/1", "only a database number may follow"),
+        ("redis-sentinel:///mymaster", "needs a list of Sentinels"),
+        ("redis-sentinel://10.0.0.1:26379/m?retry_on_timeout=1", "unknown option"),
         ("memcached://", "needs at least one node"),
         ("memcached://127.0.0.1", "needs a port"),
         ("memcached://127.0.0.1:", "needs a port"),

@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from cachesvc.config import ConfigError, Settings, load_settings
+from cachesvc.config import REDIS_SCHEMES, ConfigError, Settings, load_settings
 from cachesvc.metrics import package_version
 
 if TYPE_CHECKING:
@@ -226,9 +227,36 @@ def serve(settings: Settings, workers: int) -> int:
     else:
         kind = "from the environment"
     log.info("tiers (%s): %s", kind, describe_tiers(settings.tiers))
+    if settings.write.journal_url is not None and len(settings.tiers) > 1:
+        log.info("write-behind journal: %s", describe_journal(settings))
     if workers == 1:
         return serve_worker(settings, worker=0)
     return supervise(settings, workers)
+
+
+def describe_journal(settings: Settings) -> str:
+    """Where the journal is, and whether a tier shares its Redis database: emptying that
+    tier with FLUSHDB deletes the journal too (docs/operations.md, "The journal")."""
+    from cachesvc.app import redact
+
+    write = settings.write
+    assert write.journal_url is not None
+    where = f"stream {write.journal_stream} on {redact(write.journal_url)}"
+    journal = _redis_database(write.journal_url)
+    sharing = [tier.name for tier in settings.tiers if _redis_database(tier.url) == journal]
+    if sharing:
+        where += (
+            f", the database of tier {sharing[0]}: a FLUSHDB of it deletes the journal too "
+            "([write].journal_url can move it)"
+        )
+    return where
+
+
+def _redis_database(url: str) -> tuple[str, int, str] | None:
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        return None
+    return (parts.hostname or "", parts.port or 6379, parts.path.strip("/") or "0")
 
 
 def check_can_listen(host: str, port: int, reuse_port: bool) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.cli import main
+from cachesvc.cli import describe_journal, main
+from cachesvc.config import load_settings
 
 
 def help_text(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -83,3 +84,16 @@ def test_a_port_in_use_is_one_line_and_a_failure() -> None:
                 "[server].port)"
             ]
             assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_journal_line_says_when_a_tier_shares_its_database() -> None:
+    tiers = '[{"url": "memory://"}, {"url": "redis://cache:6379/0?prefix=app:"}]'
+    shared = describe_journal(load_settings(None, {"CACHESVC_TIERS": tiers}))
+    assert shared == (
+        "stream cachesvc:journal on redis://cache:6379/0, the database of tier l2: a FLUSHDB "
+        "of it deletes the journal too ([write].journal_url can move it)"
+    )
+    apart = {"CACHESVC_TIERS": tiers, "CACHESVC_WRITE__JOURNAL_URL": "redis://:pw@cache/1"}
+    assert describe_journal(load_settings(None, apart)) == (
+        "stream cachesvc:journal on redis://:***@cache/1"
+    )

@@ -130,3 +130,12 @@ def user_facing_texts() -> Iterator[tuple[str, str]]:
 def test_nothing_a_user_reads_points_outside_the_project() -> None:
     for name, text in user_facing_texts():
         assert not re.search(r"\bSPEC\b|shared/SPEC", text), name
+
+
+def test_the_readme_shows_the_local_example_config() -> None:
+    readme = (ROOT / "README.md").read_text()
+    (shown,) = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    example = (ROOT / "deploy" / "local" / "cachesvc.toml").read_text()
+    assert example.endswith(shown)
+    header = example.removesuffix(shown).splitlines()
+    assert all(line.startswith("#") or not line.strip() for line in header), header

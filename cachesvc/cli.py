@@ -448,7 +448,8 @@ def publish_invalidation(
     receivers = asyncio.run(
         publish(settings.invalidation.url, settings.invalidation.channel, event.to_json())
     )
-    print(f"published to {settings.invalidation.channel} ({receivers} subscribers)")
+    subscribers = "1 subscriber" if receivers == 1 else f"{receivers} subscribers"
+    print(f"published to {settings.invalidation.channel} ({subscribers})")
     return 0
 
 

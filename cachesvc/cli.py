@@ -147,30 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     invalidate.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
-    invalidate.add_argument(
-        "--key",
-        action="append",
-        default=[],
-        dest="keys",
-        metavar="K",
-        help="remove the key K (repeat for more keys)",
+    repeatable = (
+        ("--key", "keys", "K", "remove the key K (repeat for more keys)"),
+        ("--prefix", "prefixes", "P", "remove every key that starts with P (repeat for more)"),
+        ("--tag", "tags", "T", "remove every entry stored with the tag T (repeat for more)"),
     )
-    invalidate.add_argument(
-        "--prefix",
-        action="append",
-        default=[],
-        dest="prefixes",
-        metavar="P",
-        help="remove every key that starts with P (repeat for more prefixes)",
-    )
-    invalidate.add_argument(
-        "--tag",
-        action="append",
-        default=[],
-        dest="tags",
-        metavar="T",
-        help="remove every entry stored with the tag T (repeat for more tags)",
-    )
+    for flag, dest, metavar, text in repeatable:
+        invalidate.add_argument(
+            flag, action="append", default=[], dest=dest, metavar=metavar, help=text
+        )
 
     dead = commands.add_parser(
         "dead-letters",

@@ -42,7 +42,7 @@ def test_invalidate_help_says_the_options_repeat(capsys: pytest.CaptureFixture[s
     text = help_text(capsys, "invalidate")
     assert "[--key K]... [--prefix P]... [--tag T]..." in text
     assert "remove the key K (repeat for more keys)" in text
-    assert "(repeat for more prefixes)" in text and "(repeat for more tags)" in text
+    assert "starts with P (repeat for more)" in text and "tag T (repeat for more)" in text
 
 
 def test_dead_letters_help_says_what_they_are(capsys: pytest.CaptureFixture[str]) -> None:

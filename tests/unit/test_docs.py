@@ -9,11 +9,19 @@ import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from cachesvc.cli import build_parser
+from cachesvc.config import (
+    InvalidationSettings,
+    ServerSettings,
+    TierSettings,
+    WriteSettings,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = sorted(
@@ -139,3 +147,40 @@ def test_the_readme_shows_the_local_example_config() -> None:
     assert example.endswith(shown)
     header = example.removesuffix(shown).splitlines()
     assert all(line.startswith("#") or not line.strip() for line in header), header
+
+
+def configuration_sections() -> dict[str, str]:
+    """docs/configuration.md by its level-2 headings."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    parts = re.split(r"^## (.+)$", text, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("heading", "model"),
+    [
+        ("`[server]`", ServerSettings),
+        ("`[[tiers]]`", TierSettings),
+        ("`[write]`", WriteSettings),
+        ("`[invalidation]`", InvalidationSettings),
+    ],
+)
+def test_every_key_is_in_the_configuration_reference(heading: str, model: type[Any]) -> None:
+    table = configuration_sections()[heading]
+    missing = [name for name in model.model_fields if f"| `{name}` |" not in table]
+    assert not missing, f"docs/configuration.md, {heading}: {missing} not described"
+
+
+def test_the_complete_file_shows_the_defaults(tmp_path: Path) -> None:
+    (block,) = re.findall(
+        r"```toml\n(.*?)```", configuration_sections()["A complete file"], re.DOTALL
+    )
+    path = tmp_path / "cachesvc.toml"
+    path.write_text(block)
+    settings = load_settings(path, environ={})
+    assert settings.server == ServerSettings()
+    assert settings.invalidation == InvalidationSettings()
+    assert settings.write == WriteSettings(journal_url="redis://127.0.0.1:6379/0")
+    first = settings.tiers[0]
+    defaults = TierSettings(url=first.url, name=first.name, ttl=first.ttl)
+    assert first == defaults and first.ttl == TierSettings.model_fields["ttl"].default

@@ -67,10 +67,10 @@ tier. --key, --prefix and --tag may each be given several times; at least one is
 """
 DEAD_LETTERS_DESCRIPTION = """\
 Write-behind writes that the durable tier refused [write].max_attempts times (or that
-could not be read) are moved from the journal to a dead-letter stream
-(<journal_stream>:dead). This command lists them,
-one a line: journal entry id, key, why it was refused. With --replay it moves them back
-into the journal, to be applied again (after the cause was fixed).
+could not be read) are moved from the journal to a dead-letter stream,
+<journal_stream>:dead. This command lists them, one a line: journal entry id, key, why it
+was refused. With --replay it moves them back into the journal, to be applied again once
+the cause is fixed.
 """
 SERVE_CONFIG_HELP = "TOML config file (default: $CACHESVC_CONFIG; neither: the embedded default)"
 CONFIG_HELP = "TOML config file (default: $CACHESVC_CONFIG)"

@@ -351,7 +351,8 @@ def _describe(exc: ValidationError, sources: Mapping[tuple[str | int, ...], str]
 
 
 def _did_you_mean(location: tuple[str | int, ...], from_environment: bool) -> str:
-    """ "; did you mean server.port?" for an unknown key close to a known one, else ""."""
+    """The hint for an unknown key close to a known one (``; did you mean server.port?``),
+    else ``""``."""
     *parent, unknown = location
     close = difflib.get_close_matches(str(unknown), _known_keys(parent), n=1)
     if not close:

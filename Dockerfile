@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # cachesvc: the caching sidecar. Build: `docker build -t cachesvc .`
 # Run: mount a config at /etc/cachesvc/cachesvc.toml (see deploy/compose/cachesvc.toml) and,
-# for any bind other than 127.0.0.1, set CACHESVC_AUTH_TOKEN (SPEC §5).
+# for any bind other than 127.0.0.1, set CACHESVC_AUTH_TOKEN (docs/configuration.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -28,7 +28,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && mkdir -p /etc/cachesvc
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 USER 10001:10001
-EXPOSE 8787
+# The API; and the operations listener (/healthz, /readyz, /metrics) where a config sets
+# [server] ops_port = 8788, as the compose and Kubernetes examples do.
+EXPOSE 8787 8788
 # No curl in the slim image: Python's urllib. urlopen raises (exit 1) on any non-2xx answer.
 # It assumes the default port, 8787; a config that moves it needs its own check.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench clean
+.PHONY: install run test lint bench clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,10 @@ $(INSTALLED): pyproject.toml
 $(DEV_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(DEV_INSTALLED)
+
+## install: .venv with cachesvc (its command is .venv/bin/cachesvc) and the tools of the
+## tests and benchmarks (pytest, ruff, mypy, locust, ...)
+install: $(DEV_INSTALLED)
 
 ## run: install, then serve the embedded default (one in-process memory tier) on 127.0.0.1:8787
 run: $(INSTALLED)

@@ -443,8 +443,8 @@ class Api:
             validate_key(key)
         for tag in event.tags:
             validate_key(tag, "tag")
-        if not event:
-            raise BadRequest("nothing to invalidate: give keys, prefixes or tags")
+        if event.written:
+            raise BadRequest("written is for the sidecars' own announcements, not requests")
         await self.invalidator.invalidate(event)
         return json_reply(202, {"status": "accepted"})
 

@@ -1,51 +1,87 @@
-"""The ``cachesvc`` command: serve, check-config, invalidate, dead-letters (SPEC §1)."""
+"""The ``cachesvc`` command: serve, check-config, invalidate, dead-letters."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from cachesvc.config import ConfigError, Settings, load_settings
+from cachesvc.config import REDIS_SCHEMES, ConfigError, Settings, load_settings
+from cachesvc.metrics import package_version
+
+if TYPE_CHECKING:
+    from cachesvc.slot import TierSlot
 
 log = logging.getLogger("cachesvc")
 
+DESCRIPTION = """\
+cachesvc is a caching sidecar: applications call it over HTTP on localhost, and it keeps
+their entries in ordered cache tiers (in-process memory, Redis, Memcached, Postgres) behind
+one small API: get, set, delete, bulk and invalidate.
+"""
+EPILOG = """\
+Run "cachesvc COMMAND --help" for a command's options. The configuration, the HTTP API and
+the invalidation events are described in the docs/ directory of the source repository; a
+running sidecar serves its API description at /openapi.json.
+"""
+SERVE_DESCRIPTION = """\
+Run the sidecar until SIGTERM or SIGINT, which finish the requests under way and drain the
+write-behind journal (within [server].shutdown_timeout and [write].drain_timeout), then
+exit 0.
+
+Without a config file (neither --config nor CACHESVC_CONFIG) it serves the embedded
+default: one in-process memory tier named l1, on 127.0.0.1:8787, with no server needed.
+
+Every config key can also be set from the environment: CACHESVC_ and the key's path in
+capitals, with __ between levels. They apply on top of the file (or of the embedded
+default), and --host and --port apply last:
+
+  CACHESVC_SERVER__PORT=9000           [server] port
+  CACHESVC_TIERS__0__TTL=60            ttl of the first [[tiers]] entry
+  CACHESVC_TIERS__1__URL=redis://127.0.0.1:6379/0
+                                       a second tier (after the embedded l1, without a file)
+  CACHESVC_TIERS='[{"url": "memory://"}, {"url": "redis://127.0.0.1:6379/0"}]'
+                                       the whole tier list, as JSON
+  CACHESVC_AUTH_TOKEN=...              [server] auth_token
+"""
+CHECK_DESCRIPTION = """\
+Validate a config file, with the CACHESVC_ environment variables applied on top of it as
+"serve" would. Exit 0 when it is valid; otherwise print one line per problem, naming the
+field (e.g. "tiers[1].url: unknown scheme 'bogus'"), and exit 2. No server is contacted.
+"""
+INVALIDATE_DESCRIPTION = """\
+Publish an invalidation event on [invalidation].url and channel, as a publisher service
+would: every sidecar subscribed to the channel removes the matching entries from every
+tier. --key, --prefix and --tag may each be given several times; at least one is needed.
+"""
+DEAD_LETTERS_DESCRIPTION = """\
+Write-behind writes that the durable tier refused [write].max_attempts times (or that
+could not be read) are moved from the journal to a dead-letter stream,
+<journal_stream>:dead. This command lists them, one a line: journal entry id, key, why it
+was refused. With --replay it moves them back into the journal, to be applied again once
+the cause is fixed.
+"""
+SERVE_CONFIG_HELP = "TOML config file (default: $CACHESVC_CONFIG; neither: the embedded default)"
+CONFIG_HELP = "TOML config file (default: $CACHESVC_CONFIG)"
+
+
+class CannotListen(Exception):
+    """The sidecar cannot open its listening socket; the message says why in one line."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cachesvc", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serving = commands.add_parser("serve", help="run the sidecar")
-    serving.add_argument("--config", help="TOML config file (default: $CACHESVC_CONFIG)")
-    serving.add_argument("--host", help="address to bind (overrides [server].host)")
-    serving.add_argument("--port", type=int, help="port to bind (overrides [server].port)")
-    serving.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
-    )
-
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("path")
-
-    invalidate = commands.add_parser("invalidate", help="publish an invalidation event")
-    invalidate.add_argument("--config", help="TOML config file (default: $CACHESVC_CONFIG)")
-    invalidate.add_argument("--key", action="append", default=[], dest="keys")
-    invalidate.add_argument("--prefix", action="append", default=[], dest="prefixes")
-    invalidate.add_argument("--tag", action="append", default=[], dest="tags")
-
-    dead = commands.add_parser(
-        "dead-letters", help="list (or --replay) write-behind writes that could not be applied"
-    )
-    dead.add_argument("--config", help="TOML config file (default: $CACHESVC_CONFIG)")
-    dead.add_argument("--replay", action="store_true", help="move them back into the journal")
-
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
@@ -67,6 +103,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
+    except CannotListen as exc:
+        print(f"cachesvc: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="cachesvc", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
+    )
+    parser.add_argument("--version", action="version", version=f"cachesvc {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serving = commands.add_parser(
+        "serve", help="run the sidecar", description=SERVE_DESCRIPTION, formatter_class=formatter
+    )
+    serving.add_argument("--config", metavar="PATH", help=SERVE_CONFIG_HELP)
+    serving.add_argument("--host", help="address to bind (overrides [server].host)")
+    serving.add_argument("--port", type=int, help="port to bind (overrides [server].port)")
+    serving.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes serving the same port (SO_REUSEPORT), each with its own memory "
+        "tier (default: 1)",
+    )
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description=CHECK_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    check.add_argument("path", metavar="PATH", help="the TOML config file")
+
+    invalidate = commands.add_parser(
+        "invalidate",
+        help="publish an invalidation event to every sidecar",
+        usage="cachesvc invalidate [-h] [--config PATH] [--key K]... [--prefix P]... [--tag T]...",
+        description=INVALIDATE_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    invalidate.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    repeatable = (
+        ("--key", "keys", "K", "remove the key K (repeat for more keys)"),
+        ("--prefix", "prefixes", "P", "remove every key that starts with P (repeat for more)"),
+        ("--tag", "tags", "T", "remove every entry stored with the tag T (repeat for more)"),
+    )
+    for flag, dest, metavar, text in repeatable:
+        invalidate.add_argument(
+            flag, action="append", default=[], dest=dest, metavar=metavar, help=text
+        )
+
+    dead = commands.add_parser(
+        "dead-letters",
+        help="list, or replay, the write-behind writes the durable tier kept refusing",
+        description=DEAD_LETTERS_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    dead.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    dead.add_argument(
+        "--replay", action="store_true", help="move every dead letter back into the journal"
+    )
+    return parser
 
 
 def is_loopback(host: str) -> bool:
@@ -97,12 +198,22 @@ def serve(settings: Settings, workers: int) -> int:
     if not is_loopback(server.host) and server.auth_token is None:
         print(
             f"refusing to bind {server.host}: a non-loopback address needs an auth token "
-            "(set CACHESVC_AUTH_TOKEN or [server].auth_token), see SPEC §5",
+            "(set CACHESVC_AUTH_TOKEN or [server].auth_token)",
             file=sys.stderr,
         )
         return 2
-    kind = "embedded default" if settings.is_embedded_default else "configured"
+    # Before anything starts: a sidecar that cannot serve must not connect to its tiers,
+    # nor take up the journal entries a predecessor left.
+    check_can_listen(server.host, server.port, reuse_port=workers > 1)
+    if settings.is_embedded_default:
+        kind = "embedded default"
+    elif settings.config_path is not None:
+        kind = f"from {settings.config_path}"
+    else:
+        kind = "from the environment"
     log.info("tiers (%s): %s", kind, describe_tiers(settings.tiers))
+    if settings.write.journal_url is not None and len(settings.tiers) > 1:
+        log.info("write-behind journal: %s", describe_journal(settings))
     if workers > 1 and all(tier.is_in_process for tier in settings.tiers):
         print(
             "refusing --workers with in-process tiers only: each worker would hold its own "
@@ -113,6 +224,63 @@ def serve(settings: Settings, workers: int) -> int:
     if workers == 1:
         return serve_worker(settings, worker=0)
     return supervise(settings, workers)
+
+
+def describe_journal(settings: Settings) -> str:
+    """Where the journal is, and whether a tier shares its Redis database: emptying that
+    tier with FLUSHDB deletes the journal too (docs/operations.md, "The journal")."""
+    from cachesvc.app import redact
+
+    write = settings.write
+    assert write.journal_url is not None
+    where = f"stream {write.journal_stream} on {redact(write.journal_url)}"
+    journal = _redis_database(write.journal_url)
+    sharing = [tier.name for tier in settings.tiers if _redis_database(tier.url) == journal]
+    if sharing:
+        where += (
+            f", the database of tier {sharing[0]}: a FLUSHDB of it deletes the journal too "
+            "([write].journal_url can move it)"
+        )
+    return where
+
+
+def _redis_database(url: str) -> tuple[str, int, str] | None:
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        return None
+    return (parts.hostname or "", parts.port or 6379, parts.path.strip("/") or "0")
+
+
+def check_can_listen(host: str, port: int, reuse_port: bool) -> None:
+    """Bind (and release) ``host:port`` as the server will; CannotListen says why not."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            # The options asyncio's create_server sets: connections of an earlier run in
+            # TIME_WAIT do not count, and each IPv6 address is bound on its own.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise CannotListen(cannot_listen_message(host, port, exc)) from None
+
+
+def cannot_listen_message(host: str, port: int, exc: OSError) -> str:
+    reasons = {
+        errno.EADDRINUSE: "the port is already in use (another cachesvc, or another "
+        "program: choose another with --port or [server].port)",
+        errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    }
+    reason = reasons.get(exc.errno or 0) or exc.strerror or str(exc)
+    return f"cannot listen on {host}:{port}: {reason}"
 
 
 def serve_worker(settings: Settings, worker: int) -> int:
@@ -142,13 +310,19 @@ async def _serve(settings: Settings, worker: int) -> None:
     from cachesvc.app import Service
 
     service = Service(settings, worker)
-    await service.start()
+    try:
+        await service.start()
+    except OSError as exc:  # taken since check_can_listen
+        server = settings.server
+        raise CannotListen(cannot_listen_message(server.host, server.port, exc)) from None
+    reachability: asyncio.Task[None] | None = None
     try:
         if worker <= 1:
             server = settings.server
             log.info("serving on http://%s:%d", server.host, service.port)
             if service.ops_port is not None:
                 log.info("operations (health, readiness, metrics) on port %d", service.ops_port)
+            reachability = asyncio.create_task(report_unreachable_tiers(service.api.engine.slots))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -159,7 +333,29 @@ async def _serve(settings: Settings, worker: int) -> None:
             settings.server.shutdown_timeout,
         )
     finally:
+        if reachability is not None:
+            reachability.cancel()
         await service.stop()
+
+
+async def report_unreachable_tiers(slots: Sequence[TierSlot]) -> None:
+    """Say once, at start, which tiers do not answer and why. In the background: the
+    sidecar serves meanwhile, from the tiers that do."""
+    from cachesvc.slot import failure_cause
+    from tiers.base import TierError
+
+    async def check(slot: TierSlot) -> None:
+        try:
+            await slot.call(slot.tier.ping())
+        except TierError as exc:
+            log.warning(
+                "tier %s is unreachable at start (%s); requests use the other tiers "
+                "until it answers",
+                slot.name,
+                failure_cause(exc),
+            )
+
+    await asyncio.gather(*(check(slot) for slot in slots if not slot.tier.in_process))
 
 
 def supervise(settings: Settings, workers: int) -> int:
@@ -198,7 +394,11 @@ def _worker_main(settings: Settings, worker: int) -> None:
     # A stop that arrives before the app installed its own handlers finds nothing to
     # finish yet: leave at once, successfully.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    sys.exit(serve_worker(settings, worker))
+    try:
+        sys.exit(serve_worker(settings, worker))
+    except CannotListen as exc:
+        print(f"cachesvc worker {worker}: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -225,7 +425,8 @@ def publish_invalidation(
     receivers = asyncio.run(
         publish(settings.invalidation.url, settings.invalidation.channel, event.to_json())
     )
-    print(f"published to {settings.invalidation.channel} ({receivers} subscribers)")
+    subscribers = "1 subscriber" if receivers == 1 else f"{receivers} subscribers"
+    print(f"published to {settings.invalidation.channel} ({subscribers})")
     return 0
 
 

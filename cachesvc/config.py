@@ -1,26 +1,40 @@
-"""Settings: the TOML file of SPEC §2, then ``CACHESVC_`` environment overrides, validated once.
+"""Settings: the TOML file (docs/configuration.md), then ``CACHESVC_`` environment overrides,
+validated once.
 
 Environment variables map onto the file's keys with ``__`` between levels
 (``CACHESVC_SERVER__PORT=9000``, ``CACHESVC_TIERS__0__URL=redis://...``); a value that
 looks like JSON (``[``, ``{``) is parsed as JSON, so ``CACHESVC_TIERS='[{"url": ...}]'``
-replaces the whole list. ``CACHESVC_AUTH_TOKEN`` is the documented short form of
-``CACHESVC_SERVER__AUTH_TOKEN``. Unknown keys, in the file or the environment, are errors.
+replaces the whole list. Without a file (or a file without ``[[tiers]]``), indexed tier
+variables apply to the embedded default's tier list. ``CACHESVC_AUTH_TOKEN`` is the
+documented short form of ``CACHESVC_SERVER__AUTH_TOKEN``. Unknown keys, in the file or the
+environment, are errors, with a "did you mean" hint when a known key is close.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from tiers.redis_clients import validate_redis_url
-from tiers.registry import tier_class
+from tiers.registry import known_schemes, tier_class
 
 ENV_PREFIX = "CACHESVC_"
 # Variables with the prefix that are not settings: the config path, the test suite's
@@ -30,6 +44,12 @@ _ENV_ALIASES = {"CACHESVC_AUTH_TOKEN": ("server", "auth_token")}
 
 Strategy = Literal["write-through", "write-behind", "cache-aside"]
 STRATEGIES: tuple[Strategy, ...] = ("write-through", "write-behind", "cache-aside")
+REDIS_SCHEMES = ("redis", "rediss", "redis-cluster", "redis-sentinel")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+# No config file and no tier settings: one in-process memory tier, so that the sidecar
+# serves with no server installed.
+EMBEDDED_DEFAULT_TIERS: tuple[Mapping[str, str], ...] = ({"name": "l1", "url": "memory://"},)
 
 
 class _Section(BaseModel):
@@ -72,10 +92,13 @@ class TierSettings(_Section):
     def _check_url(self) -> TierSettings:
         parsed = self.parsed_url
         try:
+            if not parsed.scheme:
+                schemes = ", ".join(known_schemes())
+                raise ValueError(f"{self.url!r} is not a URL (known schemes: {schemes})")
             cls = tier_class(parsed.scheme.lower())
             cls.validate_url(parsed)
         except ValueError as exc:
-            raise _FieldError("url", str(exc)) from None
+            raise _FieldError("url", with_url_hint(str(exc), self.url, known_schemes())) from None
         return self
 
     @property
@@ -108,11 +131,7 @@ class WriteSettings(_Section):
 
     @model_validator(mode="after")
     def _check_journal_url(self) -> WriteSettings:
-        if self.journal_url is not None:
-            try:
-                validate_redis_url(self.journal_url)
-            except ValueError as exc:
-                raise _FieldError("journal_url", str(exc)) from None
+        _check_redis_url("journal_url", self.journal_url)
         return self
 
 
@@ -129,21 +148,55 @@ class InvalidationSettings(_Section):
 
     @model_validator(mode="after")
     def _check_urls(self) -> InvalidationSettings:
-        if self.url is not None:
-            try:
-                validate_redis_url(self.url)
-            except ValueError as exc:
-                raise _FieldError("url", str(exc)) from None
-        if self.postgres_url is not None and urlsplit(self.postgres_url).scheme not in (
-            "postgresql",
-            "postgres",
-        ):
-            raise _FieldError("postgres_url", "must be a postgresql:// URL")
+        _check_redis_url("url", self.url)
+        _check_scheme("postgres_url", self.postgres_url, POSTGRES_SCHEMES)
         return self
 
 
+def _check_redis_url(field: str, url: str | None) -> None:
+    _check_scheme(field, url, REDIS_SCHEMES)
+    if url is not None:
+        try:
+            validate_redis_url(url)
+        except ValueError as exc:
+            raise _FieldError(field, str(exc)) from None
+
+
+def _check_scheme(field: str, url: str | None, schemes: Sequence[str]) -> None:
+    if url is not None and urlsplit(url).scheme.lower() not in schemes:
+        expected = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise _FieldError(field, with_url_hint(f"must be a {expected} URL", url, schemes))
+
+
+def with_url_hint(message: str, url: str, schemes: Sequence[str]) -> str:
+    """``message`` about ``url``, with what it probably meant when it looks like a slip."""
+    if re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]+(/.*)?", url):  # "localhost:6379": no scheme
+        example = "redis" if "redis" in schemes else schemes[0]
+        return f"{message}; a URL starts with its scheme, e.g. '{example}://{url}'"
+    meant = _meant_url(url, schemes)
+    return f"{message}; did you mean {meant!r}?" if meant else message
+
+
+def _meant_url(url: str, schemes: Sequence[str]) -> str | None:
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        # The "://" mangled: "rediss//host", "redis:/host", "redis:host:6379".
+        mangled = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)(?::/?|//)(.*)", url)
+        if mangled is None:
+            return None
+        scheme, rest = mangled[1], mangled[2]
+    scheme = scheme.lower()
+    if scheme not in schemes:
+        close = difflib.get_close_matches(scheme, schemes, n=1)
+        if not close:
+            return None
+        scheme = close[0]
+    meant = f"{scheme}://{rest}"
+    return meant if meant != url else None
+
+
 def _default_tiers() -> list[TierSettings]:
-    return [TierSettings(name="l1", url="memory://")]
+    return [TierSettings.model_validate(tier) for tier in EMBEDDED_DEFAULT_TIERS]
 
 
 class Settings(_Section):
@@ -151,6 +204,8 @@ class Settings(_Section):
     tiers: list[TierSettings] = Field(default_factory=_default_tiers, min_length=1)
     write: WriteSettings = WriteSettings()
     invalidation: InvalidationSettings = InvalidationSettings()
+    # The file these settings were read from, if any (see is_embedded_default).
+    _config_path: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _name_tiers(self) -> Settings:
@@ -186,7 +241,13 @@ class Settings(_Section):
 
     @property
     def is_embedded_default(self) -> bool:
-        return len(self.tiers) == 1 and self.tiers[0].parsed_url.scheme == "memory"
+        """No config file and no tier settings from anywhere: the tiers are the embedded
+        default's as shipped (other sections may still come from the environment)."""
+        return self._config_path is None and "tiers" not in self.model_fields_set
+
+    @property
+    def config_path(self) -> str | None:
+        return self._config_path
 
 
 class _FieldError(ValueError):
@@ -232,6 +293,10 @@ def load_settings(
         keys = _ENV_ALIASES.get(name) or tuple(
             part.lower() for part in name[len(ENV_PREFIX) :].split("__")
         )
+        if keys[0] == "tiers" and len(keys) > 1 and "tiers" not in data:
+            # CACHESVC_TIERS__0__TTL=60 with no tiers configured: a change to the tier list
+            # that is in effect, the embedded default's.
+            data["tiers"] = [dict(tier) for tier in EMBEDDED_DEFAULT_TIERS]
         try:
             location = _assign(data, keys, _parse_env_value(value))
         except ValueError as exc:
@@ -244,9 +309,11 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, sources)) from None
+    settings._config_path = None if path is None else str(path)
+    return settings
 
 
 def _parse_env_value(value: str) -> Any:
@@ -283,7 +350,7 @@ def _assign(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> tuple[st
         if last:
             node[key] = value
         else:
-            node = node.setdefault(key, [] if key == "tiers" else {})
+            node = node.setdefault(key, {})
     return tuple(location)
 
 
@@ -311,5 +378,42 @@ def _describe(exc: ValidationError, sources: Mapping[tuple[str | int, ...], str]
             message = message.removeprefix("Value error, ")
         where = _format_location(location)
         origin = sources.get(location)
-        problems.append(f"{where}: {message}" + (f" (from {origin})" if origin else ""))
+        problem = f"{where}: {message}" + (f" (from {origin})" if origin else "")
+        if error["type"] == "extra_forbidden":
+            problem += _did_you_mean(location, from_environment=origin is not None)
+        problems.append(problem)
     return problems
+
+
+def _did_you_mean(location: tuple[str | int, ...], from_environment: bool) -> str:
+    """The hint for an unknown key close to a known one (``; did you mean server.port?``),
+    else ``""``."""
+    *parent, unknown = location
+    close = difflib.get_close_matches(str(unknown), _known_keys(parent), n=1)
+    if not close:
+        return ""
+    meant = (*parent, close[0])
+    if from_environment:
+        return f"; did you mean {ENV_PREFIX}{'__'.join(str(part).upper() for part in meant)}?"
+    return f"; did you mean {_format_location(meant)}?"
+
+
+def _known_keys(location: Sequence[str | int]) -> list[str]:
+    """The keys of the table at ``location`` (list indexes skipped), from the models."""
+    model: type[BaseModel] | None = Settings
+    for part in location:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = None if field is None else _model_in(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model in ``annotation`` (``ServerSettings``, ``list[TierSettings]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        if (found := _model_in(argument)) is not None:
+            return found
+    return None

@@ -29,7 +29,7 @@ Which crash loses what:
 
 Entries that can never be applied (undecodable, or refused by the durable tier
 ``max_attempts`` times with a non-transient error) move to ``<stream>:dead``, where
-``cachesvc dead-letters list|replay`` shows and re-queues them.
+``cachesvc dead-letters [--replay]`` shows and re-queues them.
 """
 
 from __future__ import annotations
@@ -119,12 +119,13 @@ class Journal:
         self._last_appended = b"0-0"
         self._group_ready = False
         self._attempts: dict[bytes, int] = {}
-        self.m_depth = metrics.journal_depth
-        self.m_lag = metrics.journal_lag
-        self.m_flushed = metrics.journal_flushed
-        self.m_retried = metrics.journal_retried
-        self.m_dead = metrics.journal_dead_lettered
-        self.m_durable = metrics.journal_durable
+        series = metrics.for_journal()
+        self.m_depth = series.depth
+        self.m_lag = series.lag
+        self.m_flushed = series.flushed
+        self.m_retried = series.retried
+        self.m_dead = series.dead_lettered
+        self.m_durable = series.durable
 
     # -- producer side -------------------------------------------------------------------
 
@@ -236,8 +237,15 @@ class Journal:
                         await asyncio.sleep(0.05)  # what is left is a peer's to apply
             except RedisError as exc:
                 if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
-                    self._group_ready = False  # Redis lost it (restart, flush): create again
-                log.warning("journal unreachable: %s", exc)
+                    self._group_ready = False  # created again on the next round
+                    log.error(
+                        "the journal's stream %s was deleted (FLUSHDB/FLUSHALL, or Redis "
+                        "restarted without persistence?); recreating it. Write-behind writes "
+                        "it held and not yet applied to the lower tiers are lost",
+                        self.stream,
+                    )
+                else:
+                    log.warning("journal unreachable: %s", exc)
                 await backoff.sleep()
                 continue
             if not records:

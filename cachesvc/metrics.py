@@ -1,15 +1,26 @@
 """Prometheus metrics, one registry per app (tests run several apps in one process).
 
 Tier series carry ``tier="<name>"``. Label children on the hot path are bound once per
-tier (``TierMetrics``) instead of looked up per request.
+tier (``TierMetrics``) instead of looked up per request. Beside cachesvc's own series: the
+process collector's (``process_*``), ``cachesvc_build_info``, and the journal's only once
+a journal exists (``for_journal``): a sidecar without one exports no journal series
+rather than zeros that look like a healthy, empty journal.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
@@ -17,10 +28,21 @@ BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+def package_version() -> str:
+    try:
+        return version("cachesvc")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        Info("cachesvc_build", "The running cachesvc.", registry=r).info(
+            {"version": package_version()}
+        )
         # Per request: plain numbers, turned into Prometheus families when scraped.
         self.requests = RequestStats()
         r.register(self.requests)
@@ -80,38 +102,7 @@ class Metrics:
             ["tier"],
             registry=r,
         )
-
-        self.journal_depth = Gauge(
-            "cachesvc_journal_depth",
-            "Write-behind writes recorded and not yet applied.",
-            registry=r,
-        )
-        self.journal_lag = Gauge(
-            "cachesvc_journal_lag_seconds",
-            "Age of the oldest write-behind write not yet applied.",
-            registry=r,
-        )
-        self.journal_flushed = Counter(
-            "cachesvc_journal_flushed",
-            "Write-behind writes applied to the lower tiers.",
-            registry=r,
-        )
-        self.journal_retried = Counter(
-            "cachesvc_journal_retried",
-            "Write-behind writes whose flush failed and is retried.",
-            registry=r,
-        )
-        self.journal_durable = Gauge(
-            "cachesvc_journal_durable",
-            "1 when an acknowledged write-behind write survives a crash of the journal's "
-            "Redis (appendonly yes with appendfsync always), else 0.",
-            registry=r,
-        )
-        self.journal_dead_lettered = Counter(
-            "cachesvc_journal_dead_lettered",
-            "Write-behind writes moved to the dead-letter stream after repeated refusal.",
-            registry=r,
-        )
+        self._journal: JournalMetrics | None = None
 
         self.malformed_requests = Counter(
             "cachesvc_malformed_requests",
@@ -138,6 +129,47 @@ class Metrics:
 
     def for_tier(self, tier: str) -> TierMetrics:
         return TierMetrics(self, tier)
+
+    def for_journal(self) -> JournalMetrics:
+        """The journal's series, registered on the first call (there is one journal)."""
+        if self._journal is None:
+            self._journal = JournalMetrics(self.registry)
+        return self._journal
+
+
+class JournalMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.depth = Gauge(
+            "cachesvc_journal_depth",
+            "Write-behind writes recorded and not yet applied.",
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "cachesvc_journal_lag_seconds",
+            "Age of the oldest write-behind write not yet applied.",
+            registry=registry,
+        )
+        self.flushed = Counter(
+            "cachesvc_journal_flushed",
+            "Write-behind writes applied to the lower tiers.",
+            registry=registry,
+        )
+        self.retried = Counter(
+            "cachesvc_journal_retried",
+            "Write-behind writes whose flush failed and is retried.",
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "cachesvc_journal_dead_lettered",
+            "Write-behind writes moved to the dead-letter stream after repeated refusal.",
+            registry=registry,
+        )
+        self.durable = Gauge(
+            "cachesvc_journal_durable",
+            "1 when an acknowledged write-behind write survives a crash of the journal's "
+            "Redis (appendonly yes with appendfsync always), else 0.",
+            registry=registry,
+        )
 
 
 class RequestStats:

@@ -38,20 +38,43 @@ TOMBSTONE_TTL = 60.0
 
 MAX_MISSED_KEYS = 100_000
 
+STILL_DOWN_LOG_INTERVAL = 60.0
+"""While a tier stays down its breaker re-opens after every failed probe (each
+``breaker_reset`` seconds): that is logged at debug level, with a warning this often."""
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What went wrong, for a log line that already names the tier: the driver's own
+    message (tiers raise their errors ``from`` it), else the error's."""
+    cause = exc.__cause__
+    return str(cause) if cause is not None and str(cause) else str(exc) or type(exc).__name__
+
 
 class CircuitBreaker:
     """Closed -> (``failures`` consecutive failures) -> open -> (``reset`` s) -> half-open,
-    where one probe call decides: success closes, failure opens again."""
+    where one probe call decides: success closes, failure opens again.
+
+    Its log lines name the tier (``name``) and the last failure's cause: opening is a
+    warning, closing again an info line; the probes in between are debug lines, with a
+    warning every ``STILL_DOWN_LOG_INTERVAL`` seconds while the tier stays down."""
 
     def __init__(
-        self, failures: int, reset: float, on_change: Callable[[str], None] | None = None
+        self,
+        failures: int,
+        reset: float,
+        on_change: Callable[[str], None] | None = None,
+        name: str = "?",
     ) -> None:
         self.threshold = failures
         self.reset = reset
+        self.name = name
         self.state = "closed"
         self._failures = 0
         self._retry_at = 0.0
         self._on_change = on_change
+        self._last_cause = "unknown"
+        self._opened_at = 0.0  # monotonic: when it last left "closed"
+        self._said_down_at = 0.0
 
     def allow(self, probe: bool = False) -> bool:
         """Whether a call may go to the tier. Only a ``probe`` (the tier monitor's ping)
@@ -68,18 +91,50 @@ class CircuitBreaker:
         if self.state != "closed":
             self._set("closed")
 
-    def failure(self) -> None:
+    def failure(self, cause: str = "") -> None:
         self._failures += 1
+        if cause:
+            self._last_cause = cause
         if self.state == "half-open" or self._failures >= self.threshold:
             self._retry_at = time.monotonic() + self.reset
             if self.state != "open":
                 self._set("open")
 
     def _set(self, state: str) -> None:
-        log.log(logging.WARNING if state == "open" else logging.INFO, "breaker %s", state)
-        self.state = state
+        previous, self.state = self.state, state
+        self._log_change(previous, state)
         if self._on_change is not None:
             self._on_change(state)
+
+    def _log_change(self, previous: str, state: str) -> None:
+        now = time.monotonic()
+        if state == "open" and previous == "closed":
+            self._opened_at = self._said_down_at = now
+            log.warning(
+                "tier %s: circuit breaker open after %d failures (last: %s)",
+                self.name,
+                self._failures,
+                self._last_cause,
+            )
+        elif state == "open":  # the half-open probe failed
+            if now - self._said_down_at >= STILL_DOWN_LOG_INTERVAL:
+                self._said_down_at = now
+                log.warning(
+                    "tier %s: still unreachable after %.0f s (last: %s)",
+                    self.name,
+                    now - self._opened_at,
+                    self._last_cause,
+                )
+            else:
+                log.debug("tier %s: probe failed (%s)", self.name, self._last_cause)
+        elif state == "half-open":
+            log.debug("tier %s: circuit breaker half-open, probing", self.name)
+        else:
+            log.info(
+                "tier %s: circuit breaker closed, the tier answers again (after %.1f s)",
+                self.name,
+                now - self._opened_at,
+            )
 
 
 class TierSlot:
@@ -97,7 +152,9 @@ class TierSlot:
         self.ttl = tier.ttl
         self.timeout = timeout
         self.metrics = metrics
-        self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics.breaker)
+        self.breaker = CircuitBreaker(
+            breaker_failures, breaker_reset, metrics.breaker, name=tier.name
+        )
         # key -> version of the newest write this tier missed for it
         self.missed: dict[str, int] = {}
         self.missed_changed = False  # not yet recorded in the durable tier
@@ -210,11 +267,11 @@ class TierSlot:
             async with asyncio.timeout(self.timeout):
                 result = await operation
         except TimeoutError:
-            self.breaker.failure()
+            self.breaker.failure(f"no answer within {self.timeout:g} s")
             self.metrics.error("timeout")
             raise TierTimeout(f"tier {self.name}: no answer within {self.timeout} s") from None
-        except TierError:
-            self.breaker.failure()
+        except TierError as exc:
+            self.breaker.failure(failure_cause(exc))
             self.metrics.error("unavailable")
             raise
         self.breaker.success()

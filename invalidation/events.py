@@ -1,8 +1,13 @@
-"""The invalidation event of SPEC §4: ``{"keys": [...], "prefixes": [...], "tags": [...]}``.
+"""The invalidation event: ``{"keys": [...], "prefixes": [...], "tags": [...]}``
+(docs/invalidation.md is the publishers' reference).
 
-Every field is optional and unknown fields are ignored, so publishers can add their own.
-cachesvc's own publishers add three: ``origin`` (the sending sidecar, which skips its own
-event: it applied it to the shared tiers before publishing), ``version`` (the
+Every field is optional and unknown fields are ignored, so publishers can add their own;
+but an event must name something to invalidate: one that names no key, prefix or tag
+(``{}``, ``{"keyz": [...]}``) is a mistake of its publisher, reported as malformed rather
+than counted as applied.
+
+cachesvc's own publishers add three fields: ``origin`` (the sending sidecar, which skips
+its own event: it applied it to the shared tiers before publishing), ``version`` (the
 invalidation's version, used by every receiver) and ``sent_at`` (epoch seconds, for the
 end-to-end latency metric). An external publisher may send ``sent_at`` too: receivers
 then version the invalidation by it instead of by when they received it.
@@ -19,6 +24,7 @@ MAX_ITEMS = 10_000  # per field: a bigger event is a mistake, not an invalidatio
 MAX_VERSION = 2**63  # versions are 63-bit integers (a Postgres bigint)
 # sent_at becomes a version when an event carries none: times up to 2090.
 MAX_SENT_AT = 3_800_000_000
+KNOWN_FIELDS = frozenset(("keys", "prefixes", "tags", "origin", "sent_at", "version", "written"))
 
 
 class MalformedEvent(ValueError):
@@ -70,7 +76,7 @@ def parse_event(raw: bytes | str) -> InvalidationEvent:
     origin = document.get("origin")
     sent_at = document.get("sent_at")
     version = document.get("version")
-    return InvalidationEvent(
+    event = InvalidationEvent(
         keys=_strings(document, "keys"),
         prefixes=_strings(document, "prefixes"),
         tags=_strings(document, "tags"),
@@ -79,6 +85,11 @@ def parse_event(raw: bytes | str) -> InvalidationEvent:
         version=version if isinstance(version, int) and 0 < version < MAX_VERSION else None,
         written=_written(document.get("written")),
     )
+    if not event:
+        unknown = sorted(set(document) - KNOWN_FIELDS)
+        ignored = f" (unknown fields ignored: {', '.join(unknown)[:200]})" if unknown else ""
+        raise MalformedEvent(f"nothing to invalidate: give keys, prefixes or tags{ignored}")
+    return event
 
 
 def _written(value: Any) -> tuple[tuple[str, int], ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,10 @@ def tiers_config(*urls: str) -> str:
 
 
 class Sidecar:
-    """``python -m cachesvc serve`` on a free loopback port, with its output in a file."""
+    """``python -m cachesvc serve`` on a free loopback port, with its output in a file.
+
+    Its directory (config and log) is deleted when the ``with`` block ends; the log stays
+    readable in memory (``log``) for the assertions after it."""
 
     def __init__(
         self, config: str | None = None, env: dict[str, str] | None = None, *args: str
@@ -41,6 +45,7 @@ class Sidecar:
         self.env.update(env or {})
         self.log_path = self.dir / "sidecar.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._final_log: str | None = None
 
     def start(self, timeout: float = 15.0) -> Self:
         command = [sys.executable, "-m", "cachesvc", "serve", "--port", str(self.port)]
@@ -70,6 +75,8 @@ class Sidecar:
 
     @property
     def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     @property
@@ -92,10 +99,21 @@ class Sidecar:
             self._proc.kill()
             self._proc.wait()
 
+    def close(self) -> None:
+        """Kill the process and delete the directory, keeping the log's text. Idempotent."""
+        self.kill()
+        if self._final_log is None:
+            self._final_log = self.log
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.kill()
+        self.close()

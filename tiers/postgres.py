@@ -354,7 +354,10 @@ class PostgresTier(Tier):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext($1))", f"cachesvc:ddl:{self.table}"
                 )
-                await conn.execute(self._ddl)
+                # CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when the table
+                # exists: a table an administrator created beforehand is used as it is.
+                if await conn.fetchval("SELECT to_regclass($1)", f'"{self.table}"') is None:
+                    await conn.execute(self._ddl)
             self._schema_ready = True
 
     @contextlib.contextmanager

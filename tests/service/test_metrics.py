@@ -1,11 +1,14 @@
-"""/metrics: Prometheus text with per-tier series after traffic (SPEC §3, issue 7)."""
+"""/metrics: Prometheus text with per-tier series after traffic (issue 7), the process's
+own series and the build, and journal series only where there is a journal (issue 18)."""
 
 from __future__ import annotations
+
+from importlib.metadata import version
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import flush_redis
-from tests.service.conftest import Client
+from tests.service.conftest import Client, MakeClient
 from tests.service.test_api import path
 
 
@@ -48,3 +51,39 @@ async def test_metrics_parse_and_carry_per_tier_series(
         assert found[count] >= 1
     latency = ("cachesvc_request_duration_seconds_count", (("operation", "get"),))
     assert found[latency] == 3
+
+
+async def scrape(
+    client: Client,
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    return samples(await response.text())
+
+
+def names(found: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+    return {name for name, _ in found}
+
+
+async def test_process_series_and_build_info(make_client: MakeClient) -> None:
+    found = await scrape(await make_client())
+    assert found[("process_cpu_seconds_total", ())] > 0
+    assert found[("process_resident_memory_bytes", ())] > 0
+    assert found[("process_open_fds", ())] > 0
+    assert found[("cachesvc_build_info", (("version", version("cachesvc")),))] == 1
+
+
+async def test_no_journal_series_without_a_journal(make_client: MakeClient) -> None:
+    found = await scrape(await make_client())  # the embedded default: one memory tier
+    assert not {name for name in names(found) if name.startswith("cachesvc_journal")}
+
+
+async def test_journal_series_with_a_journal(three_tier: Client) -> None:
+    journal = {name for name in names(await scrape(three_tier)) if "journal" in name}
+    assert {
+        "cachesvc_journal_depth",
+        "cachesvc_journal_lag_seconds",
+        "cachesvc_journal_flushed_total",
+        "cachesvc_journal_retried_total",
+        "cachesvc_journal_dead_lettered_total",
+    } <= journal

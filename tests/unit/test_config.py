@@ -1,4 +1,4 @@
-"""Settings: file, then CACHESVC_ environment, then flags (SPEC §1-§2)."""
+"""Settings: file, then CACHESVC_ environment, then flags (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def test_auth_token_short_form() -> None:
 def test_unknown_environment_keys_are_errors_naming_the_variable() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(None, {"CACHESVC_SERVER__PROT": "1"})
-    assert caught.value.problems == ["server.prot: unknown key (from CACHESVC_SERVER__PROT)"]
+    assert caught.value.problems == [
+        "server.prot: unknown key (from CACHESVC_SERVER__PROT); did you mean CACHESVC_SERVER__PORT?"
+    ]
 
 
 def test_variables_that_are_not_settings_are_skipped() -> None:
@@ -76,3 +78,97 @@ def test_an_in_process_tier_over_shared_ones_needs_the_channel() -> None:
         "tiers[0].url: an in-process tier in front of shared tiers needs [invalidation].url"
         in str(refused.value)
     )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cachesvc.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path | None, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ or {})
+    return caught.value.problems
+
+
+def test_indexed_tier_variables_apply_to_the_embedded_default_without_a_file() -> None:
+    settings = load_settings(None, {"CACHESVC_TIERS__0__TTL": "60"})
+    assert [(t.name, t.url, t.ttl) for t in settings.tiers] == [("l1", "memory://", 60)]
+    settings = load_settings(None, {"CACHESVC_TIERS__0__URL": "redis://127.0.0.1:6379/0"})
+    assert [(t.name, t.url) for t in settings.tiers] == [("l1", "redis://127.0.0.1:6379/0")]
+    settings = load_settings(
+        None,
+        {
+            "CACHESVC_TIERS__1__URL": "redis://127.0.0.1:6379/0",
+            "CACHESVC_INVALIDATION__URL": "redis://127.0.0.1:6379/0",
+        },
+    )
+    assert [t.url for t in settings.tiers] == ["memory://", "redis://127.0.0.1:6379/0"]
+
+
+def test_indexed_tier_variables_apply_to_a_file_without_tiers(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n")
+    settings = load_settings(path, {"CACHESVC_TIERS__0__TTL": "60"})
+    assert [(t.url, t.ttl) for t in settings.tiers] == [("memory://", 60)]
+
+
+def test_only_the_real_embedded_default_is_called_so(tmp_path: Path) -> None:
+    assert load_settings(None, {}).is_embedded_default
+    # Other sections from the environment leave the tiers as shipped.
+    assert load_settings(None, {"CACHESVC_SERVER__PORT": "9000"}).is_embedded_default
+    # The same single memory tier, but configured: by a file or by a tier variable.
+    configured = load_settings(write(tmp_path, '[[tiers]]\nurl = "memory://"\n'), {})
+    assert not configured.is_embedded_default
+    assert configured.config_path == str(tmp_path / "cachesvc.toml")
+    assert not load_settings(None, {"CACHESVC_TIERS__0__TTL": "60"}).is_embedded_default
+    assert not load_settings(write(tmp_path, ""), {}).is_embedded_default
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nprot = 1\n", "server.prot: unknown key; did you mean server.port?"),
+        ("[servr]\nport = 1\n", "servr: unknown key; did you mean server?"),
+        (
+            '[[tiers]]\nurl = "memory://"\nttll = 5\n',
+            "tiers[0].ttll: unknown key; did you mean tiers[0].ttl?",
+        ),
+        (
+            '[invalidation]\nchanel = "x"\n',
+            "invalidation.chanel: unknown key; did you mean invalidation.channel?",
+        ),
+        ("[server]\nzzz = 1\n", "server.zzz: unknown key"),
+    ],
+)
+def test_misspelt_keys_get_a_hint(tmp_path: Path, text: str, expected: str) -> None:
+    assert problems(write(tmp_path, text)) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("rediss//cache.internal:6380/0", "did you mean 'rediss://cache.internal:6380/0'?"),
+        ("redis:/127.0.0.1:6379/0", "did you mean 'redis://127.0.0.1:6379/0'?"),
+        ("redis:127.0.0.1:6379", "did you mean 'redis://127.0.0.1:6379'?"),
+        ("memcache://127.0.0.1:11211", "did you mean 'memcached://127.0.0.1:11211'?"),
+        ("postgress://u@db/app", "did you mean 'postgres://u@db/app'?"),
+        ("localhost:6379", "a URL starts with its scheme, e.g. 'redis://localhost:6379'"),
+    ],
+)
+def test_url_slips_get_a_hint(tmp_path: Path, url: str, hint: str) -> None:
+    (problem,) = problems(write(tmp_path, f'[[tiers]]\nurl = "{url}"\n'))
+    assert problem.startswith("tiers[0].url: ") and problem.endswith(hint), problem
+
+
+def test_url_slips_in_other_sections_get_a_hint(tmp_path: Path) -> None:
+    text = '[invalidation]\nurl = "rediss//h:6380"\n[write]\njournal_url = "redi://h"\n'
+    assert sorted(problems(write(tmp_path, text))) == [
+        "invalidation.url: must be a redis:// or rediss:// URL; did you mean 'rediss://h:6380'?",
+        "write.journal_url: must be a redis:// or rediss:// URL; did you mean 'redis://h'?",
+    ]
+
+
+def test_valid_urls_get_no_hint(tmp_path: Path) -> None:
+    (problem,) = problems(write(tmp_path, '[[tiers]]\nurl = "http://example.com"\n'))
+    assert "did you mean" not in problem and "unknown scheme 'http'" in problem

@@ -58,8 +58,11 @@ def queried_names() -> set[str]:
 
 
 def exported_names() -> set[str]:
+    """What a sidecar with a journal exports."""
+    metrics = Metrics()
+    metrics.for_journal()
     names = set()
-    for family in Metrics().registry.collect():
+    for family in metrics.registry.collect():
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
     return names
 

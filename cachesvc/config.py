@@ -164,7 +164,8 @@ def _check_redis_url(field: str, url: str | None) -> None:
 
 def _check_scheme(field: str, url: str | None, schemes: Sequence[str]) -> None:
     if url is not None and urlsplit(url).scheme.lower() not in schemes:
-        expected = " or ".join(f"{scheme}://" for scheme in schemes)
+        *others, last = [f"{scheme}://" for scheme in schemes]
+        expected = f"{', '.join(others)} or {last}" if others else last
         raise _FieldError(field, with_url_hint(f"must be a {expected} URL", url, schemes))
 
 

@@ -355,8 +355,13 @@ class PostgresTier(Tier):
                     "SELECT pg_advisory_xact_lock(hashtext($1))", f"cachesvc:ddl:{self.table}"
                 )
                 # CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when the table
-                # exists: a table an administrator created beforehand is used as it is.
-                if await conn.fetchval("SELECT to_regclass($1)", f'"{self.table}"') is None:
+                # exists: tables an administrator created beforehand are used as they are.
+                created = await conn.fetchval(
+                    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                    f'"{self.table}"',
+                    f'"{self.table}_markers"',
+                )
+                if not created:
                     await conn.execute(self._ddl)
             self._schema_ready = True
 

@@ -98,7 +98,7 @@ def test_config_takes_cluster_and_sentinel_urls_wherever_redis_urls_go(url: str)
     [
         ("redis-sentinel://10.0.0.1:26379", "needs the service name"),
         ("redis-cluster://10.0.0.1:7000?prefix=x:", "unknown option 'prefix'"),
-        ("memcached://10.0.0.1:11211", "must be a redis://, rediss://, redis-sentinel:// or"),
+        ("memcached://10.0.0.1:11211", "must be a redis://, rediss://, redis-cluster:// or"),
     ],
 )
 def test_config_names_what_is_wrong_with_a_redis_url(url: str, message: str) -> None:

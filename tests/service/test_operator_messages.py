@@ -29,7 +29,8 @@ async def test_an_unreachable_tier_is_said_once_at_start_without_delaying_it(
 ) -> None:
     port = free_port()  # nothing listens there
     dead = f"memcached://127.0.0.1:{port}"
-    with Sidecar(tiers_config("memory://", redis_url, dead)) as sidecar:
+    config = tiers_config("memory://", redis_url, dead) + f'[invalidation]\nurl = "{redis_url}"\n'
+    with Sidecar(config) as sidecar:
         # Sidecar.start returned: /healthz answered while the probe was under way.
         await until(
             lambda: logged(sidecar, "tier l3 is unreachable at start ("),

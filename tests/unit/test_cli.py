@@ -58,7 +58,8 @@ def test_check_config_gives_the_hints(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().err.splitlines() == [
         "config error: server.prot: unknown key; did you mean server.port?",
         "config error: tiers[0].url: 'rediss//cache:6380/0' is not a URL (known schemes: "
-        "memcached, memory, postgres, postgresql, redis, rediss); "
+        "memcached, memory, postgres, postgresql, redis, redis-cluster, redis-sentinel, "
+        "rediss); "
         "did you mean 'rediss://cache:6380/0'?",
     ]
 
@@ -88,12 +89,17 @@ def test_a_port_in_use_is_one_line_and_a_failure() -> None:
 
 def test_the_journal_line_says_when_a_tier_shares_its_database() -> None:
     tiers = '[{"url": "memory://"}, {"url": "redis://cache:6379/0?prefix=app:"}]'
-    shared = describe_journal(load_settings(None, {"CACHESVC_TIERS": tiers}))
+    channel = {"CACHESVC_INVALIDATION__URL": "redis://cache:6379/2"}
+    shared = describe_journal(load_settings(None, {"CACHESVC_TIERS": tiers, **channel}))
     assert shared == (
         "stream cachesvc:journal on redis://cache:6379/0, the database of tier l2: a FLUSHDB "
         "of it deletes the journal too ([write].journal_url can move it)"
     )
-    apart = {"CACHESVC_TIERS": tiers, "CACHESVC_WRITE__JOURNAL_URL": "redis://:pw@cache/1"}
+    apart = {
+        "CACHESVC_TIERS": tiers,
+        "CACHESVC_WRITE__JOURNAL_URL": "redis://:pw@cache/1",
+        **channel,
+    }
     assert describe_journal(load_settings(None, apart)) == (
         "stream cachesvc:journal on redis://:***@cache/1"
     )

@@ -164,8 +164,10 @@ def test_url_slips_get_a_hint(tmp_path: Path, url: str, hint: str) -> None:
 def test_url_slips_in_other_sections_get_a_hint(tmp_path: Path) -> None:
     text = '[invalidation]\nurl = "rediss//h:6380"\n[write]\njournal_url = "redi://h"\n'
     assert sorted(problems(write(tmp_path, text))) == [
-        "invalidation.url: must be a redis:// or rediss:// URL; did you mean 'rediss://h:6380'?",
-        "write.journal_url: must be a redis:// or rediss:// URL; did you mean 'redis://h'?",
+        "invalidation.url: must be a redis://, rediss://, redis-cluster:// or redis-sentinel:// "
+        "URL; did you mean 'rediss://h:6380'?",
+        "write.journal_url: must be a redis://, rediss://, redis-cluster:// or redis-sentinel:// "
+        "URL; did you mean 'redis://h'?",
     ]
 
 

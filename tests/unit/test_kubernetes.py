@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from cachesvc.config import load_settings
-from tests.unit.test_compose import needs_ops_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 
@@ -73,7 +72,6 @@ def test_prometheus_annotations_name_the_operations_port(manifests: dict[str, Ma
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-@needs_ops_port
 def test_the_config_is_valid_and_keeps_the_api_on_loopback(
     manifests: dict[str, Manifest], tmp_path: Path
 ) -> None:

@@ -70,7 +70,10 @@ async def test_a_table_created_beforehand_needs_only_dml_privileges(
     admin: asyncpg.Connection, postgres_server: PostgresServer
 ) -> None:
     await admin.execute(documented_ddl())
-    await admin.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON cachesvc_entries TO cachesvc")
+    await admin.execute(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON cachesvc_entries, cachesvc_entries_markers "
+        "TO cachesvc"
+    )
     assert await round_trip(postgres_server) == b"v"
 
 

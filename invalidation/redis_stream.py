@@ -43,7 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from invalidation.base import Backoff, EventSink, Listener, SinkFailed
+from invalidation.base import Backoff, EventSink, Listener, SinkFailed, raise_if_cancelled
 from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ class RedisStreamListener(Listener):
         gap: bool | None = lost
         await self._apply_own_pending(client, sink)
         while True:
+            raise_if_cancelled()
             entries, info = await self._read(client)
             if self._lost_entries(info):
                 if gap is None:

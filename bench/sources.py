@@ -158,7 +158,9 @@ async def postgres_wal(
             own = (time.process_time() - own_before) / load_seconds
             commits = ""
             if writes is not None:
-                out, _ = await asyncio.to_thread(writes.communicate)
+                assert writes.stdout is not None
+                out = await asyncio.to_thread(writes.stdout.read)
+                writes.wait()
                 commits = f", {_transactions(out)} unrelated commits"
             print(
                 f"  {'unrelated writes' if load else 'idle'}: slot reader backend"

@@ -916,8 +916,10 @@ class PostgresServer(Server):
     stop_signal = signal.SIGINT
     close_gracefully = True
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, logical_decoding: bool = False) -> None:
         super().__init__(port)
+        # wal_level=logical, for tests that read changes from the write-ahead log.
+        self.logical_decoding = logical_decoding
         self.bindir = _pg_bindir()
         self.data_dir = self.dir / "data"
         # Postgres refuses to run as root, so as root everything runs as the postgres user.
@@ -966,6 +968,7 @@ class PostgresServer(Server):
         )  # fmt: skip
 
     def _command(self) -> list[str]:
+        logical = ["-c", "wal_level=logical"] if self.logical_decoding else []
         return [
             str(self.bindir / "postgres"),
             "-D", str(self.data_dir),
@@ -980,6 +983,7 @@ class PostgresServer(Server):
             # for up to 3 x wal_writer_delay, so kill() loses them (measured: a CREATE TABLE
             # lost 10 times out of 10), which would break the "acknowledged writes survive"
             # fault tests. With fsync off it costs nothing measurable (~75 us per commit).
+            *logical,
         ]  # fmt: skip
 
     def _is_ready(self) -> bool:

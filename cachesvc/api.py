@@ -453,13 +453,24 @@ class Api:
 
     async def readyz(self, call: Call, body: bytes) -> Reply:
         tiers = await self.engine.tier_states()
-        listeners = self.invalidator.states()
-        ready = all(tier["state"] == "up" for tier in tiers) and all(
-            state == "up" for state in listeners.values()
+        invalidator = self.invalidator
+        listeners = invalidator.states()
+        journal = invalidator.journal_state()
+        ready = (
+            all(tier["state"] == "up" for tier in tiers)
+            and all(state in ("up", "standby") for state in listeners.values())
+            and not self.engine.blind
         )
         document: dict[str, object] = {"status": "ready" if ready else "not ready", "tiers": tiers}
         if listeners:
             document["invalidation"] = listeners
+        if problems := invalidator.problems():
+            document["invalidation_problems"] = problems
+        if self.engine.blind:
+            # An invalidation source is lost, or its markers not reloaded yet.
+            document["reads"] = "durable tier only"
+        if journal is not None:
+            document["journal"] = journal
         return json_reply(200 if ready else 503, document)
 
     def serve_metrics(self, call: Call, body: bytes) -> Reply:

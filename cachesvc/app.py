@@ -30,7 +30,9 @@ from cachesvc.metrics import Metrics
 from cachesvc.slot import TierSlot
 from invalidation.base import Listener
 from invalidation.postgres_notify import PostgresNotifyListener
+from invalidation.postgres_wal import PostgresWalListener, TableSpec
 from invalidation.redis_pubsub import RedisPubSubListener
+from invalidation.redis_stream import RedisStreamListener
 from tiers.registry import tier_class
 
 log = logging.getLogger(__name__)
@@ -84,22 +86,40 @@ def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal 
         metrics=metrics,
         consumer=sidecar_identity(settings, worker),
         volatile=write.volatile_journal,
+        replicas=write.journal_replicas,
     )
 
 
-def build_invalidator(settings: Settings, engine: Engine, metrics: Metrics) -> Invalidator:
+def build_invalidator(
+    settings: Settings, engine: Engine, metrics: Metrics, worker: int = 0
+) -> Invalidator:
     config = settings.invalidation
+    identity = config.identity or sidecar_identity(settings, worker)
     listeners: list[Listener] = []
     if config.url is not None:
         listeners.append(RedisPubSubListener(config.url, config.channel, config.liveness_interval))
+        if config.stream is not None:
+            listeners.append(RedisStreamListener(config.url, config.stream, identity))
     if config.postgres_url is not None:
         listeners.append(
             PostgresNotifyListener(
                 config.postgres_url, config.postgres_channel, config.liveness_interval
             )
         )
+    by_database: dict[str, list[TableSpec]] = {}
+    for source in config.tables:
+        by_database.setdefault(source.url or settings.tiers[-1].url, []).append(source.spec())
+    for number, (url, tables) in enumerate(by_database.items(), start=1):
+        name = "postgres-wal" if len(by_database) == 1 else f"postgres-wal-{number}"
+        listeners.append(PostgresWalListener(url, tables, source=name))
     invalidator = Invalidator(
-        engine, metrics, listeners, config.url, config.channel, config.liveness_interval
+        engine,
+        metrics,
+        listeners,
+        config.url,
+        config.channel,
+        config.liveness_interval,
+        stream=None if config.stream is None else (config.stream, config.trimming()),
     )
     if any(slot.tier.in_process for slot in engine.slots[:-1]):
         # In-process copies of every sidecar and worker must learn of every write.
@@ -112,7 +132,7 @@ def create_app(settings: Settings, worker: int = 0) -> web.Application:
     ``--workers``."""
     metrics = Metrics()
     engine = build_engine(settings, metrics, worker)
-    invalidator = build_invalidator(settings, engine, metrics)
+    invalidator = build_invalidator(settings, engine, metrics, worker)
     api = Api(settings, engine, invalidator, metrics)
     api.openapi_document = OPENAPI_DOCUMENT.read_bytes()
     app = web.Application()

@@ -421,13 +421,30 @@ def publish_invalidation(
     from invalidation.events import InvalidationEvent
     from invalidation.redis_pubsub import publish
 
+    config = settings.invalidation
+    url = settings.invalidation.url
     event = InvalidationEvent(tuple(keys), tuple(prefixes), tuple(tags), sent_at=time.time())
-    receivers = asyncio.run(
-        publish(settings.invalidation.url, settings.invalidation.channel, event.to_json())
-    )
+    if config.stream is not None:
+        entry = asyncio.run(_append(url, config.stream, event, config.trimming()))
+        print(f"appended to the stream {config.stream} as {entry}")
+        return 0
+    receivers = asyncio.run(publish(url, config.channel, event.to_json()))
     subscribers = "1 subscriber" if receivers == 1 else f"{receivers} subscribers"
-    print(f"published to {settings.invalidation.channel} ({subscribers})")
+    print(f"published to {config.channel} ({subscribers})")
     return 0
+
+
+async def _append(url: str, stream: str, event: Any, trimming: Any) -> str:
+    import redis.asyncio as redis
+
+    from invalidation.redis_stream import append
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        entry = await append(client, stream, event, trimming)
+    finally:
+        await client.aclose()
+    return entry.decode()
 
 
 async def dead_letters(settings: Settings, replay: bool) -> int:

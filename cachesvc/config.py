@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from invalidation.postgres_wal import TableSpec
+from invalidation.redis_stream import MaxAge, MaxLength, Trimming
 from tiers.redis_clients import validate_redis_url
 from tiers.registry import known_schemes, tier_class
 
@@ -128,11 +130,38 @@ class WriteSettings(_Section):
     # Acknowledge write-behind on a journal whose Redis does not persist every write
     # (appendfsync always): its crash then loses acknowledged writes.
     volatile_journal: bool = False
+    # Replicas of the journal's Redis that must hold an entry (WAIT) before its write is
+    # acknowledged; default: 1 when the master has a replica, else 0.
+    journal_replicas: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check_journal_url(self) -> WriteSettings:
         _check_redis_url("journal_url", self.journal_url)
         return self
+
+
+class TableSource(_Section):
+    """A table whose committed changes invalidate (logical decoding, see
+    invalidation/postgres_wal.py): key and tag templates over its rows' columns."""
+
+    # Default: the durable tier's database (a postgresql:// last tier).
+    url: str | None = None
+    table: str = Field(min_length=1)
+    keys: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    namespace: str = "default"
+
+    @model_validator(mode="after")
+    def _check(self) -> TableSource:
+        _check_scheme("url", self.url, POSTGRES_SCHEMES)
+        try:
+            self.spec()
+        except ValueError as exc:
+            raise _FieldError("keys", str(exc)) from None
+        return self
+
+    def spec(self) -> TableSpec:
+        return TableSpec.parse(self.table, self.keys, self.tags, self.namespace)
 
 
 class InvalidationSettings(_Section):
@@ -145,12 +174,30 @@ class InvalidationSettings(_Section):
     # A lost source is noticed within this long (a silent subscription is PINGed at a
     # third of it); until it is back the sidecar reads the durable tier only.
     liveness_interval: float = Field(1.0, gt=0)
+    # A Redis Stream on `url` every sidecar reads every event from, resuming where it left
+    # off; with it, this sidecar's own events are appended there. Trimmed by length
+    # (default 100000 entries) or, with stream_max_age, by age in seconds.
+    stream: str | None = Field(None, min_length=1)
+    stream_max_len: int = Field(100_000, ge=1)
+    stream_max_age: float | None = Field(None, gt=0)
+    # Tables whose committed changes invalidate, read from Postgres' write-ahead log.
+    tables: list[TableSource] = Field(default_factory=list)
+    # Names this sidecar's place in the stream (its cursor, its consumer): stable across
+    # its restarts, unique in the fleet. Default: host name, port and worker.
+    identity: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _check_urls(self) -> InvalidationSettings:
         _check_redis_url("url", self.url)
         _check_scheme("postgres_url", self.postgres_url, POSTGRES_SCHEMES)
+        if self.stream is not None and self.url is None:
+            raise _FieldError("stream", "a stream lives on [invalidation].url: set it too")
         return self
+
+    def trimming(self) -> Trimming:
+        if self.stream_max_age is not None:
+            return MaxAge(self.stream_max_age)
+        return MaxLength(self.stream_max_len)
 
 
 def _check_redis_url(field: str, url: str | None) -> None:
@@ -221,6 +268,13 @@ class Settings(_Section):
             seen.add(tier.name)
         object.__setattr__(self, "tiers", named)
         in_process = [position for position, tier in enumerate(named) if tier.is_in_process]
+        durable = named[-1]
+        for position, source in enumerate(self.invalidation.tables):
+            if source.url is None and durable.parsed_url.scheme.lower() not in POSTGRES_SCHEMES:
+                raise _FieldError(
+                    f"invalidation.tables[{position}].url",
+                    "needed: the durable tier is not a Postgres database to default to",
+                )
         shared = len(in_process) < len(named)
         if shared and in_process and self.invalidation.url is None:
             raise _FieldError(
@@ -230,9 +284,7 @@ class Settings(_Section):
                 "through that channel",
             )
         if self.write.journal_url is None:
-            redis_tier = next(
-                (t for t in named if t.parsed_url.scheme in ("redis", "rediss")), None
-            )
+            redis_tier = next((t for t in named if t.parsed_url.scheme in REDIS_SCHEMES), None)
             if redis_tier is not None:
                 journal_url = redis_tier.url.partition("?")[0]
                 object.__setattr__(

@@ -29,13 +29,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from redis.exceptions import RedisError
-
 from cachesvc.batching import Batcher, chain, then
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, decode_live
 from cachesvc.errors import Unavailable
-from cachesvc.journal import Journal, Record, drain
+from cachesvc.journal import REDIS_ERRORS, Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
 from cachesvc.versions import NodeLease, VersionClock
@@ -151,7 +149,7 @@ class Engine:
         if self.journal is not None:
             try:
                 await self.journal.check_durability()
-            except RedisError as exc:  # the flusher checks again once it can
+            except REDIS_ERRORS as exc:  # the flusher checks again once it can
                 log.warning("write-behind journal unreachable at start: %s", exc)
         self._monitor = asyncio.create_task(self._watch_tiers(), name="cachesvc-tier-monitor")
         if self.journal is not None and len(self.slots) > 1:

@@ -40,22 +40,26 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio.cluster import RedisCluster
 
 from cachesvc.batching import Batcher
 from cachesvc.engine import Engine
 from cachesvc.errors import Unavailable
-from cachesvc.journal import RETRY_ONCE
+from cachesvc.journal import REDIS_ERRORS
 from cachesvc.markers import MarkerStore
 from cachesvc.metrics import Metrics
 from cachesvc.versions import version_at
 from invalidation.base import Listener
 from invalidation.events import InvalidationEvent, MalformedEvent
+from invalidation.postgres_wal import PostgresWalListener
+from invalidation.redis_stream import Trimming, append
 from tiers.base import Marker, TierError
 from tiers.redis import load_markers, save_markers
+from tiers.redis_clients import create_client
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class Invalidator:
         redis_url: str | None = None,
         channel: str = "cachesvc:invalidate",
         liveness_interval: float = 1.0,
+        stream: tuple[str, Trimming] | None = None,
     ) -> None:
         self.engine = engine
         self.listeners = listeners
@@ -78,15 +83,14 @@ class Invalidator:
         self.markers = engine.markers
         self.liveness_interval = liveness_interval
         self.origin = uuid.uuid4().hex  # our own events come back to us: skip them
-        self._redis = (
-            redis.Redis.from_url(
-                redis_url, socket_connect_timeout=1, socket_timeout=2, retry=RETRY_ONCE
-            )
-            if redis_url
-            else None
-        )
+        self._redis = create_client(redis_url, socket_timeout=2) if redis_url else None
+        # With a stream this sidecar's own events go there (every peer reads every entry,
+        # resuming after a disconnect), else on the pub/sub channel.
+        self.stream = stream
+        self._pickers = {listener.source for listener in listeners if listener.picks_applier}
         self.store = self._marker_store(f"{channel}:markers")
         self._announcements: Batcher[Sequence[tuple[str, int]], None] = Batcher(self._announce)
+        metrics.registry.register(_Lag(listeners))
         self._events = metrics.invalidation_events
         self._latency = metrics.invalidation_latency
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,13 +116,13 @@ class Invalidator:
         async def save_channel(markers: Sequence[Marker], lifetime: float) -> None:
             try:
                 await save_markers(client, redis_key, markers, lifetime)
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 raise TierError(f"the invalidation channel's Redis: {exc}") from exc
 
         async def load_channel() -> list[Marker]:
             try:
                 return await load_markers(client, redis_key)
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 raise TierError(f"the invalidation channel's Redis: {exc}") from exc
 
         return MarkerStore(save_channel, load_channel, ttl)
@@ -148,7 +152,30 @@ class Invalidator:
             await self._redis.aclose()
 
     def states(self) -> dict[str, str]:
-        return {listener.source: listener.state for listener in self.listeners}
+        """Each source's state: "up", "standby" (a slot another sidecar reads), "connecting"
+        or "down"."""
+        return {
+            listener.source: "standby"
+            if isinstance(listener, PostgresWalListener)
+            and listener.state == "up"
+            and not listener.reading
+            else listener.state
+            for listener in self.listeners
+        }
+
+    def problems(self) -> dict[str, str]:
+        """Why a source cannot work as configured (a missing table, no logical decoding)."""
+        return {
+            listener.source: listener.error
+            for listener in self.listeners
+            if listener.error is not None
+        }
+
+    def journal_state(self) -> dict[str, object] | None:
+        journal = self.engine.journal
+        if journal is None:
+            return None
+        return {"durable": bool(journal.durable), "volatile_accepted": journal.volatile}
 
     # -- this sidecar's own invalidations and writes -------------------------------------
 
@@ -197,8 +224,14 @@ class Invalidator:
         if self._redis is None:
             return
         try:
-            await self._redis.publish(self.channel, event.to_json())
-        except RedisError as exc:
+            if self.stream is not None:
+                name, trimming = self.stream
+                await append(self._redis, name, event, trimming)
+            elif isinstance(self._redis, RedisCluster):
+                await self._redis.spublish(self.channel, event.to_json())
+            else:
+                await self._redis.publish(self.channel, event.to_json())
+        except REDIS_ERRORS as exc:
             raise Unavailable(
                 f"applied here, but the peer sidecars were not told: {exc}", "invalidation"
             ) from exc
@@ -209,27 +242,32 @@ class Invalidator:
         if event.origin == self.origin:
             self._events.labels(source, "own").inc()
             return
-        if event.origin is not None:
-            await self._apply_peers(event)
+        if event.origin is not None or source in self._pickers:
+            # A peer applied it to the shared tiers already; or the source picks one
+            # sidecar to do that (on_shared): here, this process's copies only.
+            await self._apply_here(event, self._version_of(event))
         else:
-            await self._apply_external(event)
+            await self._apply_external(event, self._version_of(event))
+        self._applied(event, source)
+
+    async def on_shared(self, event: InvalidationEvent, source: str) -> None:
+        """This sidecar, and no other, applies ``event`` to the shared tiers."""
+        await self._apply_external(event, self._version_of(event))
+
+    async def originate(self, event: InvalidationEvent, source: str) -> None:
+        """Only this sidecar saw ``event`` (a change read from the write-ahead log): applied
+        to every tier and handed to the peers, or Unavailable (delivered again)."""
+        await self.invalidate(event)
+        self._applied(event, source)
+
+    def _applied(self, event: InvalidationEvent, source: str) -> None:
         self._events.labels(source, "applied").inc()
         if event.sent_at is not None:
             self._latency.labels(source).observe(max(0.0, time.time() - event.sent_at))
 
-    async def _apply_peers(self, event: InvalidationEvent) -> None:
-        """A peer applied this to the shared tiers and kept its markers: here, drop the
-        in-process copies and learn the markers."""
-        version = event.version
-        pairs = list(event.written)
-        if version is not None:
-            self.engine.clock.witness(version)
-            pairs += [(key, version) for key in event.keys]
-            self.markers.add_all(_markers_of(event, version))
-        if pairs:
-            await self.engine.superseded(pairs)
-
-    async def _apply_external(self, event: InvalidationEvent) -> None:
+    def _version_of(self, event: InvalidationEvent) -> int:
+        """The version an event is applied at: its publisher's, its ``sent_at``'s, or
+        (neither given) now."""
         if event.version is not None:
             version = event.version
         elif event.sent_at is not None:
@@ -237,6 +275,18 @@ class Invalidator:
         else:
             version = self.engine.clock.next()
         self.engine.clock.witness(version)
+        return version
+
+    async def _apply_here(self, event: InvalidationEvent, version: int) -> None:
+        """Drop this process's copies — in-process tiers, lookups, overlay — of what
+        ``event`` covers, and learn its markers."""
+        pairs = [*event.written, *((key, version) for key in event.keys)]
+        self.markers.add_all(_markers_of(event, version))
+        if pairs:
+            await self.engine.superseded(pairs)
+
+    async def _apply_external(self, event: InvalidationEvent, version: int) -> None:
+        """Apply ``event`` to every tier (an external publisher's: nobody else does)."""
         markers = _markers_of(event, version)
         if event.keys:
             try:
@@ -264,13 +314,14 @@ class Invalidator:
         self.engine.blind = True
         self._markers_loaded = False
 
-    async def on_gap(self, source: str) -> None:
-        """Subscribed (again): events published while not subscribed were missed. The
-        in-process tiers are cleared (their copies may be of keys invalidated meanwhile);
-        the shared ones are checked against the markers, reloaded."""
-        for slot in self.engine.slots:
-            if slot.tier.in_process and len(self.engine.slots) > 1:
-                await slot.tier.clear()
+    async def on_gap(self, source: str, lost: bool = True) -> None:
+        """Subscribed (again). ``lost``: events published meanwhile may have been missed,
+        so the in-process tiers are cleared (their copies may be of keys invalidated
+        meanwhile); either way the markers are reloaded before the tiers are read again."""
+        if lost:
+            for slot in self.engine.slots:
+                if slot.tier.in_process and len(self.engine.slots) > 1:
+                    await slot.tier.clear()
         self._down.discard(source)
         await self._reload_markers()
         self._see()
@@ -311,6 +362,23 @@ class Invalidator:
                     self.markers.prune()
             except Exception:  # the upkeep must outlive any surprise
                 log.exception("invalidation upkeep failed")
+
+
+class _Lag(Collector):
+    """``cachesvc_invalidation_lag_seconds{source}``, read from the listeners at scrape."""
+
+    def __init__(self, listeners: Sequence[Listener]) -> None:
+        self.listeners = listeners
+
+    def collect(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            "cachesvc_invalidation_lag_seconds",
+            "How far behind each invalidation source is (0 when caught up).",
+            labels=["source"],
+        )
+        for listener in self.listeners:
+            lag.add_metric([listener.source], listener.lag)
+        yield lag
 
 
 def _markers_of(event: InvalidationEvent, version: int) -> list[Marker]:

@@ -41,17 +41,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cachesvc.batching import Batcher
 from cachesvc.envelope import Entry, decode_envelope
 from cachesvc.metrics import Metrics
 from invalidation.base import Backoff
 from tiers.base import TierError, TierTimeout, TierUnavailable
+from tiers.redis_clients import create_client, hash_tag, is_cluster_url
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +57,10 @@ DURABILITY_CHECK_INTERVAL = 10.0
 # The flusher re-reads its own pending entries this often: one whose read reply was lost
 # (a reset connection) is delivered to it and to nobody else until then.
 OWN_PENDING_INTERVAL = 1.0
-# One immediate retry on a fresh connection: a pooled connection a Redis restart closed
-# fails once, then works (as the Redis tier does).
-RETRY_ONCE = Retry(NoBackoff(), 1, supported_errors=(ConnectionError, RedisTimeoutError))
+# How long an append waits for the replicas' acknowledgement (WAIT) before it fails.
+WAIT_MILLISECONDS = 1000
+# What a Redis or a Redis Cluster client raises (a cluster's own errors are not RedisErrors).
+REDIS_ERRORS = (RedisError, RedisClusterException)
 
 
 class JournalUnavailable(Exception):
@@ -92,9 +90,12 @@ class Journal:
         metrics: Metrics,
         consumer: str,
         volatile: bool = False,
+        replicas: int | None = None,
     ) -> None:
-        self.stream = stream
-        self.dead_stream = f"{stream}:dead"
+        # On a cluster the stream and its dead letters share a slot: replaying moves
+        # entries between them in one transaction.
+        self.stream = hash_tag(stream) if is_cluster_url(url) else stream
+        self.dead_stream = f"{self.stream}:dead"
         self.max_pending = max_pending
         self.batch = batch
         self.reclaim_after = reclaim_after
@@ -104,9 +105,11 @@ class Journal:
         # Whether the journal's Redis persists every write; None until checked.
         self.durable: bool | None = None
         self._durability_checked = 0.0
-        self._client = redis.Redis.from_url(
-            url, socket_connect_timeout=1, socket_timeout=2, retry=RETRY_ONCE
-        )
+        # Replicas that must have an entry before its write is acknowledged (WAIT): the
+        # configured number, or (None) one when the master has a replica at all.
+        self.replicas_configured = replicas
+        self.replicas = replicas or 0
+        self._client = create_client(url, socket_timeout=2)
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
         # Back-pressure counts the stream exactly, appends racing a count included: a
         # count (XLEN with the newest ID, atomically) holds every append whose ID is not
@@ -148,16 +151,24 @@ class Journal:
         )
 
     async def check_durability(self) -> None:
-        """Whether the journal's Redis persists every write it accepts, from its config."""
+        """Whether an acknowledged entry survives the journal Redis's crash: it persists
+        every write (appendonly yes, appendfsync always), or replicas acknowledge every
+        entry before its write is (WAIT; on a replicated journal a failover then loses
+        nothing either)."""
+        replication: dict[str, Any] = await self._client.info("replication")
+        if self.replicas_configured is None:
+            self.replicas = 1 if int(replication.get("connected_slaves", 0)) else 0
         try:
             config = await self._client.config_get("append*")
         except ResponseError as exc:  # CONFIG disabled (a managed Redis): cannot tell
             log.warning("cannot read the journal Redis's persistence settings: %s", exc)
-            self.durable = False
+            persists = False
         else:
-            self.durable = (
-                config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
+            settings = {_text(name): _text(value) for name, value in config.items()}
+            persists = (
+                settings.get("appendonly") == "yes" and settings.get("appendfsync") == "always"
             )
+        self.durable = persists or self.replicas > 0
         self._durability_checked = time.monotonic()
         self.m_durable.set(1 if self.durable else 0)
 
@@ -176,7 +187,7 @@ class Journal:
         self._appending += 1
         try:
             entry_id = await self._appends.submit((key, payload))
-        except RedisError as exc:
+        except (*REDIS_ERRORS, JournalUnavailable) as exc:
             raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
         finally:
             self._appending -= 1
@@ -192,8 +203,18 @@ class Journal:
         async with self._client.pipeline(transaction=False) as pipe:
             for key, payload in items:
                 pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
-            ids: list[bytes] = await pipe.execute()
-        return ids
+            if self.replicas:
+                # WAIT counts the writes of its own connection: in the same pipeline.
+                pipe.execute_command("WAIT", self.replicas, WAIT_MILLISECONDS)
+            results: list[Any] = await pipe.execute()
+        if self.replicas:
+            acknowledged = results.pop()
+            if acknowledged < self.replicas:
+                raise JournalUnavailable(
+                    f"{acknowledged} of the {self.replicas} replicas [write].journal_replicas "
+                    f"asks for took the entries within {WAIT_MILLISECONDS} ms"
+                )
+        return results
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -235,7 +256,7 @@ class Journal:
                     records = await self._read(">", block=None if stop.is_set() else 200)
                     if not records and stop.is_set():
                         await asyncio.sleep(0.05)  # what is left is a peer's to apply
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
                     self._group_ready = False  # created again on the next round
                     log.error(
@@ -259,7 +280,7 @@ class Journal:
                 )
                 own_pending = True
                 await backoff.sleep()
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("journal unreachable while acknowledging: %s", exc)
                 own_pending = True
                 await backoff.sleep()

@@ -104,6 +104,16 @@ class Listener(abc.ABC):
                 await self.listen(sink, backoff)
             except self.connection_errors as exc:
                 log.warning("%s invalidation source %s lost: %s", self.source, self.channel, exc)
+            except Exception as exc:
+                # The loop must outlive any surprise (a transport's RuntimeError after a
+                # partition ended in resets, a bug in a sink): say why, and start over.
+                log.error(
+                    "%s invalidation source %s failed (%r); restarting it",
+                    self.source,
+                    self.channel,
+                    exc,
+                    exc_info=exc,
+                )
             finally:
                 if self.state == "up":
                     sink.on_disconnect(self.source)

@@ -32,10 +32,12 @@ class PostgresNotifyListener(Listener):
             backoff.reset()
             await sink.on_gap(self.source)
             while True:
+                # Silent for a third of the liveness interval: ask; no answer within the
+                # rest of it: the connection is lost.
                 try:
-                    payload = await asyncio.wait_for(queue.get(), self.liveness_interval)
+                    payload = await asyncio.wait_for(queue.get(), self.liveness_interval / 3)
                 except TimeoutError:
-                    await connection.fetchval("SELECT 1", timeout=self.liveness_interval)
+                    await connection.fetchval("SELECT 1", timeout=self.liveness_interval * 2 / 3)
                     continue
                 if payload is _LOST:
                     raise OSError("connection terminated")

@@ -25,9 +25,10 @@ class RedisPubSubListener(Listener):
     """SUBSCRIBE (SSUBSCRIBE on a cluster) on ``channel``; a silent connection is detected
     by PINGing it.
 
-    A pub/sub connection that a proxy or ``CLIENT KILL`` dropped may look idle rather than
-    broken, so after ``liveness_interval`` seconds without traffic the listener PINGs, and
-    reconnects when no PONG arrives within another interval.
+    A pub/sub connection that a proxy, a partition or ``CLIENT KILL`` dropped may look idle
+    rather than broken, so the listener PINGs a connection silent for a third of
+    ``liveness_interval`` and counts it lost when nothing at all arrived for the whole
+    interval.
     """
 
     source = "redis"
@@ -49,19 +50,22 @@ class RedisPubSubListener(Listener):
             await pubsub.ssubscribe(self.channel)
         else:
             await pubsub.subscribe(self.channel)
+        # Silent for a third of the liveness interval: PING. Nothing at all (no message, no
+        # PONG) for the whole interval: the connection is lost (a partition that drops
+        # packets looks idle, not broken), which the sidecar must know within it.
         last_heard = time.monotonic()
-        ping_sent: float | None = None
+        quiet = self.liveness_interval / 3
         while True:
-            message = await self._next_message(pubsub, min(1.0, self.liveness_interval))
+            message = await self._next_message(pubsub, quiet)
             now = time.monotonic()
             if message is None:
-                if ping_sent is not None and now - ping_sent > self.liveness_interval:
-                    raise RedisError("no PONG on the pub/sub connection")
-                if ping_sent is None and now - last_heard > self.liveness_interval:
-                    await _ping(pubsub)
-                    ping_sent = now
+                if now - last_heard >= self.liveness_interval:
+                    raise RedisError(
+                        f"nothing heard on the pub/sub connection for {self.liveness_interval:g} s"
+                    )
+                await _ping(pubsub)
                 continue
-            last_heard, ping_sent = now, None
+            last_heard = now
             kind = message["type"]
             if kind == ("ssubscribe" if sharded else "subscribe"):
                 # Also after a reconnect inside redis-py: either way, a gap just ended.

@@ -45,6 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from invalidation.base import Backoff, EventSink, Listener, SinkFailed, raise_if_cancelled
 from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
+from tiers.redis_clients import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ Trimming = MaxLength | MaxAge
 
 
 async def append(
-    client: redis.Redis, stream: str, event: InvalidationEvent, trimming: Trimming
+    client: RedisClient, stream: str, event: InvalidationEvent, trimming: Trimming
 ) -> bytes:
     """Append ``event`` to ``stream``, trimming old entries as ``trimming`` says; returns
     the new entry's id. Approximate trimming (``~``) removes whole radix-tree nodes, which

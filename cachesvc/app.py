@@ -27,12 +27,14 @@ from cachesvc.front import Edge
 from cachesvc.invalidator import Invalidator
 from cachesvc.journal import Journal
 from cachesvc.metrics import Metrics
-from cachesvc.slot import TierSlot
+from cachesvc.nodes import NodeSlots
+from cachesvc.slot import Slot, TierSlot
 from invalidation.base import Listener
 from invalidation.postgres_notify import PostgresNotifyListener
 from invalidation.postgres_wal import PostgresWalListener, TableSpec
 from invalidation.redis_pubsub import RedisPubSubListener
 from invalidation.redis_stream import RedisStreamListener
+from tiers.base import Tier
 from tiers.registry import tier_class
 
 log = logging.getLogger(__name__)
@@ -42,20 +44,26 @@ OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
 
 
 def build_engine(settings: Settings, metrics: Metrics, worker: int = 0) -> Engine:
-    slots = []
+    slots: list[Slot] = []
     for tier_settings in settings.tiers:
         url = tier_settings.parsed_url
         cls = tier_class(url.scheme.lower())
         tier = cls(tier_settings.name, url, tier_settings.ttl)
-        slots.append(
-            TierSlot(
-                tier,
-                timeout=tier_settings.timeout or cls.default_timeout,
-                breaker_failures=tier_settings.breaker_failures,
-                breaker_reset=tier_settings.breaker_reset,
-                metrics=metrics.for_tier(tier_settings.name),
+
+        def slot_for(part: Tier, settings: TierSettings = tier_settings) -> TierSlot:
+            return TierSlot(
+                part,
+                timeout=settings.timeout or type(part).default_timeout,
+                breaker_failures=settings.breaker_failures,
+                breaker_reset=settings.breaker_reset,
+                metrics=metrics.for_tier(part.name),
             )
-        )
+
+        # A tier of independent nodes: each node its own failure domain.
+        if tier.nodes():
+            slots.append(NodeSlots(tier, slot_for, metrics.for_tier(tier.name)))
+        else:
+            slots.append(slot_for(tier))
     journal = build_journal(settings, metrics, worker) if len(slots) > 1 else None
     return Engine(
         slots,

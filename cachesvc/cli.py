@@ -21,7 +21,7 @@ from cachesvc.config import REDIS_SCHEMES, ConfigError, Settings, load_settings
 from cachesvc.metrics import package_version
 
 if TYPE_CHECKING:
-    from cachesvc.slot import TierSlot
+    from cachesvc.slot import Slot, TierSlot
 
 log = logging.getLogger("cachesvc")
 
@@ -338,7 +338,7 @@ async def _serve(settings: Settings, worker: int) -> None:
         await service.stop()
 
 
-async def report_unreachable_tiers(slots: Sequence[TierSlot]) -> None:
+async def report_unreachable_tiers(slots: Sequence[Slot]) -> None:
     """Say once, at start, which tiers do not answer and why. In the background: the
     sidecar serves meanwhile, from the tiers that do."""
     from cachesvc.slot import failure_cause
@@ -355,7 +355,8 @@ async def report_unreachable_tiers(slots: Sequence[TierSlot]) -> None:
                 failure_cause(exc),
             )
 
-    await asyncio.gather(*(check(slot) for slot in slots if not slot.tier.in_process))
+    parts = [part for slot in slots if not slot.tier.in_process for part in slot.parts]
+    await asyncio.gather(*(check(part) for part in parts))
 
 
 def supervise(settings: Settings, workers: int) -> int:

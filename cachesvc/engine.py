@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from cachesvc.batching import Batcher, chain, then
@@ -35,7 +35,7 @@ from cachesvc.envelope import Entry, decode_live
 from cachesvc.errors import Unavailable
 from cachesvc.journal import REDIS_ERRORS, Journal, Record, drain
 from cachesvc.markers import Markers
-from cachesvc.slot import TOMBSTONE_TTL, TierSlot, restore_missed, save_missed
+from cachesvc.slot import TOMBSTONE_TTL, Slot, missed_writes, restore_missed, save_missed
 from cachesvc.versions import NodeLease, VersionClock
 from tiers.base import TierError, TierTimeout, TierWrite
 
@@ -64,7 +64,7 @@ class _StoreJob(NamedTuple):
     """One caller's writes for ``Engine._store``."""
 
     durable_writes: Sequence[TierWrite]
-    cache_writes: Sequence[tuple[TierSlot, TierWrite]]
+    cache_writes: Sequence[tuple[Slot, TierWrite]]
     deadline: float  # event-loop time
 
 
@@ -95,7 +95,7 @@ class Engine:
 
     def __init__(
         self,
-        slots: Sequence[TierSlot],
+        slots: Sequence[Slot],
         request_timeout: float,
         journal: Journal | None = None,
         drain_timeout: float = 10.0,
@@ -279,9 +279,9 @@ class Engine:
     async def _read_lower(
         self,
         key: str,
-        slots: Sequence[TierSlot],
+        slots: Sequence[Slot],
         floor: int,
-        failed: set[TierSlot] | None = None,
+        failed: set[Slot] | None = None,
     ) -> Hit | None:
         try:
             async with asyncio.timeout(self.request_timeout):
@@ -292,7 +292,7 @@ class Engine:
             ) from None
 
     async def _search(
-        self, key: str, slots: Sequence[TierSlot], floor: int, failed: set[TierSlot]
+        self, key: str, slots: Sequence[Slot], floor: int, failed: set[Slot]
     ) -> Hit | None:
         """The first live entry in ``slots`` newer than ``floor``, promoted into the tiers
         above it — except those that just failed (the read must not wait on a hung tier
@@ -329,9 +329,9 @@ class Engine:
         return None
 
     async def _promote(
-        self, key: str, payload: bytes, entry: Entry, slots: Sequence[TierSlot], now: float
+        self, key: str, payload: bytes, entry: Entry, slots: Sequence[Slot], now: float
     ) -> None:
-        async def fill(slot: TierSlot, ttl: float) -> None:
+        async def fill(slot: Slot, ttl: float) -> None:
             # A failed fill leaves the tier without the key (or with the same-or-older
             # version a newer write will replace): nothing stale to remember.
             with contextlib.suppress(TierError):
@@ -476,10 +476,10 @@ class Engine:
                 continue
             try:
                 await slot.set_many(writes)
-            except TierError:
+            except TierError as exc:
                 if slot is self.durable:
                     raise
-                for write in writes:
+                for write in missed_writes(exc, writes):
                     slot.miss(write.key, write.version)
                 await self._missed_records.submit(None)
         for key, rec in newest.items():
@@ -554,7 +554,7 @@ class Engine:
     def _store(
         self,
         durable_writes: Sequence[TierWrite],
-        cache_writes: Sequence[tuple[TierSlot, TierWrite]],
+        cache_writes: Sequence[tuple[Slot, TierWrite]],
     ) -> asyncio.Future[None]:
         """The durable tier first — its failure is the caller's 503 — then the cache tiers,
         whose failures are remembered as missed keys; all within the request deadline.
@@ -568,7 +568,7 @@ class Engine:
     async def _store_group(self, jobs: list[_StoreJob]) -> list[None]:
         durable = self.durable
         durable_writes = [write for job in jobs for write in job.durable_writes]
-        by_slot: dict[TierSlot, list[TierWrite]] = {}
+        by_slot: dict[Slot, list[TierWrite]] = {}
         for job in jobs:
             for slot, write in job.cache_writes:
                 by_slot.setdefault(slot, []).append(write)
@@ -581,7 +581,9 @@ class Engine:
                 await durable.set_many(durable_writes)
         except (TimeoutError, TierTimeout) as exc:
             # It may have committed: the cache tiers above may now hold an older value.
-            self._missed_by(by_slot, by_slot.keys())
+            for slot, writes in by_slot.items():
+                for write in writes:
+                    slot.miss(write.key, write.version)
             await self._missed_records.submit(None)
             raise Unavailable(
                 f"the durable tier {durable.name!r} did not answer within "
@@ -603,27 +605,25 @@ class Engine:
                 loop = asyncio.get_running_loop()
                 await asyncio.wait(calls.values(), timeout=max(0.0, deadline - loop.time()))
         finally:  # also when this group is cancelled: no call outlives it unaccounted
-            failed = []
+            missed: dict[Slot, Sequence[TierWrite]] = {}
             for slot, call in calls.items():
                 if not call.done():
                     call.cancel()
-                elif not call.cancelled() and (failure := call.exception()) is None:
-                    continue
-                elif not call.cancelled() and not isinstance(failure, TierError):
-                    unexpected = unexpected or failure
-                failed.append(slot)
-            self._missed_by(by_slot, failed)
-        if failed:
+                    missed[slot] = by_slot[slot]
+                elif call.cancelled():
+                    missed[slot] = by_slot[slot]
+                elif (failure := call.exception()) is not None:
+                    if not isinstance(failure, TierError):
+                        unexpected = unexpected or failure
+                    missed[slot] = missed_writes(failure, by_slot[slot])
+            for slot, lost in missed.items():
+                for write in lost:
+                    slot.miss(write.key, write.version)
+        if missed:
             await self._missed_records.submit(None)
         if unexpected is not None:
             raise unexpected
         return [None] * len(jobs)
-
-    @staticmethod
-    def _missed_by(writes: dict[TierSlot, list[TierWrite]], slots: Iterable[TierSlot]) -> None:
-        for slot in slots:
-            for write in writes[slot]:
-                slot.miss(write.key, write.version)
 
     # -- health --------------------------------------------------------------------------
 
@@ -633,14 +633,17 @@ class Engine:
         answered = await asyncio.gather(
             *(slot.probe() if slot.state == "closed" else _false() for slot in self.slots)
         )
-        return [
-            {
+        states: list[dict[str, object]] = []
+        for slot, ok in zip(self.slots, answered, strict=True):
+            state = {
                 "name": slot.name,
                 "state": slot.state if slot.state != "closed" else "up" if ok else "down",
                 "missed_keys": len(slot.missed),
             }
-            for slot, ok in zip(self.slots, answered, strict=True)
-        ]
+            if len(slot.parts) > 1:  # a tier of nodes, each its own failure domain
+                state["nodes"] = {part.name: part.state for part in slot.parts}
+            states.append(state)
+        return states
 
     async def _keep_lease(self) -> None:
         if self.lease is None or self.durable.state == "open":
@@ -675,12 +678,12 @@ class Engine:
         """Keep this sidecar's missed keys in the durable tier, under a name that
         survives a restart (host, port, worker), and load them back after one.
 
-        What a cache tier missed lives in memory (``TierSlot.missed``); a sidecar
+        What a cache tier missed lives in memory (``Slot.missed``); a sidecar
         restarted while a tier was down would forget it and, once the tier is back, read
         what it missed. The record is written whenever the missed keys change, read once
         at start, and deleted when every missed key has been repaired.
         """
-        caches = self.slots[:-1]
+        caches = [part for slot in self.slots[:-1] for part in slot.parts]
         if not caches or self.durable.state == "open":
             return
         key = f"\x1fcachesvc-missed:{self.identity}"  # a control character: no client key

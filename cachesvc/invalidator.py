@@ -98,9 +98,9 @@ class Invalidator:
         self._markers_loaded = False
 
     def _marker_store(self, redis_key: str) -> MarkerStore | None:
-        durable = self.engine.durable
         ttl = self.markers.max_age
-        if durable.tier.keeps_markers:
+        if self.engine.durable.tier.keeps_markers:
+            (durable,) = self.engine.durable.parts  # a tier of nodes keeps no markers
 
             async def save_durable(markers: Sequence[Marker], lifetime: float) -> None:
                 await durable.call(durable.tier.save_markers(markers, lifetime))

@@ -31,17 +31,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from cachesvc.metrics import TierMetrics
-from cachesvc.slot import TierSlot
+from cachesvc.slot import PartlyFailed, TierSlot
 from tiers.base import Tier, TierError, TierUnavailable, TierWrite
-
-
-class NodesFailed(TierUnavailable):
-    """Some writes of a ``set_many`` were not taken by their node; ``failed`` lists them
-    (the others were), so that only those are recorded as missed."""
-
-    def __init__(self, message: str, failed: Sequence[TierWrite]) -> None:
-        super().__init__(message)
-        self.failed = list(failed)
 
 
 class NodeSlots:
@@ -69,7 +60,7 @@ class NodeSlots:
         self._back_at = [time.monotonic()] * len(self.nodes)
 
     @property
-    def parts(self) -> list[TierSlot]:
+    def parts(self) -> Sequence[TierSlot]:
         """The slots this is made of: the nodes', then the gutter's."""
         return self.nodes + ([self.gutter] if self.gutter is not None else [])
 
@@ -101,6 +92,9 @@ class NodeSlots:
 
     def get(self, key: str) -> asyncio.Future[bytes | None]:
         return self._reader(key).get(key)
+
+    def get_now(self, key: str) -> bytes | None:
+        return self._reader(key).get_now(key)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One call per slot the keys go to; fails when any of those fails."""
@@ -134,7 +128,7 @@ class NodeSlots:
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         """One call per node (and the gutter for the nodes that are down). Raises
-        ``NodesFailed`` naming the writes a node did not take."""
+        ``PartlyFailed`` naming the writes a node did not take."""
         to_node: dict[int, list[TierWrite]] = {}
         for write in writes:
             to_node.setdefault(self.tier.node_for(write.key), []).append(write)
@@ -163,7 +157,7 @@ class NodeSlots:
                 for write in to_gutter:
                     self.gutter.miss(write.key, write.version)
         if failed:
-            raise NodesFailed(
+            raise PartlyFailed(
                 f"tier {self.name}: {len(failed)} of {len(writes)} writes not taken by their node",
                 failed,
             )

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 
@@ -48,6 +48,60 @@ def failure_cause(exc: BaseException) -> str:
     message (tiers raise their errors ``from`` it), else the error's."""
     cause = exc.__cause__
     return str(cause) if cause is not None and str(cause) else str(exc) or type(exc).__name__
+
+
+class PartlyFailed(TierUnavailable):
+    """Some writes of a ``set_many`` were not taken (their node failed) and the others
+    were: ``failed`` lists those to record as missed."""
+
+    def __init__(self, message: str, failed: Sequence[TierWrite]) -> None:
+        super().__init__(message)
+        self.failed = list(failed)
+
+
+def missed_writes(failure: BaseException, writes: Sequence[TierWrite]) -> Sequence[TierWrite]:
+    """Which of ``writes`` a ``set_many`` that raised ``failure`` did not store."""
+    return failure.failed if isinstance(failure, PartlyFailed) else writes
+
+
+class Slot(Protocol):
+    """One configured tier as the engine sees it: a ``TierSlot``, or a ``NodeSlots`` made
+    of one ``TierSlot`` per node of a tier of independent nodes (cachesvc/nodes.py)."""
+
+    tier: Tier
+    name: str
+    ttl: float
+    metrics: TierMetrics
+
+    @property
+    def parts(self) -> Sequence[TierSlot]:
+        """The ``TierSlot``\\s it is made of, each with its own breaker and missed keys."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def missed(self) -> dict[str, int]: ...
+
+    def readable(self, key: str) -> bool: ...
+
+    def get(self, key: str) -> asyncio.Future[bytes | None]: ...
+
+    def get_now(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    def set(self, write: TierWrite) -> Awaitable[None]: ...
+
+    async def set_many(self, writes: Sequence[TierWrite]) -> None: ...
+
+    def miss(self, key: str, version: int) -> None: ...
+
+    async def repair(self) -> None: ...
+
+    async def probe(self) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class CircuitBreaker:
@@ -162,6 +216,10 @@ class TierSlot:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gets = Batcher(self._get_batch)
         self._sets = Batcher(self._set_batch)
+
+    @property
+    def parts(self) -> Sequence[TierSlot]:
+        return (self,)
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from cachesvc.metrics import Metrics
-from cachesvc.nodes import NodesFailed, NodeSlots
-from cachesvc.slot import TierSlot
+from cachesvc.nodes import NodeSlots
+from cachesvc.slot import PartlyFailed, TierSlot
 from tests.faults.test_memcached_nodes import second_memcached  # noqa: F401 - the fixture
 from tests.polling import until
 from tests.servers import MemcachedServer
@@ -109,7 +109,7 @@ async def test_without_gutter_a_hung_node_fails_only_its_keys(
     assert await slots.get(live) == b"l"
     with pytest.raises(TierUnavailable, match="circuit breaker open"):
         await slots.get(hung)  # at once: the node's breaker is open
-    with pytest.raises(NodesFailed) as failed:
+    with pytest.raises(PartlyFailed) as failed:
         await slots.set_many(
             [TierWrite(hung, b"h2", V + 1, TTL), TierWrite(live, b"l2", V + 1, TTL)]
         )

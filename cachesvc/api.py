@@ -471,6 +471,9 @@ class Api:
             document["reads"] = "durable tier only"
         if journal is not None:
             document["journal"] = journal
+        if invalidator.applier is not None:
+            # Whether this sidecar applies external broadcast events to the shared tiers.
+            document["applier"] = invalidator.applier.held
         return json_reply(200 if ready else 503, document)
 
     def serve_metrics(self, call: Call, body: bytes) -> Reply:

@@ -59,8 +59,9 @@ def build_engine(settings: Settings, metrics: Metrics, worker: int = 0) -> Engin
                 metrics=metrics.for_tier(part.name),
             )
 
-        # A tier of independent nodes: each node its own failure domain.
-        if tier.nodes():
+        # A tier of independent nodes: each node its own failure domain (its series are
+        # labelled tier="<tier>/<node>").
+        if len(tier.nodes()) > 1:
             slots.append(NodeSlots(tier, slot_for, metrics.for_tier(tier.name)))
         else:
             slots.append(slot_for(tier))
@@ -128,6 +129,7 @@ def build_invalidator(
         config.channel,
         config.liveness_interval,
         stream=None if config.stream is None else (config.stream, config.trimming()),
+        identity=identity,
     )
     if any(slot.tier.in_process for slot in engine.slots[:-1]):
         # In-process copies of every sidecar and worker must learn of every write.

@@ -36,6 +36,7 @@ than itself, wherever the fill put it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -59,7 +60,7 @@ from invalidation.postgres_wal import PostgresWalListener
 from invalidation.redis_stream import Trimming, append
 from tiers.base import Marker, TierError
 from tiers.redis import load_markers, save_markers
-from tiers.redis_clients import create_client
+from tiers.redis_clients import RedisClient, create_client
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Invalidator:
         channel: str = "cachesvc:invalidate",
         liveness_interval: float = 1.0,
         stream: tuple[str, Trimming] | None = None,
+        identity: str = "cachesvc",
     ) -> None:
         self.engine = engine
         self.listeners = listeners
@@ -89,6 +91,16 @@ class Invalidator:
         self.stream = stream
         self._pickers = {listener.source for listener in listeners if listener.picks_applier}
         self.store = self._marker_store(f"{channel}:markers")
+        # One sidecar applies broadcast external events to the shared tiers (the others
+        # to their own process); without a channel Redis to hold the lease, every one does.
+        self.applier = (
+            None
+            if self._redis is None
+            else ApplierLease(self._redis, f"{channel}:applier", identity)
+        )
+        # External broadcast events this sidecar only applied here, kept for a while: if
+        # the applier dies, the sidecar taking its lease applies them to the shared tiers.
+        self._recent: collections.deque[tuple[float, InvalidationEvent, int]] = collections.deque()
         self._announcements: Batcher[Sequence[tuple[str, int]], None] = Batcher(self._announce)
         metrics.registry.register(_Lag(listeners))
         self._events = metrics.invalidation_events
@@ -148,6 +160,9 @@ class Invalidator:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._announcements.close()
+        if self.applier is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.applier.release()
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -242,12 +257,16 @@ class Invalidator:
         if event.origin == self.origin:
             self._events.labels(source, "own").inc()
             return
+        version = self._version_of(event)
         if event.origin is not None or source in self._pickers:
             # A peer applied it to the shared tiers already; or the source picks one
             # sidecar to do that (on_shared): here, this process's copies only.
-            await self._apply_here(event, self._version_of(event))
+            await self._apply_here(event, version)
+        elif self.applier is None or self.applier.held:
+            await self._apply_external(event, version)
         else:
-            await self._apply_external(event, self._version_of(event))
+            await self._apply_here(event, version)
+            self._recent.append((time.monotonic(), event, version))
         self._applied(event, source)
 
     async def on_shared(self, event: InvalidationEvent, source: str) -> None:
@@ -355,6 +374,7 @@ class Invalidator:
                 if self.engine.blind:
                     await self._reload_markers()
                     self._see()
+                await self._keep_applier_lease()
                 if self.store is not None:
                     await self.store.flush()
                 if time.monotonic() - pruned_at > PRUNE_INTERVAL:
@@ -362,6 +382,73 @@ class Invalidator:
                     self.markers.prune()
             except Exception:  # the upkeep must outlive any surprise
                 log.exception("invalidation upkeep failed")
+
+    async def _keep_applier_lease(self) -> None:
+        """Hold or renew the applier lease; on taking it over, apply to the shared tiers
+        the events the previous applier may not have applied (those heard within a lease's
+        lifetime before the takeover)."""
+        applier = self.applier
+        if applier is None:
+            return
+        held = applier.held
+        try:
+            await applier.keep()
+        except REDIS_ERRORS as exc:
+            log.debug("applier lease not kept: %s", exc)
+        window = time.monotonic() - applier.ttl - self.liveness_interval
+        recent = self._recent
+        while recent and recent[0][0] < window:
+            recent.popleft()
+        if applier.held and not held:
+            log.info("this sidecar applies external events to the shared tiers now")
+            while recent:
+                _, event, version = recent.popleft()
+                await self._apply_external(event, version)
+
+
+class ApplierLease:
+    """Which one sidecar applies a broadcast event (pub/sub, NOTIFY) from an external
+    publisher to the shared tiers: the holder of a lease in the channel's Redis, taken with
+    ``SET NX PX`` and renewed every second (so one event costs the shared tiers one
+    application, not one per sidecar). A holder that dies loses it after ``ttl``."""
+
+    ttl = 3.0
+    _RENEW = (
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+        "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
+    )
+
+    def __init__(self, client: RedisClient, key: str, identity: str) -> None:
+        self.client = client
+        self.key = key
+        self.identity = identity
+        self.held = False
+
+    async def keep(self) -> None:
+        milliseconds = int(self.ttl * 1000)
+        try:
+            if self.held:
+                self.held = bool(
+                    await self.client.eval(self._RENEW, 1, self.key, self.identity, milliseconds)
+                )
+            if not self.held:
+                self.held = bool(
+                    await self.client.set(self.key, self.identity, nx=True, px=milliseconds)
+                )
+        except BaseException:
+            self.held = False  # unknown: assume another may hold it
+            raise
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            await self.client.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                "return redis.call('DEL', KEYS[1]) else return 0 end",
+                1,
+                self.key,
+                self.identity,
+            )
 
 
 class _Lag(Collector):

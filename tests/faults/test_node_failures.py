@@ -44,7 +44,10 @@ async def test_one_hung_node_takes_out_only_its_keys(
         worst_read_ms=round(1000 * max(read.seconds for read in reads), 1),
         l2_state=state["state"],
     )
-    assert all(read.status == 200 and read.body == key.encode() for read, key in zip(reads, KEYS))
+    assert all(
+        read.status == 200 and read.body == key.encode()
+        for read, key in zip(reads, KEYS, strict=True)
+    )
     # Consistent hashing puts about half the keys on each node (the ring's split of these
     # 100 keys is fixed: it is the hash's, not chance's).
     assert 25 <= served["l2"] <= 75

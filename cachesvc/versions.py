@@ -25,6 +25,7 @@ import hashlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -85,9 +86,10 @@ class NodeLease:
     take a number a process writes its identity there when the entry is absent, expired or
     its own, then reads it back: the tier keeps the higher version of two racing writes,
     so both racers read the same holder and exactly one goes on to the next number.
-    Numbers are tried from a hash of the identity, so a restarted process usually takes its
-    old one back. Until a lease is held (the durable tier down at start) the clock uses a
-    random number: unique with high probability only, which the log says.
+    Numbers are tried from a hash of the sidecar's identity; a restarted process takes the
+    next free one while its predecessor's lease runs out. Until a lease is held (the
+    durable tier down at start) the clock uses a random number: unique with high
+    probability only, which the log says.
     """
 
     LEASE_TTL = 60.0
@@ -95,7 +97,11 @@ class NodeLease:
 
     def __init__(self, clock: VersionClock, identity: str) -> None:
         self.clock = clock
-        self.identity = identity.encode()
+        # The holder's name: the sidecar's identity, which the first number tried comes
+        # from, made unique to this process (two live processes of one identity, a
+        # misconfiguration, must still not share a number).
+        self.identity = f"{identity}/{uuid.uuid4().hex}".encode()
+        self._start = identity.encode()
         self.held: int | None = None
         self._renewed_at = 0.0
         clock.node = random.randrange(NODES)
@@ -104,7 +110,7 @@ class NodeLease:
         return f"\x1fcachesvc-node:{node}"
 
     def _candidates(self) -> Sequence[int]:
-        start = int.from_bytes(hashlib.blake2b(self.identity, digest_size=4).digest(), "big")
+        start = int.from_bytes(hashlib.blake2b(self._start, digest_size=4).digest(), "big")
         return [(start + step) % NODES for step in range(self.TRIES)]
 
     async def keep(self, durable: _Store) -> None:

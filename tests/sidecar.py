@@ -30,11 +30,19 @@ class Sidecar:
     readable in memory (``log``) for the assertions after it."""
 
     def __init__(
-        self, config: str | None = None, env: dict[str, str] | None = None, *args: str
+        self,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
+        *args: str,
+        netns: str | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
+        """``netns``: run it in that network namespace (``ip netns exec``), listening on
+        every address of it; ``address`` is where the tests reach it."""
         self.args = args
+        self.netns = netns
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{address}:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="cachesvc-sidecar-"))
         self.config_path: Path | None = None
         if config is not None:
@@ -49,6 +57,8 @@ class Sidecar:
 
     def start(self, timeout: float = 15.0) -> Self:
         command = [sys.executable, "-m", "cachesvc", "serve", "--port", str(self.port)]
+        if self.netns is not None:
+            command = ["ip", "netns", "exec", self.netns, *command, "--host", "0.0.0.0"]
         if self.config_path is not None:
             command += ["--config", str(self.config_path)]
         command += self.args

@@ -177,7 +177,7 @@ async def test_an_event_reaches_the_shared_tiers_when_its_applier_dies(
             await conn.close()
     finally:
         for sidecar in sidecars:
-            sidecar.kill()
+            sidecar.close()
 
 
 async def _applier(sidecars: list[Sidecar]) -> Sidecar | None:

@@ -349,15 +349,21 @@ class Engine:
         now = time.time()
         entries = self._new_entries(values, now)
         versions = [entry.version for entry in entries]
-        stored = self._write(values, entries, strategy, now)
-        if self.announce is not None:
-            # Concurrently: the peers' in-process tiers drop older copies (a peer that reads
-            # the shared tiers meanwhile cannot promote an older value: its version is lower).
-            announced = self.announce(
-                [(new.key, version) for new, version in zip(values, versions, strict=True)]
-            )
-            stored = asyncio.gather(stored, announced)
-        return then(stored, lambda _: versions)
+        if self.announce is None:
+            return then(self._write(values, entries, strategy, now), lambda _: versions)
+        # The peers' in-process tiers drop their older copies first, and the write happens
+        # only once they were told: a write the peers cannot learn of (the channel cut off)
+        # is refused, not made behind their backs. A peer that reads the shared tiers
+        # meanwhile cannot promote the older value: the announcement's tombstone is newer.
+        announced = self.announce(
+            [(new.key, version) for new, version in zip(values, versions, strict=True)]
+        )
+
+        def write_once_told(told: asyncio.Future[None]) -> asyncio.Future[Any]:
+            told.result()  # raises Unavailable: not announced, so not written
+            return self._write(values, entries, strategy, now)
+
+        return then(chain(announced, write_once_told), lambda _: versions)
 
     def _write(
         self, values: Sequence[NewValue], entries: Sequence[Entry], strategy: Strategy, now: float

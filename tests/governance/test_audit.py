@@ -96,7 +96,7 @@ async def test_records_form_one_chain_in_the_documented_encoding(
     stored = await rows(db)
     assert [row["seq"] for row in stored] == [1, 2, 3, 4]
     assert stored[0]["prev_hash"] == GENESIS
-    for previous, row in zip([None, *stored], stored, strict=True):
+    for previous, row in zip([None, *stored[:-1]], stored, strict=True):
         assert row["hash"] == independently_hashed(row)
         if previous is not None:
             assert row["prev_hash"] == previous["hash"]

@@ -35,8 +35,8 @@ import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -49,6 +49,11 @@ NONCE_BYTES = 12  # 96 bits: GCM's native nonce size
 TAG_BYTES = 16
 # Printable, and free of the list's own separators (":" and ",").
 KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+Classification = Literal["public", "internal", "confidential", "restricted"]
+CLASSIFICATIONS: tuple[Classification, ...] = ("public", "internal", "confidential", "restricted")
+# The classes whose values must never leave the process in clear.
+NEEDS_ENCRYPTION: frozenset[Classification] = frozenset({"confidential", "restricted"})
 
 
 class Key(NamedTuple):
@@ -98,13 +103,32 @@ def parse_keys(text: str, source: str = "the key list") -> list[Key]:
     return keys
 
 
-def keys_from_environment(variable: str, environ: dict[str, str] | None = None) -> list[Key]:
+def keys_from_environment(variable: str, environ: Mapping[str, str] | None = None) -> list[Key]:
     """The keys in the environment variable ``variable``; ValueError when it is unset or
     empty, or as ``parse_keys``."""
     value = (os.environ if environ is None else environ).get(variable, "")
     if not value.strip():
         raise ValueError(f"the environment variable {variable} (the encryption keys) is not set")
     return parse_keys(value, source=variable)
+
+
+def namespace_cipher(
+    classification: Classification,
+    keys_env: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> Cipher | None:
+    """A namespace's cipher from its ``classification`` and ``encryption_keys_env``; None
+    when it is not encrypted. ValueError, about ``encryption_keys_env``, when a
+    confidential or restricted namespace names no variable, or the variable is unset or
+    malformed (the config reports it under that field)."""
+    if keys_env is None:
+        if classification in NEEDS_ENCRYPTION:
+            raise ValueError(
+                f"a {classification} namespace needs encryption keys: name the environment "
+                'variable that holds them ("<id>:<base64 of 32 bytes>,...")'
+            )
+        return None
+    return Cipher(keys_from_environment(keys_env, environ))
 
 
 class Cipher:

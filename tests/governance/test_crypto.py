@@ -12,8 +12,10 @@ import pytest
 
 from cachesvc.crypto import (
     Cipher,
+    Classification,
     Key,
     keys_from_environment,
+    namespace_cipher,
     open_entry,
     parse_keys,
     seal_entry,
@@ -64,6 +66,24 @@ def test_keys_come_from_the_named_variable() -> None:
     assert keys_from_environment("KEYS", {"KEYS": listed(("a", K1))}) == [Key("a", K1)]
     with pytest.raises(ValueError, match=r"the environment variable KEYS .* is not set"):
         keys_from_environment("KEYS", {})
+
+
+@pytest.mark.parametrize("classification", ["confidential", "restricted"])
+def test_the_upper_classes_need_keys(classification: Classification) -> None:
+    with pytest.raises(ValueError, match=f"a {classification} namespace needs encryption keys"):
+        namespace_cipher(classification, None, {})
+    with pytest.raises(ValueError, match=r"PATIENTS_KEYS .* is not set"):
+        namespace_cipher(classification, "PATIENTS_KEYS", {})
+    keys = {"PATIENTS_KEYS": listed(("k1", K1))}
+    cipher = namespace_cipher(classification, "PATIENTS_KEYS", keys)
+    assert cipher is not None and cipher.key_ids == ("k1",)
+
+
+def test_the_lower_classes_may_be_encrypted() -> None:
+    assert namespace_cipher("public", None, {}) is None
+    assert namespace_cipher("internal", None, {}) is None
+    cipher = namespace_cipher("internal", "KEYS", {"KEYS": listed(("k1", K1))})
+    assert cipher is not None
 
 
 def test_a_key_never_shows_its_secret() -> None:

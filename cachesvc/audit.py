@@ -307,6 +307,7 @@ class AuditTrail:
         self._writer: asyncio.Task[None] | None = None
         self._schema_ready = False
         self._next_prune = 0.0
+        self._warned_at = 0.0  # when the last "cannot write" warning was logged
         self._lock_name = f"cachesvc:audit:{table}"
         quoted = f'"{table}"'
         self._sql_head = f"SELECT seq, hash FROM {quoted} ORDER BY seq DESC LIMIT 1"
@@ -443,7 +444,7 @@ class AuditTrail:
             try:
                 first = await self._append([queued.record for queued in batch])
             except AuditUnavailable as exc:
-                log.warning("%s; %d records wait", exc, len(self._queue))
+                self._warn(f"{exc}; {len(self._queue)} records wait")
                 await backoff.sleep()
                 continue
             except Exception:  # the writer must outlive any surprise; the records wait
@@ -451,10 +452,23 @@ class AuditTrail:
                 await backoff.sleep()
                 continue
             backoff.reset()
+            if self._warned_at:
+                log.info("audit trail: writing again")
+                self._warned_at = 0.0
             del self._queue[: len(batch)]
             for offset, queued in enumerate(batch):
                 if queued.written is not None and not queued.written.done():
                     queued.written.set_result(first + offset)
+
+    def _warn(self, message: str) -> None:
+        """A warning when writing starts failing, then once a minute while it still does
+        (the writer retries several times a second)."""
+        now = time.monotonic()
+        if now - self._warned_at >= 60:
+            log.warning("%s", message)
+            self._warned_at = now
+        else:
+            log.debug("%s", message)
 
     async def _append(self, records: Sequence[Record]) -> int:
         """Chain ``records`` onto the head and insert them; the first one's seq."""

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from tests.servers import _pg_bindir
@@ -45,3 +46,12 @@ async def postgres_tier(postgres_url: str, table_name: str) -> AsyncIterator[Pos
     await tier.start()
     yield tier
     await tier.close()
+
+
+@pytest.fixture
+async def db(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the session Postgres, where no audit table exists yet."""
+    connection = await asyncpg.connect(postgres_url)
+    await connection.execute("DROP TABLE IF EXISTS cachesvc_audit")
+    yield connection
+    await connection.close()

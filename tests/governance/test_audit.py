@@ -33,15 +33,6 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture
-async def db(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """The session Postgres, without an audit table."""
-    connection = await asyncpg.connect(postgres_url)
-    await connection.execute("DROP TABLE IF EXISTS cachesvc_audit")
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
 async def trail(db: asyncpg.Connection, postgres_url: str) -> AsyncIterator[AuditTrail]:
     trail = AuditTrail(postgres_url)
     await trail.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,14 +13,6 @@ import asyncpg
 import pytest
 
 from cachesvc.audit import AuditTrail
-
-
-@pytest.fixture
-async def db(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(postgres_url)
-    await connection.execute("DROP TABLE IF EXISTS cachesvc_audit")
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

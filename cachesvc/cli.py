@@ -1,4 +1,4 @@
-"""The ``cachesvc`` command: serve, check-config, invalidate, dead-letters."""
+"""The ``cachesvc`` command: serve, check-config, invalidate, dead-letters, audit."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import ipaddress
+import json
 import logging
 import multiprocessing
 import os
@@ -14,10 +15,17 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from cachesvc.config import REDIS_SCHEMES, ConfigError, Settings, load_settings
+from cachesvc.config import (
+    POSTGRES_SCHEMES,
+    REDIS_SCHEMES,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from cachesvc.metrics import package_version
 
 if TYPE_CHECKING:
@@ -72,6 +80,21 @@ could not be read) are moved from the journal to a dead-letter stream,
 was refused. With --replay it moves them back into the journal, to be applied again once
 the cause is fixed.
 """
+AUDIT_DESCRIPTION = """\
+The audit trail: invalidations, erasures, refused requests (401 and 403, one record per
+token and minute), and the sidecars' starts and stops, in the table cachesvc_audit of the
+durable tier's Postgres database. Each record is chained to the one before it by a
+SHA-256 hash, so that a record changed or removed is found.
+"""
+AUDIT_LIST_DESCRIPTION = """\
+Print the audit records in their order, one JSON object a line.
+"""
+AUDIT_VERIFY_DESCRIPTION = """\
+Check the audit trail's hash chain from its oldest record. Exit 0 when it is whole (and
+print its head's hash: keep it elsewhere, since removing the newest records leaves no
+trace in the chain itself); exit 1 naming the first record that was changed or removed;
+exit 2 when it cannot be read.
+"""
 SERVE_CONFIG_HELP = "TOML config file (default: $CACHESVC_CONFIG; neither: the embedded default)"
 CONFIG_HELP = "TOML config file (default: $CACHESVC_CONFIG)"
 
@@ -98,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "invalidate":
             return publish_invalidation(settings, args.keys, args.prefixes, args.tags)
+        if args.command == "audit":
+            return asyncio.run(audit(settings, args))
         return asyncio.run(dead_letters(settings, args.replay))
     except ConfigError as exc:
         for problem in exc.problems:
@@ -167,6 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument(
         "--replay", action="store_true", help="move every dead letter back into the journal"
     )
+    trail = commands.add_parser(
+        "audit",
+        help="list or verify the audit trail",
+        description=AUDIT_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    actions = trail.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list",
+        help="print the records, one JSON object a line",
+        description=AUDIT_LIST_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    listing.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    listing.add_argument(
+        "--since",
+        metavar="ISO-TIME",
+        type=iso_time,
+        help="only records at or after this time (e.g. 2025-06-01T00:00:00Z; without a zone: UTC)",
+    )
+    listing.add_argument("--namespace", metavar="NS", help="only the records of namespace NS")
+    checking = actions.add_parser(
+        "verify",
+        help="check that no record was changed or removed",
+        description=AUDIT_VERIFY_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    checking.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     return parser
 
 
@@ -470,3 +523,54 @@ async def dead_letters(settings: Settings, replay: bool) -> int:
         return 0
     finally:
         await journal.close()
+
+
+def iso_time(text: str) -> datetime:
+    """An ISO 8601 time for --since; without a zone, UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2025-06-01T12:00:00Z)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def audit(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from cachesvc.audit import AuditUnavailable, audit_table_exists, records, verify
+    from tiers.postgres import database_url
+
+    durable = settings.tiers[-1]
+    if durable.parsed_url.scheme.lower() not in POSTGRES_SCHEMES:
+        print(
+            f"the audit trail lives in the durable tier's Postgres database, and the durable "
+            f"tier {durable.name} is not one ({durable.parsed_url.scheme}://)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        conn = await asyncpg.connect(database_url(durable.parsed_url), timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(
+            f"cannot connect to the durable tier {durable.name}'s database: {exc}", file=sys.stderr
+        )
+        return 2
+    try:
+        if args.audit_command == "verify":
+            verdict = await verify(conn)
+            print(verdict.message, file=sys.stdout if verdict.whole else sys.stderr)
+            return 0 if verdict.whole else 1
+        if not await audit_table_exists(conn):
+            print("no audit trail yet: nothing was recorded", file=sys.stderr)
+            return 0
+        async with conn.transaction(readonly=True):
+            async for stored in records(conn, since=args.since, namespace=args.namespace):
+                print(json.dumps(stored.document(), ensure_ascii=False))
+        return 0
+    except AuditUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()

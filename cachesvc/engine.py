@@ -88,6 +88,10 @@ class NewValue(NamedTuple):
     content_type: str
     ttl: float | None = None
     tags: tuple[str, ...] = ()
+    # PROTOTYPE (issue 15): ``value`` is already sealed (cachesvc.crypto.Cipher.seal, by the
+    # namespace layer before the engine sees it), so every tier and the journal get
+    # ciphertext; reads give it back sealed, for cachesvc.crypto.open_entry.
+    sealed: bool = False
 
 
 class Engine:
@@ -375,7 +379,13 @@ class Engine:
         for new, entry in zip(values, entries, strict=True):
             payload = entry.encode()
             durable_writes.append(
-                TierWrite(new.key, payload, entry.version, entry.ttl_in(self.durable.ttl, now))
+                TierWrite(
+                    new.key,
+                    payload,
+                    entry.version,
+                    entry.ttl_in(self.durable.ttl, now),
+                    entry.tags,  # PROTOTYPE (issue 15): for the durable tier's erasure by tag
+                )
             )
             for slot in self.slots[:-1]:
                 if strategy == "cache-aside":
@@ -391,7 +401,14 @@ class Engine:
             self._forget(new.key)
             expires_at = None if new.ttl is None else now + new.ttl
             entries.append(
-                Entry(new.value, new.content_type, self.clock.next(), expires_at, new.tags)
+                Entry(
+                    new.value,
+                    new.content_type,
+                    self.clock.next(),
+                    expires_at,
+                    new.tags,
+                    new.sealed,
+                )
             )
         return entries
 
@@ -474,7 +491,7 @@ class Engine:
         now = time.time()
         for slot in reversed(self.slots[1:]):  # durable first, as write-through does
             writes = [
-                TierWrite(rec.key, rec.payload, rec.entry.version, ttl)
+                TierWrite(rec.key, rec.payload, rec.entry.version, ttl, rec.entry.tags)
                 for rec in newest.values()
                 if (ttl := rec.entry.ttl_in(slot.ttl, now)) > 0
             ]
@@ -556,6 +573,54 @@ class Engine:
             for key, version in zip(keys, versions, strict=True)
         ]
         await self._store(durable_tombstones, cache_tombstones)
+
+    async def erase(self, keys: Sequence[str], tags: Sequence[str]) -> int:
+        """PROTOTYPE (issue 15): remove every entry of ``keys`` or carrying one of ``tags``
+        from every tier and the journal; the number of values the durable tier removed.
+
+        The journal first (its entries would otherwise be applied again below), then the
+        durable tier's rows, deleted physically (tombstones of those keys included), then a
+        tombstone in every tier above it, which have no erasure of their own. The keys of
+        the tags come from the durable tier and the journal, which between them hold every
+        entry written (the tiers above hold copies). Not covered here: a write-behind flush
+        that read an entry before the journal was erased and commits it after the durable
+        tier was (erase again a moment later), and the peers' in-process tiers (the caller
+        announces the keys). A durable tier that cannot erase gets tombstones."""
+        durable = self.durable.tier
+        found = set(keys)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                if self.journal is not None:
+                    found |= (await self.journal.erase(keys, tags)).keys
+                if durable.erases:
+                    for tag in tags:
+                        after: str | None = None
+                        while page := await durable.keys_with_tag(tag, 1000, after):
+                            found.update(page)
+                            after = page[-1]
+        except (TimeoutError, TierError, *REDIS_ERRORS) as exc:
+            raise Unavailable(f"erasure could not find every entry: {exc}") from exc
+        ordered = sorted(found)
+        if not durable.erases:
+            await self.delete_many(ordered)
+            return 0
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                erased = await durable.erase(ordered, tags)
+        except (TimeoutError, TierError) as exc:
+            raise Unavailable(
+                f"the durable tier {self.durable.name!r} did not erase: {exc}", self.durable.name
+            ) from exc
+        tombstones = []
+        for key in ordered:
+            self._forget(key)
+            version = self.clock.next()
+            tombstones += [
+                (slot, TierWrite(key, None, version, TOMBSTONE_TTL)) for slot in self.slots[:-1]
+            ]
+        if tombstones:
+            await self._store([], tombstones)
+        return erased
 
     def _store(
         self,

@@ -4,6 +4,10 @@ An envelope is a msgpack array ``[value, content_type, version, expires_at, tags
 arrays decode faster than maps and the schema is private to this module. ``expires_at``
 is wall-clock epoch seconds (``None``: the entry lives as long as each tier's ttl), so a
 promoted entry keeps its remaining lifetime across tiers and processes.
+
+An entry of an encrypted namespace has a sixth element, ``true``: its value is sealed
+(cachesvc.crypto), so that a namespace no longer encrypted never serves it as a value.
+Plain envelopes stay five elements, byte for byte as before.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ class Entry(NamedTuple):
     version: int
     expires_at: float | None
     tags: tuple[str, ...] = ()
+    sealed: bool = False  # the value is ciphertext (cachesvc.crypto)
 
     def encode(self) -> bytes:
-        payload: bytes = msgpack.packb(
-            (self.value, self.content_type, self.version, self.expires_at, self.tags)
-        )
+        fields = (self.value, self.content_type, self.version, self.expires_at, self.tags)
+        payload: bytes = msgpack.packb((*fields, True) if self.sealed else fields)
         return payload
 
     def remaining(self, now: float) -> float | None:
@@ -40,8 +44,10 @@ class Entry(NamedTuple):
 def decode_envelope(payload: bytes) -> Entry:
     """The entry in ``payload``; ValueError when it is not one of ours."""
     try:
-        value, content_type, version, expires_at, tags = msgpack.unpackb(payload)
-        return Entry(value, content_type, version, expires_at, tuple(tags))
+        value, content_type, version, expires_at, tags, *sealed = msgpack.unpackb(payload)
+        if sealed not in ([], [True]):
+            raise ValueError(f"unknown envelope fields {sealed!r}")
+        return Entry(value, content_type, version, expires_at, tuple(tags), bool(sealed))
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ValueError(f"not a cachesvc envelope: {exc}") from None
 

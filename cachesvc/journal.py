@@ -30,6 +30,12 @@ Which crash loses what:
 Entries that can never be applied (undecodable, or refused by the durable tier
 ``max_attempts`` times with a non-transient error) move to ``<stream>:dead``, where
 ``cachesvc dead-letters [--replay]`` shows and re-queues them.
+
+Erasure (``erase``) removes the entries of given keys or tags from both streams. An entry
+holds only its key and its payload, and a stream has no index but its ids, so that is a
+scan of both streams (XRANGE, ``ERASE_SCAN_BATCH`` entries a round trip, payloads included:
+the tags are in the envelope) and an XDEL of what matches. The journal is short while the
+lower tiers keep up; at most ``journal_max_pending`` entries are read.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
@@ -61,6 +67,7 @@ OWN_PENDING_INTERVAL = 1.0
 WAIT_MILLISECONDS = 1000
 # What a Redis or a Redis Cluster client raises (a cluster's own errors are not RedisErrors).
 REDIS_ERRORS = (RedisError, RedisClusterException)
+ERASE_SCAN_BATCH = 1000
 
 
 class JournalUnavailable(Exception):
@@ -75,6 +82,11 @@ class Record(NamedTuple):
 
 
 Apply = Callable[[Sequence[Record]], Awaitable[None]]
+
+
+class JournalErasure(NamedTuple):
+    entries: int  # removed from the journal and its dead letters
+    keys: frozenset[str]  # the keys they were writes of
 
 
 class Journal:
@@ -421,9 +433,53 @@ class Journal:
             moved += len(entries)
         return moved
 
+    async def erase(self, keys: Iterable[str], tags: Iterable[str] = ()) -> JournalErasure:
+        """Remove from the journal and its dead letters every entry whose key is one of
+        ``keys`` or whose entry carries one of ``tags``.
+
+        A flush that read such an entry before and applies it now still writes it to the
+        lower tiers: the caller erases those after this (a retried flush does not: it
+        re-reads its entries, and finds these deleted)."""
+        wanted_keys, wanted_tags = set(keys), set(tags)
+        if not wanted_keys and not wanted_tags:
+            return JournalErasure(0, frozenset())
+        removed = 0
+        erased: set[str] = set()
+        for stream in (self.stream, self.dead_stream):
+            start = "-"
+            while True:
+                entries: Any = await self._client.xrange(stream, start, "+", count=ERASE_SCAN_BATCH)
+                matching = []
+                for entry_id, fields in entries:
+                    key = fields.get(b"k", b"").decode(errors="replace")
+                    if key in wanted_keys or _tagged(fields.get(b"p"), wanted_tags):
+                        matching.append(entry_id)
+                        erased.add(key)
+                if matching:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        if stream == self.stream:  # nobody retries what is acknowledged
+                            pipe.xack(stream, GROUP, *matching)
+                        pipe.xdel(stream, *matching)
+                        answers = await pipe.execute()
+                    removed += answers[-1]
+                if len(entries) < ERASE_SCAN_BATCH:
+                    break
+                start = "(" + entries[-1][0].decode()  # exclusive: after the last one read
+        return JournalErasure(removed, frozenset(erased))
+
     async def close(self) -> None:
         await self._appends.close()
         await self._client.aclose()
+
+
+def _tagged(payload: bytes | None, tags: set[str]) -> bool:
+    """Whether the envelope ``payload`` carries one of ``tags`` (they are never sealed)."""
+    if not tags or payload is None:
+        return False
+    try:
+        return not tags.isdisjoint(decode_envelope(payload).tags)
+    except ValueError:
+        return False
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -59,6 +59,10 @@ class TierWrite(NamedTuple):
     payload: bytes | None  # None writes a tombstone
     version: int
     ttl: float  # seconds, > 0: how long the tier keeps it
+    # The entry's tags, in clear beside the opaque payload, for a tier that erases by tag
+    # (``erases``); the others ignore them. The engine fills them on the writes to the
+    # durable tier: a tier never decodes a payload (it may even be sealed).
+    tags: tuple[str, ...] = ()
 
 
 # Versions are non-negative 63-bit integers (cachesvc.versions). Written as 16 lowercase hex
@@ -126,6 +130,10 @@ class Tier(abc.ABC):
     # Keeps invalidation markers (save_markers/load_markers): as the durable tier, it holds
     # them for every sidecar, so that they outlive a restart of any cache server.
     keeps_markers: ClassVar[bool] = False
+    # Erases entries physically, by key and by tag (erase/keys_with_tag): as the durable
+    # tier it holds every entry, so it answers a data subject's erasure and access
+    # requests. Other tiers are erased through the ordinary contract (tombstones).
+    erases: ClassVar[bool] = False
 
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         self.name = name
@@ -162,6 +170,18 @@ class Tier(abc.ABC):
     async def load_markers(self) -> list[Marker]:
         """Every marker kept and not expired."""
         raise NotImplementedError(f"{type(self).__name__} keeps no markers")
+
+    async def erase(self, keys: Sequence[str], tags: Sequence[str]) -> int:
+        """Remove, physically and not as tombstones, every entry whose key is one of
+        ``keys`` or that carries one of ``tags``; the number of values removed (tombstones
+        of those keys go too, uncounted). Required of tiers that declare ``erases``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot erase")
+
+    async def keys_with_tag(self, tag: str, limit: int, after: str | None = None) -> list[str]:
+        """Up to ``limit`` keys of live entries that carry ``tag``, in key order, starting
+        after the key ``after`` (the last of the previous page). Required of tiers that
+        declare ``erases``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list keys by tag")
 
     async def clear(self) -> None:
         """Drop every entry. Required of in-process tiers only: the engine clears them

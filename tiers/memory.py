@@ -106,7 +106,7 @@ class MemoryTier(Tier):
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         now = time.monotonic() - self._started
         entries = self._entries
-        for key, payload, version, ttl in writes:
+        for key, payload, version, ttl, _tags in writes:
             current = entries.get(key)
             if current is not None:
                 deadline, current_version = _HEADER.unpack_from(current)

@@ -4,6 +4,7 @@ The durable tier. One row per key::
 
     key text PRIMARY KEY, payload bytea NULL (NULL: a tombstone), version bigint,
     expires_at timestamptz  -- indexed, for the sweep
+    tags text[]             -- the entry's tags (TierWrite.tags), GIN-indexed, for erasure
 
 Postgres has no expiry of its own, so reads filter on ``expires_at > now()`` and a
 background task deletes expired rows in bounded batches every ``sweep_interval`` seconds
@@ -14,7 +15,13 @@ WHERE`` refuses to replace a live row of a higher version, atomically under the 
 The table is created on the first successful connection, not in ``start()``, so the sidecar
 starts while Postgres is down. Several sidecars starting at once serialise the DDL on an
 advisory lock (concurrent ``CREATE TABLE IF NOT EXISTS`` can otherwise fail on a unique
-violation in the catalog).
+violation in the catalog). A table of an earlier version, without ``tags``, gets the column
+and its index then (``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``: with a constant default,
+no rewrite of the rows).
+
+Erasure (``erases``): ``erase`` deletes the rows of the given keys or tags physically, in one
+statement that the primary key and the GIN index answer; ``keys_with_tag`` lists a tag's
+live keys a page at a time.
 
 Options: ``table`` (a lowercase identifier), ``pool_size`` (default 4), ``sweep_interval``
 (seconds, default 60), ``connect_timeout`` (seconds, default 2); the libpq-style options that
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -121,6 +129,7 @@ _RETRY_ONCE = (
 class PostgresTier(Tier):
     schemes = ("postgresql", "postgres")
     keeps_markers = True
+    erases = True
     # A write is a commit (WAL flush), and the first call of a fresh pool connection pays
     # for the connect; both take longer than a network cache's round trip.
     default_timeout = 1.0
@@ -132,7 +141,7 @@ class PostgresTier(Tier):
         self.pool_size: int = options["pool_size"]
         self.sweep_interval: float = options["sweep_interval"]
         self.connect_timeout: float = options["connect_timeout"]
-        self._dsn = driver_url(url, _OWN_OPTIONS)
+        self._dsn = database_url(url)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._schema_ready = False
@@ -141,14 +150,17 @@ class PostgresTier(Tier):
 
         table = f'"{self.table}"'
         markers = f'"{self.table}_markers"'
+        tags_index = f'"{self.table}_tags_idx"'
         self._ddl = f"""
             CREATE TABLE IF NOT EXISTS {table} (
                 key text PRIMARY KEY,
                 payload bytea,
                 version bigint NOT NULL,
-                expires_at timestamptz NOT NULL
+                expires_at timestamptz NOT NULL,
+                tags text[] NOT NULL DEFAULT '{{}}'
             );
             CREATE INDEX IF NOT EXISTS "{self.table}_expires_at_idx" ON {table} (expires_at);
+            CREATE INDEX IF NOT EXISTS {tags_index} ON {table} USING gin (tags);
             CREATE TABLE IF NOT EXISTS {markers} (
                 name text PRIMARY KEY,
                 version bigint NOT NULL,
@@ -165,23 +177,50 @@ class PostgresTier(Tier):
             SET version = EXCLUDED.version, expires_at = EXCLUDED.expires_at
             WHERE m.version < EXCLUDED.version OR m.expires_at <= now()
         """
+        # Whether both tables exist, and whether the entries have their tags column.
+        self._sql_schema_state = f"""
+            SELECT to_regclass('{table}') IS NOT NULL AND to_regclass('{markers}') IS NOT NULL,
+                EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('{table}')
+                    AND attname = 'tags' AND NOT attisdropped)
+        """
+        # A table created by an earlier version. Only run when the column is missing:
+        # ALTER TABLE needs the table's ownership even when it changes nothing.
+        self._migration = f"""
+            ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tags text[] NOT NULL DEFAULT '{{}}';
+            CREATE INDEX IF NOT EXISTS {tags_index} ON {table} USING gin (tags);
+        """
         self._sql_load_markers = f"SELECT name, version FROM {markers} WHERE expires_at > now()"
         self._sql_sweep_markers = f"DELETE FROM {markers} WHERE expires_at <= now()"
         self._sql_get = f"""
             SELECT key, payload FROM {table}
             WHERE key = ANY($1::text[]) AND expires_at > now()
         """
-        # An expired row that the sweep has not reached yet protects nothing.
+        # An expired row that the sweep has not reached yet protects nothing. Each row's
+        # tags come as one JSON array (NULL: none): unnest flattens a two-dimensional
+        # array, and the rows' tag lists differ in length.
         self._sql_set = f"""
-            INSERT INTO {table} AS t (key, payload, version, expires_at)
-            SELECT w.key, w.payload, w.version, now() + w.ttl * interval '1 second'
-            FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::float8[])
-                AS w(key, payload, version, ttl)
+            INSERT INTO {table} AS t (key, payload, version, expires_at, tags)
+            SELECT w.key, w.payload, w.version, now() + w.ttl * interval '1 second',
+                ARRAY(SELECT jsonb_array_elements_text(w.tags::jsonb))
+            FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::float8[], $5::text[])
+                AS w(key, payload, version, ttl, tags)
             ON CONFLICT (key) DO UPDATE
             SET payload = EXCLUDED.payload,
                 version = EXCLUDED.version,
-                expires_at = EXCLUDED.expires_at
+                expires_at = EXCLUDED.expires_at,
+                tags = EXCLUDED.tags
             WHERE t.version <= EXCLUDED.version OR t.expires_at <= now()
+        """
+        # The primary key answers the keys, the GIN index the tags (a BitmapOr of both).
+        self._sql_erase = f"""
+            DELETE FROM {table} WHERE key = ANY($1::text[]) OR tags && $2::text[]
+            RETURNING payload IS NOT NULL
+        """
+        self._sql_keys_with_tag = f"""
+            SELECT key FROM {table}
+            WHERE tags @> ARRAY[$1::text] AND payload IS NOT NULL AND expires_at > now()
+                AND ($3::text IS NULL OR key > $3::text)
+            ORDER BY key LIMIT $2
         """
         # SKIP LOCKED: sweeps of several sidecars share the work instead of queueing on it.
         self._sql_sweep = f"""
@@ -239,6 +278,7 @@ class PostgresTier(Tier):
             [w.payload for w in batch],
             [w.version for w in batch],
             [w.ttl for w in batch],
+            [json.dumps(w.tags) if w.tags else None for w in batch],
         )
 
         async def upsert(conn: _Conn) -> None:
@@ -270,6 +310,21 @@ class PostgresTier(Tier):
             return await conn.fetch(self._sql_load_markers)
 
         return [Marker(row[0], row[1]) for row in await self._run(select)]
+
+    async def erase(self, keys: Sequence[str], tags: Sequence[str]) -> int:
+        if not keys and not tags:
+            return 0
+
+        async def delete(conn: _Conn) -> list[asyncpg.Record]:
+            return await conn.fetch(self._sql_erase, list(keys), list(tags))
+
+        return sum(1 for row in await self._run(delete) if row[0])
+
+    async def keys_with_tag(self, tag: str, limit: int, after: str | None = None) -> list[str]:
+        async def select(conn: _Conn) -> list[asyncpg.Record]:
+            return await conn.fetch(self._sql_keys_with_tag, tag, limit, after)
+
+        return [row[0] for row in await self._run(select)]
 
     async def sweep(self) -> int:
         """Delete expired rows in bounded batches; returns how many went."""
@@ -356,14 +411,29 @@ class PostgresTier(Tier):
                 )
                 # CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when the table
                 # exists: tables an administrator created beforehand are used as they are.
-                created = await conn.fetchval(
-                    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-                    f'"{self.table}"',
-                    f'"{self.table}_markers"',
-                )
+                created, tagged = await self._schema_state(conn)
                 if not created:
-                    await conn.execute(self._ddl)
+                    await conn.execute(self._ddl)  # the entries may be an earlier version's
+                    created, tagged = await self._schema_state(conn)
+                if not tagged:
+                    await self._migrate(conn)
             self._schema_ready = True
+
+    async def _schema_state(self, conn: _Conn) -> tuple[bool, bool]:
+        state = await conn.fetchrow(self._sql_schema_state)
+        assert state is not None  # a SELECT without FROM: one row
+        return state[0], state[1]
+
+    async def _migrate(self, conn: _Conn) -> None:
+        log.info("postgres tier %r: adding the tags column to %s", self.name, self.table)
+        try:
+            await conn.execute(self._migration)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise TierError(
+                f"postgres tier {self.name!r}: the table {self.table} lacks the tags column "
+                f"that this version needs, and this role may not add it ({exc}); as the "
+                f"table's owner, run: {' '.join(self._migration.split())}"
+            ) from exc
 
     @contextlib.contextmanager
     def _mapped(self, *, retrying: bool) -> Iterator[None]:
@@ -396,6 +466,12 @@ class PostgresTier(Tier):
         ):
             return TierUnavailable(message)
         return TierError(message)
+
+
+def database_url(url: SplitResult) -> str:
+    """The tier's database, as a URL for another client of it (the audit trail): the tier's
+    own options removed, those asyncpg reads kept."""
+    return driver_url(url, _OWN_OPTIONS)
 
 
 def _own_options(url: SplitResult) -> dict[str, Any]:

@@ -63,6 +63,7 @@ async def test_create_on_the_schema_is_enough(
     assert {row[0] for row in indexes} == {
         "cachesvc_entries_pkey",
         "cachesvc_entries_expires_at_idx",
+        "cachesvc_entries_tags_idx",
     }
 
 

@@ -1,0 +1,513 @@
+"""A history check in the style of Jepsen's: three sidecars (real ``cachesvc serve``
+processes) share one Redis, one memcached and one Postgres; twelve clients make concurrent
+GETs, PUTs (every strategy), DELETEs and invalidations (keys, prefixes, tags) on thirty
+keys through any of them; every operation is recorded with its interval and its answer;
+in the faulted runs, servers are broken on a schedule. Once the faults are healed and the
+journal drained, every sidecar is read for every key, and ``tests.history.check`` judges
+the whole history: no stale read more than 1 s after an acknowledged newer write, delete
+or invalidation, sidecars agreeing, no value nobody wrote, no acknowledged write lost, one
+ETag for one value.
+
+Two topologies: an in-process memory tier on top of the shared ones (memory -> Redis ->
+memcached -> Postgres) and the shared ones alone (Redis -> memcached -> Postgres); the
+invalidation channel is on the Redis in both.
+
+The cache Redis keeps nothing on disk, so the fault "Redis killed and restarted empty" is
+real; the write-behind journal lives on a Redis of its own that persists every write
+(``appendfsync always``), as the journal requires, so that no acknowledged write-behind
+write may be lost. The third sidecar reaches both Redis servers through TCP proxies,
+which the faulted run first blackholes (nothing comes back), then cuts (resets and
+refusals), then restores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio
+
+from tests.conformance.conftest import TcpProxy
+from tests.history import SLACK, Op, Report, check
+from tests.polling import until
+from tests.servers import (
+    MemcachedServer,
+    PostgresServer,
+    RedisServer,
+    flush_memcached,
+    flush_redis,
+)
+from tests.sidecar import Sidecar, tiers_config
+
+pytestmark = pytest.mark.faults
+
+SIDECARS = 3
+PARTITIONED = 2  # the sidecar whose links to Redis go through the proxies
+CLIENTS = 12
+KEYS = tuple(f"g{group}:{n}" for group in range(6) for n in range(5))
+PREFIXES = tuple(f"g{group}:" for group in range(6))
+TAGS = tuple(f"t{n}" for n in range(6))
+STRATEGIES = ("write-through", "write-behind", "cache-aside")
+JOURNAL_STREAM = "cachesvc:journal"
+CLEAN_SECONDS = 15.0
+FAULTED_SECONDS = 20.0
+REQUEST_TIMEOUT = 5.0  # the client's: beyond the sidecar's own request_timeout (2 s)
+
+# How long quiescing may take, from the documented bounds: a lost invalidation source is
+# noticed within liveness_interval (1 s) and reconnected with backoff capped at 5 s; a tier
+# breaker lets a probe through after breaker_reset (0.5 s here) and the monitor probes every
+# 0.5 s; the journal's flusher retries with the same backoff.
+READY_WITHIN = 10.0
+DRAINED_WITHIN = 10.0
+# Then the sidecars agree within an invalidation's second plus a monitor round.
+AGREE_WITHIN = SLACK + 1.0
+
+CACHE_TIER = "timeout = 0.25\nbreaker_failures = 3\nbreaker_reset = 0.5\n"
+DURABLE_TIER = "breaker_failures = 3\nbreaker_reset = 0.5\n"
+
+
+@dataclass
+class Servers:
+    redis: RedisServer  # the cache tier and the invalidation channel; no persistence
+    journal: RedisServer  # the write-behind journal; appendfsync always
+    memcached: MemcachedServer
+    postgres: PostgresServer
+
+    def heal(self) -> None:
+        """Every server running and not stopped (after a run that failed half-way)."""
+        for server in (self.redis, self.journal, self.memcached, self.postgres):
+            server.resume()
+            if not server.running:
+                server.restart()
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    with (
+        RedisServer(persistent=False) as cache_redis,
+        RedisServer() as journal,
+        MemcachedServer() as memcached,
+        PostgresServer() as postgres,
+    ):
+        yield Servers(cache_redis, journal, memcached, postgres)
+
+
+def sidecar_config(
+    redis_url: str, journal_url: str, memcached_url: str, postgres_url: str, memory: bool
+) -> str:
+    tiers = []
+    if memory:
+        tiers.append('name = "memory"\nurl = "memory://"\nttl = 60\n')
+    tiers += [
+        f'name = "redis"\nurl = "{redis_url}"\nttl = 300\n{CACHE_TIER}',
+        f'name = "memcached"\nurl = "{memcached_url}"\nttl = 3600\n{CACHE_TIER}',
+        f'name = "postgres"\nurl = "{postgres_url}"\nttl = 86400\n{DURABLE_TIER}',
+    ]
+    return (
+        "".join(f"[[tiers]]\n{tier}" for tier in tiers)
+        + f'[write]\njournal_url = "{journal_url}"\njournal_stream = "{JOURNAL_STREAM}"\n'
+        + "drain_timeout = 1\n"
+        + f'[invalidation]\nurl = "{redis_url}"\n'
+    )
+
+
+@dataclass
+class Recorder:
+    """The history: every operation with its interval on one monotonic clock (seconds
+    since the run began), and what broke when."""
+
+    ops: list[Op] = field(default_factory=list)
+    nemesis: list[tuple[float, str]] = field(default_factory=list)
+    began: float = field(default_factory=time.monotonic)
+
+    def now(self) -> float:
+        return time.monotonic() - self.began
+
+    def note(self, what: str) -> None:
+        self.nemesis.append((self.now(), what))
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str
+    method: str
+    path: str
+    key: str = ""
+    value: bytes = b""
+    strategy: str = ""
+    tags: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    json: dict[str, list[str]] | None = None
+
+
+async def perform(
+    session: aiohttp.ClientSession,
+    recorder: Recorder,
+    process: str,
+    sidecar: int,
+    url: str,
+    request: Request,
+    final: bool = False,
+) -> Op:
+    """Send ``request`` and record it: its start before sending, its end after the answer."""
+    status: int | None = None
+    body = b""
+    headers: dict[str, str] = {}
+    failure = ""
+    start = recorder.now()
+    try:
+        async with session.request(
+            request.method,
+            url + request.path,
+            data=request.value if request.kind == "put" else None,
+            json=request.json,
+        ) as response:
+            body = await response.read()
+            status = response.status
+            headers = dict(response.headers)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = repr(exc)  # no answer: the operation may or may not have happened
+    end = recorder.now()
+    read = request.kind == "get"
+    op = Op(
+        id=len(recorder.ops),
+        process=process,
+        sidecar=sidecar,
+        kind=request.kind,  # type: ignore[arg-type]
+        start=start,
+        end=end,
+        status=status,
+        key=request.key,
+        value=(body if status == 200 else b"") if read else request.value,
+        strategy=request.strategy,
+        tags=request.tags,
+        keys=request.keys,
+        prefixes=request.prefixes,
+        etag=headers.get("ETag"),
+        tier=headers.get("X-Cache-Tier"),
+        final=final,
+        detail=failure
+        or (body.decode(errors="replace")[:300] if status not in (200, 202, 204) else ""),
+    )
+    recorder.ops.append(op)
+    return op
+
+
+def get(key: str) -> Request:
+    return Request("get", "GET", f"/v1/cache/{key}", key=key)
+
+
+def random_request(rng: random.Random, value: str) -> Request:
+    """55% GET, 33% PUT (each strategy alike, 0-2 tags), 7% DELETE, 5% invalidations (by
+    keys, a prefix or a tag)."""
+    key = rng.choice(KEYS)
+    draw = rng.random()
+    if draw < 0.55:
+        return get(key)
+    if draw < 0.88:
+        strategy = rng.choice(STRATEGIES)
+        tags = tuple(sorted(rng.sample(TAGS, rng.choice((0, 1, 1, 2)))))
+        query = f"?strategy={strategy}" + (f"&tags={','.join(tags)}" if tags else "")
+        return Request("put", "PUT", f"/v1/cache/{key}{query}", key, value.encode(), strategy, tags)
+    if draw < 0.95:
+        return Request("delete", "DELETE", f"/v1/cache/{key}", key=key)
+    kind = rng.random()
+    if kind < 0.4:
+        keys = tuple(rng.sample(KEYS, rng.choice((1, 2))))
+        return Request("invalidate", "POST", "/v1/invalidate", keys=keys, json={"keys": list(keys)})
+    if kind < 0.7:
+        prefixes = (rng.choice(PREFIXES),)
+        return Request(
+            "invalidate",
+            "POST",
+            "/v1/invalidate",
+            prefixes=prefixes,
+            json={"prefixes": [*prefixes]},
+        )
+    tags = (rng.choice(TAGS),)
+    return Request("invalidate", "POST", "/v1/invalidate", tags=tags, json={"tags": [*tags]})
+
+
+async def client(
+    number: int,
+    sidecars: list[Sidecar],
+    session: aiohttp.ClientSession,
+    recorder: Recorder,
+    stop: asyncio.Event,
+    run: str,
+) -> None:
+    rng = random.Random(f"{run}-{number}")
+    process = f"c{number}"
+    sequence = 0
+    while not stop.is_set():
+        sequence += 1
+        request = random_request(rng, f"{run}-{process}-{sequence}")
+        index = rng.randrange(len(sidecars))
+        op = await perform(session, recorder, process, index, sidecars[index].url, request)
+        if op.status is None:
+            await asyncio.sleep(0.05)  # a sidecar that is down refuses at once: no spinning
+
+
+async def faults(
+    servers: Servers,
+    sidecars: list[Sidecar],
+    proxies: list[TcpProxy],
+    recorder: Recorder,
+) -> None:
+    """The schedule of the faulted run, each fault healed before the next (about 19 s)."""
+    began = time.monotonic()
+
+    async def at(second: float, what: str, action: Callable[[], Any]) -> None:
+        await asyncio.sleep(max(0.0, began + second - time.monotonic()))
+        recorder.note(what)
+        outcome = action()
+        if isinstance(outcome, Awaitable):
+            await outcome
+
+    def in_thread(call: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+        return lambda: asyncio.to_thread(call)
+
+    await at(2.0, "memcached hung (SIGSTOP)", in_thread(servers.memcached.hang))
+    await at(4.5, "memcached resumed (SIGCONT)", in_thread(servers.memcached.resume))
+    await at(5.5, "cache Redis killed (SIGKILL)", in_thread(servers.redis.kill))
+    await at(7.0, "cache Redis restarted, empty", in_thread(servers.redis.restart))
+    await at(8.0, "Postgres stopped (immediate)", in_thread(servers.postgres.stop_immediate))
+    await at(10.5, "Postgres started", in_thread(servers.postgres.restart))
+    await at(11.5, "sidecar 1 killed (kill -9)", in_thread(sidecars[1].kill))
+    await at(13.0, "sidecar 1 restarted", in_thread(sidecars[1].start))
+    await at(14.5, f"sidecar {PARTITIONED}'s Redis links blackholed", lambda: _stall(proxies))
+    await at(17.0, f"sidecar {PARTITIONED}'s Redis links cut", lambda: _stop(proxies))
+    await at(18.5, f"sidecar {PARTITIONED}'s Redis links back", lambda: _start(proxies))
+
+
+def _stall(proxies: list[TcpProxy]) -> None:
+    for proxy in proxies:
+        proxy.stall()
+
+
+async def _stop(proxies: list[TcpProxy]) -> None:
+    for proxy in proxies:
+        await proxy.stop()
+
+
+async def _start(proxies: list[TcpProxy]) -> None:
+    for proxy in proxies:
+        await proxy.start()
+
+
+async def readiness(session: aiohttp.ClientSession, sidecar: Sidecar) -> tuple[int, Any]:
+    try:
+        async with session.get(sidecar.url + "/readyz") as response:
+            return response.status, await response.json()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return 0, repr(exc)
+
+
+async def quiesce(
+    session: aiohttp.ClientSession, sidecars: list[Sidecar], journal_url: str
+) -> list[str]:
+    """Wait (polling, within the documented bounds) until every sidecar is ready and the
+    journal is drained; what did not happen in time."""
+    problems = []
+
+    async def all_ready() -> bool:
+        answers = await asyncio.gather(*(readiness(session, s) for s in sidecars))
+        return all(status == 200 for status, _ in answers)
+
+    try:
+        await until(all_ready, READY_WITHIN, "every sidecar ready")
+    except AssertionError as exc:
+        answers = await asyncio.gather(*(readiness(session, s) for s in sidecars))
+        problems.append(f"{exc}: {answers}")
+    journal = redis.asyncio.Redis.from_url(journal_url)
+    try:
+
+        async def drained() -> bool:
+            return bool(await journal.xlen(JOURNAL_STREAM) == 0)
+
+        try:
+            await until(drained, DRAINED_WITHIN, "the write-behind journal drained")
+        except AssertionError as exc:
+            problems.append(f"{exc}: {await journal.xlen(JOURNAL_STREAM)} entries left")
+    finally:
+        await journal.aclose()
+    return problems
+
+
+async def read_everything(
+    session: aiohttp.ClientSession,
+    sidecars: list[Sidecar],
+    recorder: Recorder,
+    final: bool = False,
+) -> list[Op]:
+    return list(
+        await asyncio.gather(
+            *(
+                perform(session, recorder, "checker", index, sidecar.url, get(key), final)
+                for index, sidecar in enumerate(sidecars)
+                for key in KEYS
+            )
+        )
+    )
+
+
+async def until_agreed(
+    session: aiohttp.ClientSession, sidecars: list[Sidecar], recorder: Recorder, after: float
+) -> None:
+    """Read every key from every sidecar until they agree and ``after`` has passed
+    (within AGREE_WITHIN): these reads are part of the history too."""
+
+    async def agreed() -> bool:
+        answers: dict[str, set[tuple[int | None, bytes, str | None]]] = {}
+        for op in await read_everything(session, sidecars, recorder):
+            answers.setdefault(op.key, set()).add((op.status, op.value, op.etag))
+        return recorder.now() > after and all(len(found) == 1 for found in answers.values())
+
+    # Not in time: the final round tells which keys disagree, and the report counts them.
+    with contextlib.suppress(AssertionError):
+        await until(agreed, AGREE_WITHIN + max(0.0, after - recorder.now()), "sidecars agree")
+
+
+def save(path: Path, recorder: Recorder, report: Report, sidecars: list[Sidecar]) -> None:
+    """The history, the faults and each sidecar's log, for the post-mortem."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "history.jsonl", "w") as out:
+        for op in recorder.ops:
+            document = asdict(op)
+            document["value"] = op.value.decode(errors="replace")
+            out.write(json.dumps(document) + "\n")
+    (path / "nemesis.txt").write_text(
+        "".join(f"{when:8.3f} {what}\n" for when, what in recorder.nemesis)
+    )
+    (path / "report.txt").write_text(report.summary() + "\n\n" + report.details(limit=50))
+    for index, sidecar in enumerate(sidecars):
+        (path / f"sidecar{index}.log").write_text(sidecar.log)
+
+
+@pytest.mark.parametrize("memory", [True, False], ids=["memory-on-top", "shared-tiers"])
+@pytest.mark.parametrize("faulted", [False, True], ids=["clean", "faulted"])
+async def test_history(servers: Servers, memory: bool, faulted: bool, tmp_path: Path) -> None:
+    await asyncio.to_thread(servers.heal)
+    for url in (servers.redis.url, servers.journal.url):
+        flush_redis(url)
+    flush_memcached(servers.memcached.url)
+    run = uuid.uuid4().hex[:8]
+    postgres_url = f"{servers.postgres.url}?table=history_{run}"
+
+    proxies = [
+        TcpProxy("127.0.0.1", servers.redis.port),
+        TcpProxy("127.0.0.1", servers.journal.port),
+    ]
+    for proxy in proxies:
+        await proxy.start()
+    direct = (servers.redis.url, servers.journal.url)
+    proxied = (f"redis://127.0.0.1:{proxies[0].port}/0", f"redis://127.0.0.1:{proxies[1].port}/0")
+    sidecars = []
+    for index in range(SIDECARS):
+        redis_url, journal_url = proxied if index == PARTITIONED else direct
+        config = sidecar_config(redis_url, journal_url, servers.memcached.url, postgres_url, memory)
+        sidecars.append(Sidecar(config))
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    try:
+        await asyncio.gather(*(asyncio.to_thread(sidecar.start) for sidecar in sidecars))
+        recorder = Recorder()
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            stop = asyncio.Event()
+            clients = [
+                asyncio.create_task(client(n, sidecars, session, recorder, stop, run))
+                for n in range(CLIENTS)
+            ]
+            seconds = FAULTED_SECONDS if faulted else CLEAN_SECONDS
+            if faulted:
+                try:
+                    await asyncio.wait_for(faults(servers, sidecars, proxies, recorder), seconds)
+                finally:
+                    await asyncio.to_thread(servers.heal)
+            load_ends = time.monotonic() + max(0.0, seconds - recorder.now())
+            await asyncio.sleep(max(0.0, load_ends - time.monotonic()))
+            stop.set()
+            await asyncio.gather(*clients)
+            recorder.note("load stopped")
+            last_end = max(op.end for op in recorder.ops)
+            problems = await quiesce(session, sidecars, servers.journal.url)
+            quiesced_at = recorder.now()
+            recorder.note("quiesced" + "".join(f"; {problem}" for problem in problems))
+            await until_agreed(session, sidecars, recorder, after=last_end + SLACK)
+            await read_everything(session, sidecars, recorder, final=True)
+    finally:
+        for sidecar in sidecars:
+            sidecar.close()
+        for proxy in proxies:
+            await proxy.stop()
+
+    report = check(recorder.ops, quiesced_at)
+    statuses = Counter(f"{op.kind} {op.status}" for op in recorder.ops)
+    print(
+        f"\n{'faulted' if faulted else 'clean'} run, "
+        f"{'memory on top' if memory else 'shared tiers only'}: {report.summary()}\n"
+        f"answers: {dict(sorted(statuses.items()))}\n"
+        + "".join(f"{when:7.2f} s  {what}\n" for when, what in recorder.nemesis)
+    )
+    if report.violations or problems:
+        save(tmp_path / "history", recorder, report, sidecars)
+        print(f"history, faults and logs in {tmp_path / 'history'}\n{report.details()}")
+    assert problems == []
+    assert report.violations == 0, report.summary()
+
+
+# -- what the history check found, each on its own -----------------------------------------
+
+
+async def answer(
+    session: aiohttp.ClientSession, method: str, url: str, body: bytes | None = None
+) -> tuple[int, bytes, str | None]:
+    async with session.request(method, url, data=body) as response:
+        return response.status, await response.read(), response.headers.get("X-Cache-Tier")
+
+
+async def test_a_flushed_write_behind_value_gives_way_to_a_peers_newer_write(
+    clean_redis_url: str, clean_postgres_url: str
+) -> None:
+    """The clean run without memory tiers: a sidecar's write-behind value, flushed, kept
+    being served by that sidecar (labelled with its top tier's name) after a peer's newer
+    cache-aside write, while the peers answered the newer state. (Whichever sidecar flushes
+    a write is the journal's choice: ten keys, one after the other, so that the peer
+    flushes some of them. The writer reads first: a peer's read would promote the newer
+    value into the top tier, where the writer would find it before its overlay.)"""
+    config = tiers_config(clean_redis_url, clean_postgres_url)
+    keys = [f"/v1/cache/k{n}" for n in range(10)]
+    journal = redis.asyncio.Redis.from_url(clean_redis_url)
+
+    async def flushed() -> bool:
+        return bool(await journal.xlen(JOURNAL_STREAM) == 0)
+
+    with Sidecar(config) as writer, Sidecar(config) as peer:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            try:
+                for path in keys:
+                    put = writer.url + path + "?strategy=write-behind"
+                    assert (await answer(session, "PUT", put, b"v1"))[0] == 202
+                    await until(flushed, 5.0, "the write-behind write flushed")
+            finally:
+                await journal.aclose()
+            for path in keys:
+                put = peer.url + path + "?strategy=cache-aside"
+                assert (await answer(session, "PUT", put, b"v2"))[0] == 204
+
+            async def writer_serves_v2() -> bool:
+                answers = [await answer(session, "GET", writer.url + path) for path in keys]
+                return all(body == b"v2" for _, body, _ in answers)
+
+            await until(writer_serves_v2, 5.0, "the writer serves the peer's newer values")

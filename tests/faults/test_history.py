@@ -23,6 +23,7 @@ refusals), then restores.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -141,17 +142,30 @@ class Recorder:
 
 
 @dataclass(frozen=True)
+class Write:
+    key: str
+    value: bytes
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Request:
+    """One HTTP request of a client. ``kind``: get, put, delete, invalidate, or bulk-get,
+    bulk-set, bulk-delete (recorded as one get, put or delete per key)."""
+
     kind: str
     method: str
     path: str
-    key: str = ""
-    value: bytes = b""
+    keys: tuple[str, ...] = ()  # the key (get, put, delete), keys (bulk, invalidate)
+    writes: tuple[Write, ...] = ()  # put, bulk-set
     strategy: str = ""
-    tags: tuple[str, ...] = ()
-    keys: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
-    json: dict[str, list[str]] | None = None
+    tags: tuple[str, ...] = ()  # invalidate
+    json: Any = None
+
+    @property
+    def data(self) -> bytes | None:
+        return self.writes[0].value if self.kind == "put" else None
 
 
 async def perform(
@@ -162,7 +176,7 @@ async def perform(
     url: str,
     request: Request,
     final: bool = False,
-) -> Op:
+) -> list[Op]:
     """Send ``request`` and record it: its start before sending, its end after the answer."""
     status: int | None = None
     body = b""
@@ -171,10 +185,7 @@ async def perform(
     start = recorder.now()
     try:
         async with session.request(
-            request.method,
-            url + request.path,
-            data=request.value if request.kind == "put" else None,
-            json=request.json,
+            request.method, url + request.path, data=request.data, json=request.json
         ) as response:
             body = await response.read()
             status = response.status
@@ -182,64 +193,102 @@ async def perform(
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = repr(exc)  # no answer: the operation may or may not have happened
     end = recorder.now()
-    read = request.kind == "get"
-    op = Op(
-        id=len(recorder.ops),
-        process=process,
-        sidecar=sidecar,
-        kind=request.kind,  # type: ignore[arg-type]
-        start=start,
-        end=end,
-        status=status,
-        key=request.key,
-        value=(body if status == 200 else b"") if read else request.value,
-        strategy=request.strategy,
-        tags=request.tags,
-        keys=request.keys,
-        prefixes=request.prefixes,
-        etag=headers.get("ETag"),
-        tier=headers.get("X-Cache-Tier"),
-        final=final,
-        detail=failure
-        or (body.decode(errors="replace")[:300] if status not in (200, 202, 204) else ""),
-    )
-    recorder.ops.append(op)
-    return op
+    ok = status is not None and 200 <= status < 300
+    detail = failure or ("" if ok else body.decode(errors="replace")[:300])
+
+    def op(kind: str, key: str = "", **fields: Any) -> Op:
+        recorded = Op(
+            len(recorder.ops), process, sidecar, kind, start, end,  # type: ignore[arg-type]
+            fields.pop("status", status), key, final=final, detail=detail, **fields,
+        )  # fmt: skip
+        recorder.ops.append(recorded)
+        return recorded
+
+    kind = request.kind
+    if kind == "get":
+        [key] = request.keys
+        value = body if status == 200 else b""
+        return [
+            op("get", key, value=value, etag=headers.get("ETag"), tier=headers.get("X-Cache-Tier"))
+        ]
+    if kind in ("put", "bulk-set"):
+        versions = json.loads(body)["versions"] if kind == "bulk-set" and ok else {}
+        return [
+            op(
+                "put",
+                write.key,
+                value=write.value,
+                strategy=request.strategy,
+                tags=write.tags,
+                etag=f'"{versions[write.key]}"' if versions else headers.get("ETag"),
+            )
+            for write in request.writes
+        ]
+    if kind in ("delete", "bulk-delete"):
+        return [op("delete", key) for key in request.keys]
+    if kind == "bulk-get":
+        if not ok:
+            return [op("get", key) for key in request.keys]
+        found = {entry["key"]: entry for entry in json.loads(body)["entries"]}
+        return [
+            op(
+                "get",
+                key,
+                status=200,
+                value=base64.b64decode(found[key]["value_base64"]),
+                etag=f'"{found[key]["version"]}"',
+                tier=found[key]["tier"],
+            )
+            if key in found
+            else op("get", key, status=404)
+            for key in request.keys
+        ]
+    return [op("invalidate", keys=request.keys, prefixes=request.prefixes, tags=request.tags)]
 
 
 def get(key: str) -> Request:
-    return Request("get", "GET", f"/v1/cache/{key}", key=key)
+    return Request("get", "GET", f"/v1/cache/{key}", keys=(key,))
+
+
+def random_tags(rng: random.Random) -> tuple[str, ...]:
+    return tuple(sorted(rng.sample(TAGS, rng.choice((0, 1, 1, 2)))))
 
 
 def random_request(rng: random.Random, value: str) -> Request:
-    """55% GET, 33% PUT (each strategy alike, 0-2 tags), 7% DELETE, 5% invalidations (by
-    keys, a prefix or a tag)."""
+    """50% GET, 30% PUT (each strategy alike, 0-2 tags), 6% DELETE, 5% invalidations (by
+    keys, a prefix or a tag), 9% bulk requests (get, set, delete of 2-3 keys)."""
     key = rng.choice(KEYS)
     draw = rng.random()
-    if draw < 0.55:
+    if draw < 0.50:
         return get(key)
-    if draw < 0.88:
+    if draw < 0.80:
         strategy = rng.choice(STRATEGIES)
-        tags = tuple(sorted(rng.sample(TAGS, rng.choice((0, 1, 1, 2)))))
-        query = f"?strategy={strategy}" + (f"&tags={','.join(tags)}" if tags else "")
-        return Request("put", "PUT", f"/v1/cache/{key}{query}", key, value.encode(), strategy, tags)
+        write = Write(key, value.encode(), random_tags(rng))
+        query = f"?strategy={strategy}" + (f"&tags={','.join(write.tags)}" if write.tags else "")
+        return Request("put", "PUT", f"/v1/cache/{key}{query}", (key,), (write,), strategy)
+    if draw < 0.86:
+        return Request("delete", "DELETE", f"/v1/cache/{key}", keys=(key,))
+    if draw < 0.91:
+        kind = rng.random()
+        if kind < 0.4:
+            keys = tuple(rng.sample(KEYS, rng.choice((1, 2))))
+            return Request("invalidate", "POST", "/v1/invalidate", keys, json={"keys": [*keys]})
+        if kind < 0.7:
+            prefixes = (rng.choice(PREFIXES),)
+            body = {"prefixes": [*prefixes]}
+            return Request("invalidate", "POST", "/v1/invalidate", prefixes=prefixes, json=body)
+        tags = (rng.choice(TAGS),)
+        return Request("invalidate", "POST", "/v1/invalidate", tags=tags, json={"tags": [*tags]})
+    keys = tuple(rng.sample(KEYS, rng.choice((2, 3))))
     if draw < 0.95:
-        return Request("delete", "DELETE", f"/v1/cache/{key}", key=key)
-    kind = rng.random()
-    if kind < 0.4:
-        keys = tuple(rng.sample(KEYS, rng.choice((1, 2))))
-        return Request("invalidate", "POST", "/v1/invalidate", keys=keys, json={"keys": list(keys)})
-    if kind < 0.7:
-        prefixes = (rng.choice(PREFIXES),)
-        return Request(
-            "invalidate",
-            "POST",
-            "/v1/invalidate",
-            prefixes=prefixes,
-            json={"prefixes": [*prefixes]},
-        )
-    tags = (rng.choice(TAGS),)
-    return Request("invalidate", "POST", "/v1/invalidate", tags=tags, json={"tags": [*tags]})
+        return Request("bulk-get", "POST", "/v1/bulk/get", keys, json={"keys": [*keys]})
+    if draw < 0.98:
+        strategy = rng.choice(STRATEGIES)
+        writes = tuple(Write(k, f"{value}-{k}".encode(), random_tags(rng)) for k in keys)
+        entries = [{"key": w.key, "value": w.value.decode(), "tags": [*w.tags]} for w in writes]
+        document = {"strategy": strategy, "entries": entries}
+        return Request("bulk-set", "POST", "/v1/bulk/set", keys, writes, strategy, json=document)
+    return Request("bulk-delete", "POST", "/v1/bulk/delete", keys, json={"keys": [*keys]})
 
 
 async def client(
@@ -257,8 +306,8 @@ async def client(
         sequence += 1
         request = random_request(rng, f"{run}-{process}-{sequence}")
         index = rng.randrange(len(sidecars))
-        op = await perform(session, recorder, process, index, sidecars[index].url, request)
-        if op.status is None:
+        ops = await perform(session, recorder, process, index, sidecars[index].url, request)
+        if ops[0].status is None:
             await asyncio.sleep(0.05)  # a sidecar that is down refuses at once: no spinning
 
 
@@ -268,7 +317,8 @@ async def faults(
     proxies: list[TcpProxy],
     recorder: Recorder,
 ) -> None:
-    """The schedule of the faulted run, each fault healed before the next (about 19 s)."""
+    """The schedule of the faulted run (about 19 s): a sidecar is killed while Postgres is
+    down, and takes a few seconds to start again while the schedule goes on."""
     began = time.monotonic()
 
     async def at(second: float, what: str, action: Callable[[], Any]) -> None:
@@ -286,12 +336,18 @@ async def faults(
     await at(5.5, "cache Redis killed (SIGKILL)", in_thread(servers.redis.kill))
     await at(7.0, "cache Redis restarted, empty", in_thread(servers.redis.restart))
     await at(8.0, "Postgres stopped (immediate)", in_thread(servers.postgres.stop_immediate))
+    await at(9.5, "sidecar 1 killed (kill -9)", in_thread(sidecars[1].kill))
     await at(10.5, "Postgres started", in_thread(servers.postgres.restart))
-    await at(11.5, "sidecar 1 killed (kill -9)", in_thread(sidecars[1].kill))
-    await at(13.0, "sidecar 1 restarted", in_thread(sidecars[1].start))
+
+    async def restart() -> None:
+        await asyncio.to_thread(sidecars[1].start)
+        recorder.note("sidecar 1 serving again")
+
+    restarted = asyncio.ensure_future(at(11.5, "sidecar 1 restarting", restart))
     await at(14.5, f"sidecar {PARTITIONED}'s Redis links blackholed", lambda: _stall(proxies))
     await at(17.0, f"sidecar {PARTITIONED}'s Redis links cut", lambda: _stop(proxies))
     await at(18.5, f"sidecar {PARTITIONED}'s Redis links back", lambda: _start(proxies))
+    await restarted
 
 
 def _stall(proxies: list[TcpProxy]) -> None:
@@ -354,15 +410,14 @@ async def read_everything(
     recorder: Recorder,
     final: bool = False,
 ) -> list[Op]:
-    return list(
-        await asyncio.gather(
-            *(
-                perform(session, recorder, "checker", index, sidecar.url, get(key), final)
-                for index, sidecar in enumerate(sidecars)
-                for key in KEYS
-            )
+    answers = await asyncio.gather(
+        *(
+            perform(session, recorder, "checker", index, sidecar.url, get(key), final)
+            for index, sidecar in enumerate(sidecars)
+            for key in KEYS
         )
     )
+    return [op for ops in answers for op in ops]
 
 
 async def until_agreed(
@@ -657,3 +712,34 @@ async def test_a_write_a_cut_off_sidecar_could_not_put_in_redis_is_not_hidden_by
                 await until(peer_serves_v2, AGREE_WITHIN, "the peer serves the newer value")
     finally:
         await proxy.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a marker the durable tier did not keep is acknowledged (202) all the same",
+)
+async def test_an_invalidation_acknowledged_while_postgres_is_down_holds_for_new_sidecars(
+    clean_redis_url: str, postgres_server: PostgresServer
+) -> None:
+    """A prefix invalidation answered 202 while the durable tier (the markers' store) is
+    down lives in the memory of the running sidecars only, until the one that made it saves
+    it; killed before that, it is gone for every sidecar that starts later."""
+    config = tiers_config(clean_redis_url, postgres_server.url) + (
+        f'[invalidation]\nurl = "{clean_redis_url}"\n'
+    )
+    with Sidecar(config) as peer, Sidecar(config) as invalidator:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            url = "/v1/cache/p:1"
+            assert (await answer(session, "PUT", peer.url + url, b"v1"))[0] == 204
+            await asyncio.to_thread(postgres_server.stop_immediate)
+            status, body, _ = await answer(
+                session, "POST", invalidator.url + "/v1/invalidate", b'{"prefixes": ["p:"]}'
+            )
+            invalidator.kill()
+            await asyncio.to_thread(postgres_server.restart)
+            if status == 503:
+                return  # not acknowledged: nothing was promised
+            assert status == 202, body
+            assert (await answer(session, "GET", peer.url + url))[0] == 404
+            with Sidecar(config) as newcomer:
+                assert (await answer(session, "GET", newcomer.url + url))[0] == 404

@@ -1,8 +1,9 @@
 """A history check in the style of Jepsen's: three sidecars (real ``cachesvc serve``
 processes) share one Redis, one memcached and one Postgres; twelve clients make concurrent
-GETs, PUTs (every strategy), DELETEs and invalidations (keys, prefixes, tags) on thirty
-keys through any of them; every operation is recorded with its interval and its answer;
-in the faulted runs, servers are broken on a schedule. Once the faults are healed and the
+GETs, PUTs (every strategy), DELETEs, invalidations (keys, prefixes, tags) and bulk gets,
+sets and deletes on thirty keys through any of them; every operation is recorded with its
+interval and its answer; in the faulted runs, servers and a sidecar are broken on a
+schedule (``faults``). Once the faults are healed and the
 journal drained, every sidecar is read for every key, and ``tests.history.check`` judges
 the whole history: no stale read more than 1 s after an acknowledged newer write, delete
 or invalidation, sidecars agreeing, no value nobody wrote, no acknowledged write lost, one
@@ -18,6 +19,8 @@ real; the write-behind journal lives on a Redis of its own that persists every w
 write may be lost. The third sidecar reaches both Redis servers through TCP proxies,
 which the faulted run first blackholes (nothing comes back), then cuts (resets and
 refusals), then restores.
+
+After the history check come what it found, each reproduced on its own.
 """
 
 from __future__ import annotations
@@ -743,3 +746,60 @@ async def test_an_invalidation_acknowledged_while_postgres_is_down_holds_for_new
             assert (await answer(session, "GET", peer.url + url))[0] == 404
             with Sidecar(config) as newcomer:
                 assert (await answer(session, "GET", newcomer.url + url))[0] == 404
+
+
+async def test_a_tag_invalidation_hides_no_newer_untagged_value_below_a_stale_one(
+    clean_redis_url: str, clean_postgres_url: str
+) -> None:
+    """The faulted run without memory tiers: a peer answered 404 for a key whose newest
+    write (no tags) was in Postgres. Redis held an older value with tag t (the newer write
+    came from a sidecar cut off from Redis); invalidating t hid that older value, and the
+    read then hid everything below it up to the invalidation's version, not the hidden
+    entry's: the newer value, which never had the tag, too."""
+    redis_port = int(clean_redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy("127.0.0.1", redis_port)
+    await proxy.start()
+    try:
+        proxied = f"redis://127.0.0.1:{proxy.port}/0"
+        with (
+            Sidecar(tiers_config(clean_redis_url, clean_postgres_url)) as peer,
+            Sidecar(tiers_config(proxied, clean_postgres_url)) as cut_off,
+        ):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                url = "/v1/cache/k"
+                assert (await answer(session, "PUT", peer.url + url + "?tags=t", b"v1"))[0] == 204
+                await proxy.stop()
+                assert (await answer(session, "PUT", cut_off.url + url, b"v2"))[0] == 204
+                invalidate = peer.url + "/v1/invalidate"
+                assert (await answer(session, "POST", invalidate, b'{"tags": ["t"]}'))[0] == 202
+                assert await answer(session, "GET", peer.url + url) == (200, b"v2", "l2")
+    finally:
+        await proxy.stop()
+
+
+async def test_a_tag_invalidation_still_hides_the_older_values_below_a_tagged_one(
+    clean_redis_url: str, clean_memcached_url: str, postgres_server: PostgresServer
+) -> None:
+    """The other side of the rule above (issue 11, item 3): v1 without tags in every
+    tier, then, Postgres down, v2 with tag t written behind (in Redis only); invalidating t
+    hides v2, and v1 below it with it (read from a peer, which has no overlay of v2)."""
+    config = tiers_config(clean_redis_url, clean_memcached_url, postgres_server.url) + (
+        f'[invalidation]\nurl = "{clean_redis_url}"\n'
+    )
+    with Sidecar(config) as writer, Sidecar(config) as peer:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            url = "/v1/cache/k"
+            assert (await answer(session, "PUT", writer.url + url, b"v1"))[0] == 204
+            await asyncio.to_thread(postgres_server.stop_immediate)
+            put = writer.url + url + "?strategy=write-behind&tags=t"
+            assert (await answer(session, "PUT", put, b"v2"))[0] == 202
+            assert await answer(session, "GET", peer.url + url) == (200, b"v2", "l1")
+            invalidate = writer.url + "/v1/invalidate"
+            assert (await answer(session, "POST", invalidate, b'{"tags": ["t"]}'))[0] == 202
+
+            async def hidden() -> tuple[int, bytes, str | None] | None:
+                found = await answer(session, "GET", peer.url + url)
+                return None if found[1] == b"v2" else found  # the event on its way
+
+            status, body, tier = await until(hidden, SLACK, "the peer applies the event")
+            assert status in (404, 503), (status, body, tier)  # 503: only Postgres could say

@@ -369,6 +369,23 @@ async def _start(proxies: list[TcpProxy]) -> None:
         await proxy.start()
 
 
+def http() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+
+
+@contextlib.asynccontextmanager
+async def proxy_to(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A ``TcpProxy`` in front of the Redis at ``url``, and the URL that goes through it."""
+    port = urlsplit(url).port
+    assert port is not None
+    proxy = TcpProxy("127.0.0.1", port)
+    await proxy.start()
+    try:
+        yield proxy, f"redis://127.0.0.1:{proxy.port}/0"
+    finally:
+        await proxy.stop()
+
+
 async def readiness(session: aiohttp.ClientSession, sidecar: Sidecar) -> tuple[int, Any]:
     try:
         async with session.get(sidecar.url + "/readyz") as response:
@@ -466,52 +483,28 @@ async def test_history(servers: Servers, memory: bool, faulted: bool, tmp_path: 
     flush_memcached(servers.memcached.url)
     run = uuid.uuid4().hex[:8]
     postgres_url = f"{servers.postgres.url}?table=history_{run}"
-
-    proxies = [
-        TcpProxy("127.0.0.1", servers.redis.port),
-        TcpProxy("127.0.0.1", servers.journal.port),
-    ]
-    for proxy in proxies:
-        await proxy.start()
-    direct = (servers.redis.url, servers.journal.url)
-    proxied = (f"redis://127.0.0.1:{proxies[0].port}/0", f"redis://127.0.0.1:{proxies[1].port}/0")
-    sidecars = []
-    for index in range(SIDECARS):
-        redis_url, journal_url = proxied if index == PARTITIONED else direct
-        config = sidecar_config(redis_url, journal_url, servers.memcached.url, postgres_url, memory)
-        sidecars.append(Sidecar(config))
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    try:
-        await asyncio.gather(*(asyncio.to_thread(sidecar.start) for sidecar in sidecars))
-        recorder = Recorder()
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            stop = asyncio.Event()
-            clients = [
-                asyncio.create_task(client(n, sidecars, session, recorder, stop, run))
-                for n in range(CLIENTS)
-            ]
-            seconds = FAULTED_SECONDS if faulted else CLEAN_SECONDS
-            if faulted:
-                try:
-                    await asyncio.wait_for(faults(servers, sidecars, proxies, recorder), seconds)
-                finally:
-                    await asyncio.to_thread(servers.heal)
-            load_ends = time.monotonic() + max(0.0, seconds - recorder.now())
-            await asyncio.sleep(max(0.0, load_ends - time.monotonic()))
-            stop.set()
-            await asyncio.gather(*clients)
-            recorder.note("load stopped")
-            last_end = max(op.end for op in recorder.ops)
-            problems = await quiesce(session, sidecars, servers.journal.url)
-            quiesced_at = recorder.now()
-            recorder.note("quiesced" + "".join(f"; {problem}" for problem in problems))
-            await until_agreed(session, sidecars, recorder, after=last_end + SLACK)
-            await read_everything(session, sidecars, recorder, final=True)
-    finally:
-        for sidecar in sidecars:
-            sidecar.close()
-        for proxy in proxies:
-            await proxy.stop()
+    async with (
+        proxy_to(servers.redis.url) as (redis_proxy, proxied_redis),
+        proxy_to(servers.journal.url) as (journal_proxy, proxied_journal),
+    ):
+        sidecars = []
+        for index in range(SIDECARS):
+            redis_url, journal_url = (
+                (proxied_redis, proxied_journal)
+                if index == PARTITIONED
+                else (servers.redis.url, servers.journal.url)
+            )
+            config = sidecar_config(
+                redis_url, journal_url, servers.memcached.url, postgres_url, memory
+            )
+            sidecars.append(Sidecar(config))
+        try:
+            await asyncio.gather(*(asyncio.to_thread(sidecar.start) for sidecar in sidecars))
+            proxies = [redis_proxy, journal_proxy]
+            recorder, quiesced_at, problems = await record(servers, sidecars, proxies, faulted, run)
+        finally:
+            for sidecar in sidecars:
+                sidecar.close()
 
     report = check(recorder.ops, quiesced_at)
     statuses = Counter(f"{op.kind} {op.status}" for op in recorder.ops)
@@ -528,11 +521,38 @@ async def test_history(servers: Servers, memory: bool, faulted: bool, tmp_path: 
     assert report.violations == 0, report.summary()
 
 
+async def record(
+    servers: Servers, sidecars: list[Sidecar], proxies: list[TcpProxy], faulted: bool, run: str
+) -> tuple[Recorder, float, list[str]]:
+    """The clients' load (with the faults, if ``faulted``), then quiescing and the final
+    round of reads: the history, when it quiesced, and what did not happen in time."""
+    recorder = Recorder()
+    async with http() as session:
+        stop = asyncio.Event()
+        clients = [
+            asyncio.create_task(client(n, sidecars, session, recorder, stop, run))
+            for n in range(CLIENTS)
+        ]
+        if faulted:
+            try:
+                await faults(servers, sidecars, proxies, recorder)
+            finally:
+                await asyncio.to_thread(servers.heal)
+        seconds = FAULTED_SECONDS if faulted else CLEAN_SECONDS
+        await asyncio.sleep(max(0.0, seconds - recorder.now()))  # the load's duration
+        stop.set()
+        await asyncio.gather(*clients)
+        recorder.note("load stopped")
+        last_end = max(op.end for op in recorder.ops)
+        problems = await quiesce(session, sidecars, servers.journal.url)
+        quiesced_at = recorder.now()
+        recorder.note("quiesced" + "".join(f"; {problem}" for problem in problems))
+        await until_agreed(session, sidecars, recorder, after=last_end + SLACK)
+        await read_everything(session, sidecars, recorder, final=True)
+    return recorder, quiesced_at, problems
+
+
 # -- what the history check found, each on its own -----------------------------------------
-
-
-def http() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
 
 
 async def answer(
@@ -545,19 +565,6 @@ async def answer(
 
 def channel_on(redis_url: str) -> str:
     return f'[invalidation]\nurl = "{redis_url}"\n'
-
-
-@contextlib.asynccontextmanager
-async def proxy_to(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
-    """A ``TcpProxy`` in front of the Redis at ``url``, and the URL that goes through it."""
-    port = urlsplit(url).port
-    assert port is not None
-    proxy = TcpProxy("127.0.0.1", port)
-    await proxy.start()
-    try:
-        yield proxy, f"redis://127.0.0.1:{proxy.port}/0"
-    finally:
-        await proxy.stop()
 
 
 def redis_then(postgres_url: str) -> Callable[[str], str]:

@@ -679,7 +679,8 @@ async def test_what_a_cut_off_sidecar_applied_reaches_the_peers_memory_tiers(
     DELETE (or a write) to the durable tier, cannot tell its peers (503: "applied here, but
     the peer sidecars were not told"), and nobody tells them later: once the link is back,
     the peers' memory tiers go on serving the old value (for their ttl) while the sidecar
-    itself, and any peer without a copy, answers the new state."""
+    itself, and any peer without a copy, answers the new state. Either outcome of the 503
+    will do (done everywhere, or nowhere); the sidecars must agree on it."""
 
     def config(redis_url: str) -> str:
         return tiers_config("memory://", redis_url, clean_postgres_url) + channel_on(redis_url)
@@ -695,24 +696,17 @@ async def test_what_a_cut_off_sidecar_applied_reaches_the_peers_memory_tiers(
         await proxy.stop()
         if operation == "delete":
             status, body, _ = await answer(session, "DELETE", cut_off.url + url)
-            expected: tuple[int, bytes] = (404, b"")
         else:
             status, body, _ = await answer(session, "PUT", cut_off.url + url, b"v2")
-            expected = (200, b"v2")
-        assert status == 503 and b"not told" in body, body
+        assert status == 503, body
         await proxy.start()
         await until_ready(session, cut_off)
 
-        async def served(sidecar: Sidecar) -> tuple[int, bytes]:
-            status, body, _ = await answer(session, "GET", sidecar.url + url)
-            return status, body if status == 200 else b""
+        async def agreed() -> bool:
+            answers = [await answer(session, "GET", s.url + url) for s in (peer, cut_off)]
+            return len({(status, body) for status, body, _ in answers}) == 1
 
-        assert await served(cut_off) == expected
-
-        async def peer_converged() -> bool:
-            return await served(peer) == expected
-
-        await until(peer_converged, AGREE_WITHIN, "the peer serves what the other does")
+        await until(agreed, AGREE_WITHIN, "the peer serves what the cut-off sidecar serves")
 
 
 @pytest.mark.xfail(

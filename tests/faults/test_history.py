@@ -38,6 +38,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -815,3 +816,38 @@ async def test_a_tag_invalidation_still_hides_the_older_values_below_a_tagged_on
             answered = await until(hidden, SLACK, "the peer applies the event")
             assert answered is not None
             assert answered[0] in (404, 503), answered  # 503: only Postgres could say
+
+
+async def test_a_blind_sidecar_sees_a_peers_prefix_invalidation_within_a_second(
+    clean_redis_url: str, clean_postgres_url: str
+) -> None:
+    """Found on main merged with this branch (the faulted run without memory tiers): a
+    sidecar whose link to Redis is blackholed reads the durable tier only, checked against
+    markers it reloads every liveness_interval; it served prefix- and tag-invalidated values
+    2 s after a peer's invalidation. The upkeep loop that reloads them also renews the
+    applier lease in the channel's Redis, which a blackholed link holds for the client's
+    socket timeout (2 s) every round: reloads every 3 s instead of every second."""
+
+    def config(redis_url: str) -> str:
+        return tiers_config(redis_url, clean_postgres_url) + channel_on(redis_url)
+
+    async with peer_and_cut_off(clean_redis_url, config) as (proxy, peer, blind), http() as session:
+        proxy.stall()
+
+        async def reads_durable_only() -> bool:
+            return "reads" in (await readiness(session, blind))[1]
+
+        await until(reads_durable_only, READY_WITHIN, "the blackholed sidecar reads Postgres only")
+
+        async def hidden(url: str) -> bool:
+            return (await answer(session, "GET", blind.url + url))[0] == 404
+
+        # Twice: the second invalidation right after the first was seen, so just after a
+        # reload, has a whole period of the loop to wait.
+        for prefix in ("p:", "q:"):
+            url = f"/v1/cache/{prefix}1"
+            assert (await answer(session, "PUT", peer.url + url, b"v1"))[0] == 204
+            invalidate = peer.url + "/v1/invalidate"
+            body = json.dumps({"prefixes": [prefix]}).encode()
+            assert (await answer(session, "POST", invalidate, body))[0] == 202
+            await until(partial(hidden, url), AGREE_WITHIN, f"the blind sidecar hides {url}")

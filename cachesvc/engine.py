@@ -228,12 +228,12 @@ class Engine:
         entry = decode_live(payload, time.time())
         floor = 0
         if entry is not None:
-            floor = self.markers.hiding(key, entry) if self.markers.active else 0
-            if not floor:
+            if not (self.markers.active and self.markers.hiding(key, entry)):
                 top.metrics.hits.inc()
                 found: asyncio.Future[Hit | None] = self._loop.create_future()
                 found.set_result(Hit(entry, top.name))
                 return found
+            floor = entry.version
         top.metrics.misses.inc()
         return self._read_below(key, floor, top_failed=False)
 
@@ -243,9 +243,10 @@ class Engine:
     async def _get_below(self, key: str, floor: int, top_failed: bool) -> Hit | None:
         """The rest of a read the top tier did not answer (or failed, ``top_failed``).
 
-        ``floor``: the version of an invalidation that hid what a tier above held; an
-        entry found below that is not newer is older than that entry, so invalidated too,
-        whether or not the invalidation names it (a tag the older value did not carry)."""
+        ``floor``: the version of an entry a tier above held that an invalidation hid; an
+        entry found below that is not newer is an older version of it, so invalidated too,
+        whether or not the invalidation names it (a tag the older value did not carry). A
+        newer one is not: the tier above missed it (a write that could not reach it)."""
         top = self.top
         if len(self.slots) == 1:
             if top_failed:  # the only tier is the durable one: "not found" would be a guess
@@ -255,12 +256,11 @@ class Engine:
             return await self._read_lower(key, self.slots[-1:], floor)
         overlay = self._overlay(key)
         if overlay is not None and overlay.entry.version > floor:
-            hiding = self.markers.hiding(key, overlay.entry) if self.markers.active else 0
-            if not hiding:
+            if not (self.markers.active and self.markers.hiding(key, overlay.entry)):
                 if not top_failed and top.readable(key):
                     await self._promote(key, overlay.payload, overlay.entry, [top], time.time())
                 return Hit(overlay.entry, top.name)
-            floor = max(floor, hiding)
+            floor = overlay.entry.version
         flight = self._flights.get(key)
         if flight is None:
             flight = asyncio.ensure_future(
@@ -312,8 +312,7 @@ class Engine:
             now = time.time()
             entry = decode_live(payload, now)
             if entry is not None and entry.version > floor:
-                hiding = self.markers.hiding(key, entry) if self.markers.active else 0
-                if not hiding:
+                if not (self.markers.active and self.markers.hiding(key, entry)):
                     slot.metrics.hits.inc()
                     assert payload is not None
                     if not self.blind:
@@ -321,7 +320,7 @@ class Engine:
                         above = [upper for upper in self.slots[:position] if upper not in failed]
                         await self._promote(key, payload, entry, above, now)
                     return Hit(entry, slot.name)
-                floor = max(floor, hiding)
+                floor = entry.version
             slot.metrics.misses.inc()
         if self.durable in failed:
             # The one tier that holds every entry could not be asked: "not found" would

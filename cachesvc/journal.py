@@ -132,6 +132,9 @@ class Journal:
         self._appending = 0
         self._appended_since_count: list[bytes] = []
         self._last_appended = b"0-0"
+        # Every entry this process appended up to this id was in the stream when it was
+        # last counted, unless applied (and deleted) before: see ``applied``.
+        self._seen_up_to = b"0-0"
         self._group_ready = False
         self._attempts: dict[bytes, int] = {}
         series = metrics.for_journal()
@@ -186,9 +189,10 @@ class Journal:
 
     def applied(self, entry_id: bytes) -> bool:
         """Whether the entry ``entry_id`` (appended by this process) has been applied to
-        the lower tiers, by this sidecar or a peer: it was in the stream when the depth was
-        last counted, and the stream's oldest entry is now past it."""
-        return not _id_after(entry_id, self._counted_up_to) and (
+        the lower tiers, by this sidecar or a peer: it was appended before the depth was
+        last counted, and the stream's oldest entry is now past it (or the stream was
+        empty)."""
+        return not _id_after(entry_id, self._seen_up_to) and (
             self._oldest_id is None or _id_after(self._oldest_id, entry_id)
         )
 
@@ -309,12 +313,16 @@ class Journal:
 
     async def _refresh_depth(self) -> None:
         self._appended_since_count = []
+        appended = self._last_appended  # answered before the count is sent
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.xlen(self.stream)
             pipe.xrange(self.stream, "-", "+", count=1)
             pipe.xrevrange(self.stream, "+", "-", count=1)
             depth, oldest, newest = await pipe.execute()
         self._counted_up_to = newest[0][0] if newest else b"0-0"
+        # An empty stream counts up to nothing, yet every entry appended before it was
+        # counted is gone: applied.
+        self._seen_up_to = max(self._counted_up_to, appended, key=_id_tuple)
         self._depth = depth + sum(
             _id_after(entry_id, self._counted_up_to) for entry_id in self._appended_since_count
         )

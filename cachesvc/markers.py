@@ -6,8 +6,9 @@ or tag was invalidated — and every read checks the entry it found against the 
 entry whose version is not newer than a marker of one of its tags, or of a prefix of its
 key, is a miss in every tier, so it cannot come back by promotion either (the FusionCache
 approach to tagging). A hidden entry also hides every older version of its key below it
-(``Markers.hiding`` gives the read that floor): the older value, written before the tag was
-given, is no less invalidated.
+(the read goes on with the hidden entry's version as its floor): the older value, written
+before the tag was given, is no less invalidated. A newer one below it is not (the tier
+above missed that write).
 
 Costs: a read checks each of its entry's tags (a dict lookup each) and one dict lookup
 per distinct prefix length; memory is one marker per invalidated tag/prefix. A marker

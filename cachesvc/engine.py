@@ -37,7 +37,7 @@ from cachesvc.journal import REDIS_ERRORS, Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, Slot, missed_writes, restore_missed, save_missed
 from cachesvc.versions import NodeLease, VersionClock
-from tiers.base import TierError, TierTimeout, TierWrite
+from tiers.base import Marker, TierError, TierTimeout, TierWrite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,6 +140,9 @@ class Engine:
         # invalidator when this sidecar's fleet has in-process tiers); the write is
         # answered once they were told.
         self.announce: Callable[[Sequence[tuple[str, int]]], asyncio.Future[None]] | None = None
+        # Keeps markers for every sidecar (set by the invalidator: its marker store).
+        self.keep_markers: Callable[[Sequence[Marker]], Awaitable[None]] | None = None
+        self._missed_markers: dict[str, int] = {}  # key -> the newest version it hides
         self._monitor: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._stop_flushing = asyncio.Event()
@@ -445,7 +448,7 @@ class Engine:
         except TimeoutError:
             for write in top_writes:
                 self._forget_unflushed(write.key, write.version)
-                top.miss(write.key, write.version)
+                self._miss(top, write.key, write.version)
             await self._missed_records.submit(None)
             raise Unavailable(
                 f"the write did not complete within {self.request_timeout} s", top.name
@@ -457,7 +460,7 @@ class Engine:
                 # overlay nor the top tier may keep serving it.
                 journal_failure = journal_failure or recorded_result
                 self._forget_unflushed(write.key, write.version)
-                top.miss(write.key, write.version)
+                self._miss(top, write.key, write.version)
                 continue
             overlay = self._unflushed.get(write.key)  # known flushed once its entry is
             if overlay is not None and overlay.entry.version == write.version:
@@ -465,7 +468,7 @@ class Engine:
         missed = [r for r in stored if isinstance(r, BaseException)]
         for write, stored_result in zip(top_writes, stored, strict=True):
             if isinstance(stored_result, BaseException):
-                top.miss(write.key, write.version)  # it may hold an older value
+                self._miss(top, write.key, write.version)  # it may hold an older value
         if missed or journal_failure is not None:
             await self._missed_records.submit(None)
         if journal_failure is not None:
@@ -502,7 +505,7 @@ class Engine:
                 if slot is self.durable:
                     raise
                 for write in missed_writes(exc, writes):
-                    slot.miss(write.key, write.version)
+                    self._miss(slot, write.key, write.version, written=True)
                 await self._missed_records.submit(None)
         for key, rec in newest.items():
             self._forget_unflushed(key, rec.entry.version)
@@ -529,9 +532,28 @@ class Engine:
             return None
         return unflushed
 
-    def _sweep_overlay(self) -> None:
+    async def _sweep_overlay(self) -> None:
+        """Drop the overlay's values the top tier would have dropped, and those whose
+        journal entry is gone from the stream (applied, by anyone)."""
         for key in list(self._unflushed):
             self._overlay(key)
+        journal = self.journal
+        recorded = {u.journal_id: key for key, u in self._unflushed.items() if u.journal_id}
+        if journal is None or not recorded:
+            return
+        try:
+            pending = await journal.still_pending(list(recorded))
+        except REDIS_ERRORS as exc:
+            log.debug("write-behind overlay not checked against the journal: %s", exc)
+            return
+        for entry_id, key in recorded.items():
+            unflushed = self._unflushed.get(key)
+            if (
+                entry_id not in pending
+                and unflushed is not None
+                and unflushed.journal_id == entry_id
+            ):
+                del self._unflushed[key]
 
     def _forget(self, key: str) -> None:
         """A newer write or delete of ``key`` is under way: later readers must neither join
@@ -653,7 +675,7 @@ class Engine:
             # It may have committed: the cache tiers above may now hold an older value.
             for slot, writes in by_slot.items():
                 for write in writes:
-                    slot.miss(write.key, write.version)
+                    self._miss(slot, write.key, write.version)
             await self._missed_records.submit(None)
             raise Unavailable(
                 f"the durable tier {durable.name!r} did not answer within "
@@ -688,7 +710,7 @@ class Engine:
                     missed[slot] = missed_writes(failure, by_slot[slot])
             for slot, lost in missed.items():
                 for write in lost:
-                    slot.miss(write.key, write.version)
+                    self._miss(slot, write.key, write.version, written=True)
         if missed:
             await self._missed_records.submit(None)
         if unexpected is not None:
@@ -729,7 +751,7 @@ class Engine:
         overlay values applied below since."""
         await self._sync_missed()
         await self._keep_lease()
-        self._sweep_overlay()
+        await self._sweep_overlay()
         for slot in self.slots:
             if slot.state != "closed" or slot.missed:
                 if slot.state != "closed" and not await slot.probe():
@@ -740,7 +762,21 @@ class Engine:
                     except TierError as exc:
                         log.warning("tier %s: repair failed: %s", slot.name, exc)
 
+    def _miss(self, slot: Slot, key: str, version: int, written: bool = False) -> None:
+        """``slot`` missed the write of ``key`` at ``version``. It will not serve the older
+        value to this sidecar, which repairs it. When the write is ``written`` (in the
+        durable tier: acknowledged), a shared tier's peers learn of it through a key marker
+        hiding every older version (kept in the marker store with the record below), so
+        that none of them reads the older value from it meanwhile. (A write whose outcome
+        is unknown hides nothing: the older value may still be the current one.)"""
+        slot.miss(key, version)
+        if written and not slot.tier.in_process:
+            self._missed_markers[key] = max(version - 1, self._missed_markers.get(key, 0))
+
     async def _record_missed_batch(self, requests: list[None]) -> list[None]:
+        markers, self._missed_markers = self._missed_markers, {}
+        if markers and self.keep_markers is not None:
+            await self.keep_markers([Marker(f"k:{key}", v) for key, v in markers.items()])
         await self._sync_missed()
         return requests
 

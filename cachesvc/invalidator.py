@@ -11,11 +11,13 @@ What reaches the tiers:
   an event with ``written`` pairs), so no sidecar or worker serves an older value from its
   own memory once a write was answered.
 
-This sidecar's own invalidations (DELETE, bulk delete, POST /v1/invalidate) are answered
-once applied and published. When the durable tier refuses a key's tombstone the
-invalidation leaves no trace (503): every sidecar goes on serving the old value, alike.
-When its answer is unknown (a timeout) the copies are dropped everywhere (what it holds
-decides, and the cache tiers are repaired from it) and the client still gets 503.
+This sidecar's own invalidations (DELETE, bulk delete, POST /v1/invalidate) are published
+first, then applied; answered once published, applied and their markers kept. One that
+cannot be published is not made (503). When the durable tier then refuses a key's
+tombstone the invalidation leaves no trace but dropped copies (503): every sidecar reads
+the old value from the durable tier, alike. When its answer is unknown (a timeout) the
+copies are dropped everywhere too (what it holds decides, and the cache tiers are
+repaired from it) and the client still gets 503.
 
 Events from publishers outside the sidecars are applied in full; a key tombstone the
 durable tier cannot take becomes a key marker instead, kept in the store, so it is carried
@@ -65,6 +67,7 @@ from tiers.redis_clients import RedisClient, create_client
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 60.0
+CATCH_UP_MARGIN = 5.0  # seconds: see _reload_markers
 
 
 class Invalidator:
@@ -108,6 +111,9 @@ class Invalidator:
         self._tasks: list[asyncio.Task[None]] = []
         self._down: set[str] = set()
         self._markers_loaded = False
+        self._newest_loaded = 0  # the newest marker version loaded from the store
+        # Markers of writes a shared cache tier missed: kept for every sidecar.
+        engine.keep_markers = self._keep_missed
 
     def _marker_store(self, redis_key: str) -> MarkerStore | None:
         ttl = self.markers.max_age
@@ -117,8 +123,8 @@ class Invalidator:
             async def save_durable(markers: Sequence[Marker], lifetime: float) -> None:
                 await durable.call(durable.tier.save_markers(markers, lifetime))
 
-            async def load_durable() -> list[Marker]:
-                return await durable.call(durable.tier.load_markers())
+            async def load_durable(newer_than: int) -> list[Marker]:
+                return await durable.call(durable.tier.load_markers(newer_than))
 
             return MarkerStore(save_durable, load_durable, ttl)
         client = self._redis
@@ -131,9 +137,10 @@ class Invalidator:
             except REDIS_ERRORS as exc:
                 raise TierError(f"the invalidation channel's Redis: {exc}") from exc
 
-        async def load_channel() -> list[Marker]:
+        async def load_channel(newer_than: int) -> list[Marker]:
             try:
-                return await load_markers(client, redis_key)
+                markers = await load_markers(client, redis_key)
+                return [marker for marker in markers if marker.version > newer_than]
             except REDIS_ERRORS as exc:
                 raise TierError(f"the invalidation channel's Redis: {exc}") from exc
 
@@ -152,6 +159,8 @@ class Invalidator:
         else:
             await self._reload_markers()  # no source: what the store holds is all there is
         self._tasks.append(asyncio.create_task(self._upkeep(), name="invalidation-upkeep"))
+        if self.applier is not None:
+            self._tasks.append(asyncio.create_task(self._keep_applier(), name="applier-lease"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -195,24 +204,31 @@ class Invalidator:
     # -- this sidecar's own invalidations and writes -------------------------------------
 
     async def invalidate(self, event: InvalidationEvent) -> None:
-        """Apply ``event`` to every tier, keep its markers and tell the peers; raises
-        Unavailable when that did not happen (see the module's docstring)."""
+        """Tell the peers, then apply ``event`` to every tier and keep its markers; raises
+        Unavailable when that did not all happen (see the module's docstring).
+
+        The peers are told first: an invalidation they cannot learn of is not made at all
+        (no sidecar is left serving what another removed). Told, they drop their copies
+        at once; should the tiers then refuse it, they read what the durable tier holds.
+        """
         version = self.engine.clock.next()
+        await self._publish(self._own(event, version))
         if event.keys:
             try:
                 await self.engine.delete_many(event.keys, version)
-            except Unavailable as exc:
-                if exc.outcome_unknown:
-                    dropped = [(key, version) for key in event.keys]
-                    await self.engine.superseded(dropped)
-                    await self._publish(self._own(InvalidationEvent(event.keys), version))
+            except Unavailable:
+                await self.engine.superseded([(key, version) for key in event.keys])
                 raise
         markers = _markers_of(event, version)
         if markers:
             self.markers.add_all(markers)
-            if self.store is not None:
-                await self.store.save(markers)  # kept for a retry if the store is down
-        await self._publish(self._own(event, version))
+            if self.store is not None and not await self.store.save(markers):
+                # Kept for a retry; until then a sidecar that starts would not know it.
+                raise Unavailable(
+                    "applied here and told to the peers, but the invalidation markers are "
+                    "not kept yet: sidecars that start meanwhile would not know them",
+                    self.engine.durable.name,
+                )
 
     def announce(self, written: Sequence[tuple[str, int]]) -> asyncio.Future[None]:
         """Tell the peers that these keys have these newer versions; done once published
@@ -351,30 +367,40 @@ class Invalidator:
         if not self._down and (self._markers_loaded or self.store is None):
             self.engine.blind = False
 
-    async def _reload_markers(self) -> None:
+    async def _reload_markers(self, all_of_them: bool = True) -> None:
+        """Learn the markers kept in the store: all of them, or (``all_of_them=False``)
+        those newer than the newest known minus ``CATCH_UP_MARGIN`` (a marker is kept within
+        moments of its version; one kept late, after the store's outage, comes with the
+        next full reload)."""
         if self.store is None:
             return
+        newer_than = 0
+        if not all_of_them and self._newest_loaded:
+            newer_than = self._newest_loaded - (version_at(CATCH_UP_MARGIN, 0) - version_at(0, 0))
         try:
-            markers = await self.store.load()
+            markers = await self.store.load(newer_than)
         except TierError as exc:
             log.warning("invalidation markers not loaded: %s", exc)
             self._markers_loaded = False
             return
         oldest = self.markers.oldest_allowed()
         self.markers.add_all([marker for marker in markers if marker.version >= oldest])
+        self._newest_loaded = max([self._newest_loaded, *(m.version for m in markers)])
         self._markers_loaded = True
 
     async def _upkeep(self) -> None:
-        """While blind, reload the markers (the durable-only reads check them); keep the
-        store's pending saves going; prune markers that hide nothing any more."""
+        """Every ``liveness_interval``: learn the markers peers kept meanwhile (those of
+        writes a cache tier missed included: a peer's read of that tier must not serve what
+        it missed), all of them while blind and every ``PRUNE_INTERVAL``; keep the store's
+        pending saves going; prune markers that hide nothing any more."""
         pruned_at = time.monotonic()
         while True:
             await asyncio.sleep(self.liveness_interval)
             try:
+                full = self.engine.blind or time.monotonic() - pruned_at > PRUNE_INTERVAL
+                await self._reload_markers(all_of_them=full)
                 if self.engine.blind:
-                    await self._reload_markers()
                     self._see()
-                await self._keep_applier_lease()
                 if self.store is not None:
                     await self.store.flush()
                 if time.monotonic() - pruned_at > PRUNE_INTERVAL:
@@ -382,6 +408,20 @@ class Invalidator:
                     self.markers.prune()
             except Exception:  # the upkeep must outlive any surprise
                 log.exception("invalidation upkeep failed")
+
+    async def _keep_applier(self) -> None:
+        """The applier lease, on its own: a slow channel must not delay the markers."""
+        while True:
+            await asyncio.sleep(self.liveness_interval)
+            try:
+                await self._keep_applier_lease()
+            except Exception:
+                log.exception("applier lease upkeep failed")
+
+    async def _keep_missed(self, markers: Sequence[Marker]) -> None:
+        self.markers.add_all(markers)
+        if self.store is not None:
+            await self.store.save(markers)
 
     async def _keep_applier_lease(self) -> None:
         """Hold or renew the applier lease; on taking it over, apply to the shared tiers

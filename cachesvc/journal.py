@@ -196,6 +196,18 @@ class Journal:
             self._oldest_id is None or _id_after(self._oldest_id, entry_id)
         )
 
+    async def still_pending(self, entry_ids: Sequence[bytes]) -> set[bytes]:
+        """Which of ``entry_ids`` are still in the stream: not applied yet, by anyone (an
+        applied entry is deleted). Exact, where ``applied`` only knows the stream's oldest
+        entry: an older entry a dead peer holds keeps that one old for ``reclaim_after``."""
+        if not entry_ids:
+            return set()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xrange(self.stream, entry_id, entry_id, count=1)
+            found: list[Any] = await pipe.execute()
+        return {entry_id for entry_id, entries in zip(entry_ids, found, strict=True) if entries}
+
     async def append(self, key: str, payload: bytes) -> bytes:
         """Record a write durably; its entry id. Raises JournalUnavailable."""
         if not self.has_room(1):

@@ -107,7 +107,7 @@ class MarkerStore:
     def __init__(
         self,
         save: Callable[[Sequence[Marker], float], Awaitable[None]],
-        load: Callable[[], Awaitable[list[Marker]]],
+        load: Callable[[int], Awaitable[list[Marker]]],
         ttl: float,
     ) -> None:
         self._save = save
@@ -135,6 +135,7 @@ class MarkerStore:
                 del self._unsaved[name]
         return True
 
-    async def load(self) -> list[Marker]:
-        """Every marker kept (raises TierError when the store cannot be read)."""
-        return await self._load()
+    async def load(self, newer_than: int = 0) -> list[Marker]:
+        """Every marker kept of a version above ``newer_than`` (raises TierError when the
+        store cannot be read)."""
+        return await self._load(newer_than)

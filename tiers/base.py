@@ -167,8 +167,8 @@ class Tier(abc.ABC):
         version is kept already. Required of tiers that declare ``keeps_markers``."""
         raise NotImplementedError(f"{type(self).__name__} keeps no markers")
 
-    async def load_markers(self) -> list[Marker]:
-        """Every marker kept and not expired."""
+    async def load_markers(self, newer_than: int = 0) -> list[Marker]:
+        """Every marker kept and not expired, of a version above ``newer_than``."""
         raise NotImplementedError(f"{type(self).__name__} keeps no markers")
 
     async def erase(self, keys: Sequence[str], tags: Sequence[str]) -> int:

@@ -133,11 +133,15 @@ class MemoryTier(Tier):
             if held is None or held[0] < version or held[1] <= now:
                 self._markers[name] = (version, now + ttl)
 
-    async def load_markers(self) -> list[Marker]:
+    async def load_markers(self, newer_than: int = 0) -> list[Marker]:
         now = time.monotonic()
         for name in [name for name, (_, deadline) in self._markers.items() if deadline <= now]:
             del self._markers[name]
-        return [Marker(name, version) for name, (version, _) in self._markers.items()]
+        return [
+            Marker(name, version)
+            for name, (version, _) in self._markers.items()
+            if version > newer_than
+        ]
 
     async def close(self) -> None:
         await self.clear()

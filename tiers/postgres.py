@@ -166,6 +166,7 @@ class PostgresTier(Tier):
                 version bigint NOT NULL,
                 expires_at timestamptz NOT NULL
             );
+            CREATE INDEX IF NOT EXISTS "{self.table}_markers_version_idx" ON {markers} (version);
         """
         # Invalidation markers (cachesvc.markers): the newest version of each name, kept
         # while it could hide an entry; expired ones go with the sweep.
@@ -189,7 +190,9 @@ class PostgresTier(Tier):
             ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tags text[] NOT NULL DEFAULT '{{}}';
             CREATE INDEX IF NOT EXISTS {tags_index} ON {table} USING gin (tags);
         """
-        self._sql_load_markers = f"SELECT name, version FROM {markers} WHERE expires_at > now()"
+        self._sql_load_markers = (
+            f"SELECT name, version FROM {markers} WHERE expires_at > now() AND version > $1"
+        )
         self._sql_sweep_markers = f"DELETE FROM {markers} WHERE expires_at <= now()"
         self._sql_get = f"""
             SELECT key, payload FROM {table}
@@ -305,9 +308,9 @@ class PostgresTier(Tier):
 
         await self._run(upsert)
 
-    async def load_markers(self) -> list[Marker]:
+    async def load_markers(self, newer_than: int = 0) -> list[Marker]:
         async def select(conn: _Conn) -> list[asyncpg.Record]:
-            return await conn.fetch(self._sql_load_markers)
+            return await conn.fetch(self._sql_load_markers, newer_than)
 
         return [Marker(row[0], row[1]) for row in await self._run(select)]
 

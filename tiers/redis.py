@@ -152,9 +152,10 @@ class RedisTier(Tier):
         with self.mapped_errors():
             await save_markers(self._started(), self.prefix + _MARKERS, markers, ttl)
 
-    async def load_markers(self) -> list[Marker]:
+    async def load_markers(self, newer_than: int = 0) -> list[Marker]:
         with self.mapped_errors():
-            return await load_markers(self._started(), self.prefix + _MARKERS)
+            markers = await load_markers(self._started(), self.prefix + _MARKERS)
+        return [marker for marker in markers if marker.version > newer_than]
 
     async def close(self) -> None:
         if self._client is not None:

@@ -321,6 +321,8 @@ class Api:
         self.metrics = metrics
         self.max_body_bytes = settings.server.max_body_bytes
         self.namespaces = build_namespaces(settings, engine)
+        for namespace in self.namespaces.values():
+            metrics.requests.hits[namespace.name] = namespace.hits
         invalidator.engines = {
             name: namespace.engine
             for name, namespace in self.namespaces.items()
@@ -406,17 +408,19 @@ class Api:
 
     def get_entry(self, call: Call, body: bytes) -> Outcome:
         if_none_match = call.headers.get("if-none-match")
-        namespace = _in(call)
+        namespace = call.namespace
+        assert namespace is not None  # (not _in: every L1 hit comes here)
         found = namespace.engine.read(call.key)
         if found.done() and not found.cancelled() and found.exception() is None:
-            return self._got(namespace.name, found.result(), if_none_match)
-        return then(found, lambda hit: self._got(namespace.name, hit, if_none_match))
+            return self._got(namespace, found.result(), if_none_match)
+        return then(found, lambda hit: self._got(namespace, hit, if_none_match))
 
-    def _got(self, namespace: str, hit: Hit | None, if_none_match: str | None) -> Reply:
+    def _got(self, namespace: Namespace, hit: Hit | None, if_none_match: str | None) -> Reply:
         if hit is None:
-            self._stats.miss(namespace)
-        else:
-            self._stats.hit(namespace, hit.tier)
+            self._stats.miss(namespace.name)
+            return NOT_FOUND
+        hits = namespace.hits
+        hits[hit.tier] = hits.get(hit.tier, 0) + 1
         return get_reply(hit, if_none_match)
 
     def put_entry(self, call: Call, body: bytes) -> Outcome:
@@ -456,7 +460,7 @@ class Api:
                 self._stats.miss(namespace.name)
                 missing.append(key)
                 continue
-            self._stats.hit(namespace.name, hit.tier)
+            namespace.hits[hit.tier] = namespace.hits.get(hit.tier, 0) + 1
             entry: dict[str, Any] = {
                 "key": key,
                 "tier": hit.tier,
@@ -573,13 +577,16 @@ class Api:
         elif path.startswith(CACHE_PREFIX):
             found, encoded_key = CACHE_ROUTES, path[len(CACHE_PREFIX) :]
         elif path.startswith(NAMESPACE_PREFIX):
-            namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
+            end = path.find("/", len(NAMESPACE_PREFIX))
+            if end < 0:
+                end = len(path)
+            namespace = path[len(NAMESPACE_PREFIX) : end]
             if "%" in namespace:
                 namespace = unquote(namespace)
-            if rest.startswith("cache/"):
-                found, encoded_key = CACHE_ROUTES, rest[len("cache/") :]
+            if path.startswith("/cache/", end):
+                found, encoded_key = CACHE_ROUTES, path[end + len("/cache/") :]
             else:
-                found = NAMESPACED_ROUTES.get(unquote(rest))
+                found = NAMESPACED_ROUTES.get(unquote(path[end + 1 :]))
         else:
             # Other paths match once decoded, as any router matches them.
             found = FIXED_ROUTES.get(unquote(path))

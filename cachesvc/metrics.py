@@ -188,7 +188,8 @@ class RequestStats:
         self.counts: dict[tuple[str, str, int], int] = {}
         # (namespace, operation) -> [count per bucket (the last one: +Inf)..., seconds]
         self.latencies: dict[tuple[str, str], list[float]] = {}
-        self.hits: dict[tuple[str, str], int] = {}  # (namespace, tier)
+        # namespace -> tier -> count; each namespace counts its hits in its own dict.
+        self.hits: dict[str, dict[str, int]] = {}
         self.misses: dict[str, int] = {}
 
     def record(self, namespace: str, operation: str, status: int, seconds: float) -> None:
@@ -199,10 +200,6 @@ class RequestStats:
             latency = self.latencies[namespace, operation] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
         latency[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
         latency[-1] += seconds
-
-    def hit(self, namespace: str, tier: str) -> None:
-        key = (namespace, tier)
-        self.hits[key] = self.hits.get(key, 0) + 1
 
     def miss(self, namespace: str) -> None:
         self.misses[namespace] = self.misses.get(namespace, 0) + 1
@@ -236,8 +233,9 @@ class RequestStats:
             "Keys read (GET, bulk get) that a tier held, by namespace and tier.",
             labels=["namespace", "tier"],
         )
-        for (namespace, tier), count in sorted(self.hits.items()):
-            hits.add_metric([namespace, tier], count)
+        for namespace, by_tier in sorted(self.hits.items()):
+            for tier, count in sorted(by_tier.items()):
+                hits.add_metric([namespace, tier], count)
         yield hits
         misses = CounterMetricFamily(
             "cachesvc_misses",

@@ -32,7 +32,7 @@ def scope_of(namespace: str) -> str:
 
 
 class Namespace:
-    __slots__ = ("engine", "max_value_bytes", "name", "scope", "strategy", "ttl")
+    __slots__ = ("engine", "hits", "max_value_bytes", "name", "scope", "strategy", "ttl")
 
     def __init__(
         self,
@@ -48,6 +48,8 @@ class Namespace:
         self.strategy = strategy  # for writes that name none
         self.ttl = ttl  # the longest lifetime of any entry
         self.max_value_bytes = max_value_bytes
+        # Keys read that a tier held, by tier (cachesvc_hits_total reads it at scrape).
+        self.hits: dict[str, int] = {}
 
     def held(self, names: Iterable[str]) -> tuple[str, ...]:
         """Keys or tags of this namespace as the tiers hold them."""

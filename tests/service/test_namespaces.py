@@ -324,24 +324,18 @@ async def test_cli_invalidate_in_a_namespace(
         f'[[tiers]]\nurl = "memory://"\n[invalidation]\nurl = "{servers[0]}"\n'
         '[[namespaces]]\nname = "orders"\n'
     )
-    command = [sys.executable, "-m", "cachesvc", "invalidate", "--config", str(config)]
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [*command, "--namespace", "orders", "--key", "k"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    async def invalidate(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "cachesvc", "invalidate", "--config", str(config)]
+        return await asyncio.to_thread(
+            subprocess.run, [*command, *args], capture_output=True, text=True, timeout=30
+        )
+
+    done = await invalidate("--namespace", "orders", "--key", "k")
     assert done.returncode == 0, done.stderr
     await until(lambda: _gone(sidecar, "orders", "k"), 1.0, "the CLI's event applied")
     assert await value_of(sidecar, "default", "k") == ("l1", b"default")
-    unknown = await asyncio.to_thread(
-        subprocess.run,
-        [*command, "--namespace", "nope", "--key", "k"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    unknown = await invalidate("--namespace", "nope", "--key", "k")
     assert unknown.returncode == 2 and "unknown namespace 'nope'" in unknown.stderr
 
 

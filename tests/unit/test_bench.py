@@ -360,25 +360,30 @@ def test_locustfile_imports_with_its_weights() -> None:
     assert done.stdout.strip() == "[('get', 19), ('put', 1)]"
 
 
+def run_locust(url: str, env: dict[str, str], tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Two seconds of two users against ``url``; Locust's statistics by request name."""
+    locust = shutil.which("locust") or str(Path(sys.executable).with_name("locust"))
+    done = subprocess.run(
+        [
+            locust, "-f", "bench/locustfile.py", "--headless", "-u", "2", "-r", "2",
+            "-t", "2s", "--host", url, "--csv", str(tmp_path / "out"),
+            "--only-summary", "--loglevel", "WARNING",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "out_stats.csv", newline="") as stats:
+        return {row["Name"]: row for row in csv.DictReader(stats)}
+
+
 @pytest.mark.skipif(locust_missing, reason="locust is not installed (pip install locust)")
 def test_locust_headless_run_splits_stats_by_tier(tmp_path: Path) -> None:
-    locust = shutil.which("locust") or str(Path(sys.executable).with_name("locust"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")} | {
         "CACHESVC_LOAD_KEYS": "20",
         "CACHESVC_LOAD_READ_RATIO": "0.5",
     }
     with Sidecar() as sidecar:  # the embedded default: one memory tier
-        done = subprocess.run(
-            [
-                locust, "-f", "bench/locustfile.py", "--headless", "-u", "2", "-r", "2",
-                "-t", "2s", "--host", sidecar.url, "--csv", str(tmp_path / "out"),
-                "--only-summary", "--loglevel", "WARNING",
-            ],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    with open(tmp_path / "out_stats.csv", newline="") as stats:
-        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+        rows = run_locust(sidecar.url, env, tmp_path)
     assert "PUT write-through" in rows
     assert "GET [l1]" in rows
     assert rows["Aggregated"]["Failure Count"] == "0"
@@ -386,7 +391,6 @@ def test_locust_headless_run_splits_stats_by_tier(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(locust_missing, reason="locust is not installed (pip install locust)")
 def test_locust_in_a_namespace_with_a_scoped_token(tmp_path: Path) -> None:
-    locust = shutil.which("locust") or str(Path(sys.executable).with_name("locust"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")} | {
         "CACHESVC_LOAD_KEYS": "20",
         "CACHESVC_LOAD_READ_RATIO": "0.5",
@@ -399,18 +403,8 @@ def test_locust_in_a_namespace_with_a_scoped_token(tmp_path: Path) -> None:
         'scopes = ["orders:read", "orders:write"]\n'
     )
     with Sidecar(config, {"ORDERS_TOKEN": "orders-secret"}) as sidecar:
-        done = subprocess.run(
-            [
-                locust, "-f", "bench/locustfile.py", "--headless", "-u", "2", "-r", "2",
-                "-t", "2s", "--host", sidecar.url, "--csv", str(tmp_path / "out"),
-                "--only-summary", "--loglevel", "WARNING",
-            ],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        rows = run_locust(sidecar.url, env, tmp_path)
         samples = run.scrape(sidecar.url)
-    assert done.returncode == 0, done.stdout + done.stderr
-    with open(tmp_path / "out_stats.csv", newline="") as stats:
-        rows = {row["Name"]: row for row in csv.DictReader(stats)}
     assert rows["Aggregated"]["Failure Count"] == "0"
     in_orders = sum(
         value

@@ -108,6 +108,8 @@ NO_CONTENT = Reply(204, {})
 
 
 def validate_key(key: str, what: str = "key") -> str:
+    if key.isascii() and 0 < len(key) <= MAX_KEY_BYTES and key.isprintable() and " " not in key:
+        return key  # the common case, without the regular expression: printable ASCII
     size = len(key.encode())
     if not 1 <= size <= MAX_KEY_BYTES:
         raise BadRequest(f"{what} must be 1-{MAX_KEY_BYTES} bytes of UTF-8, got {size}")
@@ -119,6 +121,8 @@ def validate_key(key: str, what: str = "key") -> str:
 def key_in_path(encoded: str) -> str:
     """The key of a raw (still percent-encoded) path's last part, so that an encoded
     ``/``, ``?``, ``#`` or ``%`` is part of the key; invalid UTF-8 is refused."""
+    if "%" not in encoded and encoded.isascii():
+        return validate_key(encoded)  # nothing to decode
     try:
         key = unquote_to_bytes(encoded).decode("utf-8")
     except UnicodeDecodeError:

@@ -429,15 +429,6 @@ class Settings(_Section):
                         f"unknown namespace {namespace!r} (namespaces: {', '.join(sorted(names))})",
                     )
 
-    def namespace(self, name: str) -> NamespaceSettings:
-        """The policy of the namespace ``name``; ``default`` is the top-level one."""
-        for namespace in self.namespaces:
-            if namespace.name == name:
-                return namespace
-        if name != DEFAULT_NAMESPACE:
-            raise KeyError(name)
-        return NamespaceSettings(name=DEFAULT_NAMESPACE)
-
     @property
     def is_embedded_default(self) -> bool:
         """No config file and no tier settings from anywhere: the tiers are the embedded

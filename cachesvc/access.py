@@ -1,8 +1,8 @@
 """Who may do what: the bearer tokens (``[[tokens]]`` and ``[server].auth_token``), their
 scopes and their rates, resolved once at start.
 
-A request's token is found by its secret, in a dict from secret to ``Grant``: one lookup
-per request. A token configured by ``secret_env`` (and ``auth_token``) is in it from the
+A request's token is found by its secret, in a dict from ``Authorization`` value (and from
+secret, for other spellings of the scheme) to ``Grant``: one lookup per request. A token configured by ``secret_env`` (and ``auth_token``) is in it from the
 start. A token configured by its ``sha256`` digest is not known until someone presents
 it: an unknown secret is hashed and its digest compared with every configured digest
 (``hmac.compare_digest``, all of them, so the time taken does not tell which digest came
@@ -102,6 +102,8 @@ class Access:
     def __init__(
         self, by_secret: Mapping[str, Grant], by_digest: Sequence[tuple[bytes, Grant]]
     ) -> None:
+        # By the whole field as clients send it ("Bearer <secret>"), then by the secret.
+        self._by_field = {f"Bearer {secret}": grant for secret, grant in by_secret.items()}
         self._by_secret = dict(by_secret)
         self._by_digest = list(by_digest)
         self.grants = [*by_secret.values(), *(grant for _, grant in by_digest)]
@@ -111,13 +113,13 @@ class Access:
         one, or for a token nobody configured."""
         if authorization is None:
             raise Unauthorized("missing bearer token: send Authorization: Bearer <token>")
-        if authorization.startswith("Bearer "):
-            secret = authorization[7:]
-        else:
-            scheme, _, secret = authorization.partition(" ")
-            if scheme.lower() != "bearer":
-                raise Unauthorized("the Authorization field must be Bearer <token>")
-            secret = secret.strip()
+        grant = self._by_field.get(authorization)
+        if grant is not None:
+            return grant
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized("the Authorization field must be Bearer <token>")
+        secret = secret.strip()
         grant = self._by_secret.get(secret)
         if grant is None:
             grant = self._match_digest(secret)
@@ -132,6 +134,7 @@ class Access:
         if found is None:
             raise Unauthorized("unknown bearer token")
         self._by_secret[secret] = found
+        self._by_field[f"Bearer {secret}"] = found
         return found
 
 

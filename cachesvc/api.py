@@ -581,16 +581,15 @@ class Api:
         elif path.startswith(CACHE_PREFIX):
             found, encoded_key = CACHE_ROUTES, path[len(CACHE_PREFIX) :]
         elif path.startswith(NAMESPACE_PREFIX):
-            end = path.find("/", len(NAMESPACE_PREFIX))
-            if end < 0:
-                end = len(path)
-            namespace = path[len(NAMESPACE_PREFIX) : end]
+            # "", "v1", "ns", the namespace, then "cache" and the key, or "bulk" and "get"...
+            parts = path.split("/", 5)
+            namespace = parts[3]
             if "%" in namespace:
                 namespace = unquote(namespace)
-            if path.startswith("/cache/", end):
-                found, encoded_key = CACHE_ROUTES, path[end + len("/cache/") :]
+            if len(parts) == 6 and parts[4] == "cache":
+                found, encoded_key = CACHE_ROUTES, parts[5]
             else:
-                found = NAMESPACED_ROUTES.get(unquote(path[end + 1 :]))
+                found = NAMESPACED_ROUTES.get(unquote("/".join(parts[4:])))
         else:
             # Other paths match once decoded, as any router matches them.
             found = FIXED_ROUTES.get(unquote(path))

@@ -213,8 +213,14 @@ async def test_unknown_namespace_is_404_on_every_path(sidecar: Client) -> None:
         response = await sidecar.request(method, target, json={"keys": ["k"]})
         body = await assert_error(response, 404, "unknown_namespace")
         assert "orders" in body["detail"], body  # it lists the configured ones
-    await assert_error(await sidecar.get("/v1/ns/orders/nothing"), 404, "not_found")
-    await assert_error(await sidecar.get("/v1/ns/orders"), 404, "not_found")
+    for target in ("/v1/ns/orders/nothing", "/v1/ns/orders", "/v1/ns/orders/cache"):
+        await assert_error(await sidecar.get(target), 404, "not_found")
+    response = await sidecar.post("/v1/ns/orders/bulk/get/more", json={"keys": ["k"]})
+    await assert_error(response, 404, "not_found")
+    # The namespace's name is decoded like any path (the key is percent-decoded anyway).
+    await sidecar.put(in_ns("orders", "a/b"), data=b"in orders")
+    encoded = URL("/v1/ns/ord%65rs/cache/a%2Fb", encoded=True)
+    assert await (await sidecar.get(encoded)).read() == b"in orders"
     # The default namespace by its name is the paths without /ns/.
     await sidecar.put(in_ns("default", "k"), data=b"v")
     assert await value_of(sidecar, "default", "k") == ("l1", b"v")

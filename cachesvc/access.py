@@ -1,21 +1,23 @@
 """Who may do what: the bearer tokens (``[[tokens]]`` and ``[server].auth_token``), their
 scopes and their rates, resolved once at start.
 
-A request's token is found by its secret, in a dict from ``Authorization`` value (and from
-secret, for other spellings of the scheme) to ``Grant``: one lookup per request. A token configured by ``secret_env`` (and ``auth_token``) is in it from the
-start. A token configured by its ``sha256`` digest is not known until someone presents
-it: an unknown secret is hashed and its digest compared with every configured digest
+A request's token is found by one dict lookup: by the ``Authorization`` value as clients
+send it (``Bearer <secret>``), else by the secret (other spellings of the scheme). A token
+configured by ``secret_env`` (and ``auth_token``) is in those dicts from the start. A token
+configured by its ``sha256`` digest is not known until someone presents it: an unknown
+secret is hashed and its digest compared with every configured digest
 (``hmac.compare_digest``, all of them, so the time taken does not tell which digest came
-close); once a secret matched, it joins the dict, so a token costs one SHA-256 per
-process, not one per request (about 1 µs here, a few % of an L1 hit). Only secrets that
-matched join: the dict never holds more than the configured tokens.
+close); once a secret matched, it joins the dicts, so such a token costs one SHA-256 per
+process, not one per request (about 1 µs here, several % of an L1 hit). Only secrets that
+matched join: the dicts never hold a secret that no token has.
 
 Why a dict lookup is safe to answer with: it compares no secret byte by byte against the
 presented one. It hashes the presented string (SipHash, keyed at random per process) and
-compares bytes only with a stored secret of the same 64-bit hash — the same secret,
-unless a one-in-2^64 collision. How long a lookup takes depends on that keyed hash, which
-says nothing about how much of a secret a guess got right; there is no prefix to find by
-timing, as there is with ``==`` on the secret itself.
+compares bytes only with a stored secret of the same 64-bit hash — the same secret, but
+for a one-in-2^64 collision. How long a lookup takes depends on that hash, which says
+nothing about how much of a secret a guess got right: there is no prefix to find by
+timing, as there is with ``==`` on the secret itself. (With ``PYTHONHASHSEED`` fixed, a
+lookup's time could tell bits of the secret's hash, still nothing of the secret.)
 
 A grant answers "may this token do that in this namespace" with a dict lookup: its scopes
 are expanded at start (``*`` into every namespace, ``admin`` into every action).

@@ -8,8 +8,12 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -287,3 +291,24 @@ async def test_an_unset_secret_env_stops_the_start_naming_the_field(
         "(it holds the token 'orders-api')",
         "tokens[3]: the same token as tokens[1]",
     ]
+
+
+def test_serve_names_an_unset_secret_env_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "cachesvc.toml"
+    config.write_text(
+        '[[tokens]]\nname = "orders-api"\nsecret_env = "ORDERS_API_TOKEN"\nscopes = ["*:read"]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")}
+    env.pop("ORDERS_API_TOKEN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesvc", "serve", "--config", str(config), "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(
+        "config error: tokens[0].secret_env: the variable ORDERS_API_TOKEN is not set "
+        "(it holds the token 'orders-api')"
+    )

@@ -469,7 +469,8 @@ class Engine:
         return [entry.version for entry in entries]
 
     async def apply_write_behind(self, records: Sequence[Record]) -> None:
-        """Apply journal records to the tiers below the top, newest version per key.
+        """Apply journal records to the tiers below the top, newest version per key (a
+        view's keys to the view's tiers).
 
         Raises TierError when the durable tier did not commit (the journal retries); a
         cache tier in between that fails is skipped and remembers the keys as missed.

@@ -3,10 +3,11 @@
 Each user reads and writes keys picked from a Zipf distribution (a few hot keys, a long
 tail), with the mix, value sizes and write strategy set by environment variables (see
 bench/workload.py; defaults: 10,000 keys, s = 1.0, 90 % reads, 256-byte values,
-write-through)::
+write-through, the namespace ``default``)::
 
     CACHESVC_LOAD_KEYS=100000 CACHESVC_LOAD_ZIPF_S=1.1 CACHESVC_LOAD_READ_RATIO=0.95 \\
     CACHESVC_LOAD_VALUE_SIZE=100-4000 CACHESVC_LOAD_STRATEGY=write-through,write-behind \\
+    CACHESVC_LOAD_NAMESPACE=orders CACHESVC_LOAD_TOKEN=$ORDERS_API_TOKEN \\
     locust -f bench/locustfile.py --headless -u 50 -r 10 -t 30s \\
         --host http://127.0.0.1:8787 --csv out
 
@@ -64,7 +65,10 @@ class CacheUser(FastHttpUser):
     @tag("get")
     def get(self) -> None:
         with self.client.get(
-            f"/v1/cache/{self.key()}", headers=self.headers, name="GET", catch_response=True
+            f"{WORKLOAD.cache_path}{self.key()}",
+            headers=self.headers,
+            name="GET",
+            catch_response=True,
         ) as response:
             if response.status_code == 200:
                 tier = response.headers.get("X-Cache-Tier")
@@ -85,7 +89,7 @@ class CacheUser(FastHttpUser):
         expected = 202 if strategy == "write-behind" else 204
         headers: dict[str, Any] = {**self.headers, "Content-Type": "application/octet-stream"}
         with self.client.put(
-            f"/v1/cache/{self.key()}?strategy={strategy}",
+            f"{WORKLOAD.cache_path}{self.key()}?strategy={strategy}",
             data=self.values.next(),
             headers=headers,
             name=f"PUT {strategy}",

@@ -1,7 +1,7 @@
 """The side-by-side benchmark: ``python -m bench.run [--duration 10] [--connections 64]``.
 
 One run starts private redis-server, memcached and Postgres (tests/servers.py), the
-peers (bench/peers.py) and four cachesvc sidecars, fills them, and measures one scenario
+peers (bench/peers.py) and five cachesvc sidecars, fills them, and measures one scenario
 after the other with the same load generator:
 
 =============  ===========================================================================
@@ -11,6 +11,8 @@ webdis         webdis, Debian's C HTTP front for Redis: a GET of the naive peer'
                (skipped, with a line saying so, when webdis is not installed)
 l1             cachesvc GET served by L1, three-tier sidecar [redis, memcached, postgres]
 l1-memory      cachesvc GET served by an in-process L1, sidecar [memory, postgres]
+l1-ns          the same in a namespace (/v1/ns/bench/...) of the same sidecar
+l1-token       l1-memory on a sidecar with a token: the cost of the token check
 l2             cachesvc GET served by L2: the L2 sidecar's L1 keeps entries for 1 ms
 l3             cachesvc GET served by L3: its L1 keeps entries 1 ms, its L2 1-2 s
 put-wt         cachesvc PUT write-through on the three-tier sidecar
@@ -75,12 +77,16 @@ BULK = 1000  # entries per bulk-set request when filling (the API's maximum)
 # A server kept off its CPU for more than this share of a run was measured disturbed.
 DISTURBED = 0.02
 
-# Target ratios of issue 6 (what the check accepts in parentheses).
+# Target ratios of issue 6 and 14 (what the check accepts in parentheses).
 TARGETS = [
     ("l1", "minimal", 0.9, 0.85),
     ("l1", "naive", 2.5, 2.0),
     ("put-wt", "minimal", 0.4, 0.4),
+    ("l1-ns", "l1-memory", 0.95, 0.95),
 ]
+# The bearer token of the sidecar with tokens (from its environment, as in production).
+BENCH_TOKEN = "bench-token-0123456789abcdef"
+SIDECAR_ENV = {"BENCH_TOKEN": BENCH_TOKEN}
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class Scenario:
     method: str = "GET"
     query: str = ""
     tier: str | None = None  # the tier that should serve it (GETs of cachesvc)
+    header: str = ""  # one "Name: value" field sent with every request
 
 
 SCENARIOS = [
@@ -105,6 +112,11 @@ SCENARIOS = [
              tier="l1"),
     Scenario("l1-memory", "cachesvc GET, L1 hit (memory L1)", "memory-l1", "/v1/cache/mem:",
              10_000, tier="l1"),
+    Scenario("l1-ns", "cachesvc GET, L1 hit in a namespace (memory L1)", "memory-l1",
+             "/v1/ns/bench/cache/mem:", 10_000, tier="l1"),
+    Scenario("l1-token", "cachesvc GET, L1 hit with a token (memory L1)", "memory-l1-token",
+             "/v1/cache/mem:", 10_000, tier="l1",
+             header=f"Authorization: Bearer {BENCH_TOKEN}"),
     Scenario("l2", "cachesvc GET, L2 hit (memcached)", "l2-hit", "/v1/cache/l2:", 20_000,
              tier="l2"),
     Scenario("l3", "cachesvc GET, L3 hit (postgres)", "l3-hit", "/v1/cache/l3:", 50_000,
@@ -132,13 +144,20 @@ def sidecar_configs(redis_port: int, memcached_url: str, postgres_url: str) -> d
     def redis_db(db: int) -> str:
         return f"redis://127.0.0.1:{redis_port}/{db}"
 
+    memory_l1 = (
+        tiers(("l1", "memory://", 3600), ("l2", postgres_url, 86400))
+        + f'\n[invalidation]\nurl = "{redis_db(4)}"\n'
+        + '\n[[namespaces]]\nname = "bench"\n'
+    )
     return {
         "three-tier": tiers(
             ("l1", redis_db(1), 3600), ("l2", memcached_url, 3600), ("l3", postgres_url, 86400)
         ),
         # An in-process l1 in front of a shared tier needs the channel its peers use.
-        "memory-l1": tiers(("l1", "memory://", 3600), ("l2", postgres_url, 86400))
-        + f'\n[invalidation]\nurl = "{redis_db(4)}"\n',
+        "memory-l1": memory_l1,
+        # The same with a token (its secret in BENCH_TOKEN): every request is checked.
+        "memory-l1-token": memory_l1
+        + '\n[[tokens]]\nname = "bench"\nsecret_env = "BENCH_TOKEN"\nscopes = ["*:admin"]\n',
         # The shortest lifetimes: Redis keeps the promoted copy 1 ms (PX 1), memcached
         # 1-2 s (its expiry is whole seconds, checked against a one-second clock).
         "l2-hit": tiers(
@@ -153,23 +172,29 @@ def sidecar_configs(redis_port: int, memcached_url: str, postgres_url: str) -> d
 # -- filling --------------------------------------------------------------------------------
 
 
-def fill_sidecar(url: str, path: str, keys: int, value: bytes) -> None:
-    """Write ``keys`` entries through the bulk API (write-through: every tier)."""
-    prefix = path.removeprefix("/v1/cache/")
+def fill_sidecar(url: str, path: str, keys: int, value: bytes, header: str = "") -> None:
+    """Write ``keys`` entries through the bulk API (write-through: every tier), in the
+    namespace of ``path`` (``/v1/cache/<prefix>`` or ``/v1/ns/<namespace>/cache/<prefix>``)."""
+    base, _, prefix = path.rpartition("/cache/")
     text = value.decode()
     for start in range(0, keys, BULK):
         entries = [
             {"key": f"{prefix}{i}", "value": text} for i in range(start, min(keys, start + BULK))
         ]
-        bulk_set(url, entries)
+        bulk_set(url + base, entries, header)
 
 
-def bulk_set(url: str, entries: list[dict[str, str]]) -> None:
-    """One write-through ``POST /v1/bulk/set`` of ``entries`` to the sidecar at ``url``."""
+def bulk_set(url: str, entries: list[dict[str, str]], header: str = "") -> None:
+    """One write-through ``POST <url>/bulk/set`` of ``entries`` (``url``: the sidecar's
+    ``/v1`` or a namespace's ``/v1/ns/<name>``), with ``header`` if given."""
+    headers = {"Content-Type": "application/json"}
+    if header:
+        name, _, field = header.partition(":")
+        headers[name] = field.strip()
     request = urllib.request.Request(
-        url + "/v1/bulk/set",
+        url + "/bulk/set",
         data=json.dumps({"entries": entries, "strategy": "write-through"}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -306,6 +331,7 @@ def measure(
             body_size=body_size,
             query=scenario.query,
             offset=offset,
+            header=scenario.header,
         )
         return result.summary()
     requests = loadgen.key_requests(
@@ -315,12 +341,21 @@ def measure(
         b"x" * body_size if body_size else None,
         scenario.query,
         offset,
+        _fields(scenario.header),
     )
     host, port = base.removeprefix("http://").split(":")
     loop_result = asyncio.run(
         loadgen.closed_loop(host, int(port), requests, options.connections, duration)
     )
     return loop_result.summary()
+
+
+def _fields(header: str) -> tuple[tuple[str, str], ...]:
+    """``"Name: value"`` as loadgen's header fields (none for ``""``)."""
+    if not header:
+        return ()
+    name, _, value = header.partition(":")
+    return ((name, value.strip()),)
 
 
 def run_scenario(base: str, pid: int, scenario: Scenario, options: Options, sidecar: bool) -> Row:
@@ -414,7 +449,12 @@ def fixed_rate_cpu(
     ``warmup`` s at the same rate; the CPU the server at ``pid`` used meanwhile."""
     body = b"x" * options.value_size if scenario.method == "PUT" else None
     requests = loadgen.key_requests(
-        base + scenario.path, scenario.keys, scenario.method, body, scenario.query
+        base + scenario.path,
+        scenario.keys,
+        scenario.method,
+        body,
+        scenario.query,
+        headers=_fields(scenario.header),
     )
     host, port = base.removeprefix("http://").split(":")
 
@@ -651,7 +691,7 @@ def render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     return "\n".join(fmt.format(*line) for line in [header, *lines])
 
 
-def verdicts(rows: Sequence[Row]) -> list[str]:
+def verdicts(rows: Sequence[Row], cpu_rows: Sequence[CpuRow] = ()) -> list[str]:
     by_key = {row.scenario: row for row in rows}
     out = []
     for scenario, reference, target, accepted in TARGETS:
@@ -662,6 +702,25 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
         out.append(
             f"{BY_KEY[scenario].title} / {reference}: {ratio:.2f}x "
             f"(target {target}x, accepted {accepted}x): {verdict}"
+        )
+    return out + token_cost(by_key, {row.scenario: row for row in cpu_rows})
+
+
+def token_cost(rows: dict[str, Row], cpu_rows: dict[str, CpuRow]) -> list[str]:
+    """What checking a token adds to a request: an L1 hit with a token against the same
+    sidecar's without, from the CPU at a fixed rate when measured (the most direct), and
+    from saturated throughput (1/rate: the time per request on its one core)."""
+    with_token, without = "l1-token", "l1-memory"
+    out = []
+    if with_token in cpu_rows and without in cpu_rows:
+        added = (cpu_rows[with_token].cpu_per_1k - cpu_rows[without].cpu_per_1k) * 1000
+        out.append(f"token check: {added:+.2f} us of server CPU per request (fixed rate)")
+    if with_token in rows and without in rows:
+        token, plain = rows[with_token].rps, rows[without].rps
+        added = (1 / token - 1 / plain) * 1e6
+        out.append(
+            f"token check: {token / plain:.2f}x the throughput without, {added:+.2f} us per "
+            "request at saturation"
         )
     return out
 
@@ -862,12 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name not in needed:
                 continue
             # One at a time: each creates the Postgres schema on its first write.
-            sidecar = stack.enter_context(Sidecar(config))
+            sidecar = stack.enter_context(Sidecar(config, SIDECAR_ENV))
             targets[name] = (sidecar.url, sidecar.pid)
             for scenario in SCENARIOS:
                 if scenario.target == name and scenario.method == "GET":
                     print(f"filling {name}: {scenario.keys} keys {scenario.path}*", flush=True)
-                    fill_sidecar(sidecar.url, scenario.path, scenario.keys, value)
+                    fill_sidecar(sidecar.url, scenario.path, scenario.keys, value, scenario.header)
         for _, pid in targets.values():
             move_to_server_cpu(pid)
 
@@ -943,7 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{machine['cpu_model']}, Python {machine['python']}, {options.loadgen} "
         f"-c{options.connections}, {options.duration:g} s per scenario"
     )
-    extras = ["", *verdicts(rows)] if rows else []
+    extras = ["", *verdicts(rows, cpu_rows)] if rows else []
     disturbed = [row.scenario for row in rows if row.cpu_wait > DISTURBED] + [
         f"{row.scenario} (CPU run)" for row in cpu_rows if row.cpu_wait > DISTURBED
     ]
@@ -993,7 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": None if cpus is None else {"load": sorted(cpus[0]), "server": sorted(cpus[1])},
         "scenarios": [{**asdict(row), "tier_share": row.tier_share} for row in rows],
         "fixed_rate_cpu": [asdict(row) for row in cpu_rows],
-        "targets": verdicts(rows),
+        "targets": verdicts(rows, cpu_rows),
         "added_latency": latency,
         "peak_rss_bytes": peak_rss,
     }

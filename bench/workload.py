@@ -13,6 +13,8 @@ CACHESVC_LOAD_VALUE_SIZE       bytes per PUT: N or MIN-MAX     256
 CACHESVC_LOAD_STRATEGY         PUT strategy, or a comma list   write-through
                                to pick from at random
 CACHESVC_LOAD_KEY_PREFIX       prefix of every key             locust:
+CACHESVC_LOAD_NAMESPACE        the namespace of every request  default
+CACHESVC_LOAD_TOKEN            bearer token                    CACHESVC_AUTH_TOKEN
 CACHESVC_AUTH_TOKEN            bearer token (the sidecar's)    none
 =============================  ==============================  ==========================
 
@@ -25,6 +27,7 @@ import bisect
 import itertools
 import os
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -68,6 +71,7 @@ class Workload:
     value_size: tuple[int, int] = (256, 256)
     strategies: tuple[str, ...] = ("write-through",)
     key_prefix: str = "locust:"
+    namespace: str = "default"
     token: str | None = None
 
     @classmethod
@@ -96,7 +100,10 @@ class Workload:
         prefix = env.get("CACHESVC_LOAD_KEY_PREFIX", default.key_prefix)
         if any(ch.isspace() or not ch.isprintable() for ch in prefix):
             raise ValueError("CACHESVC_LOAD_KEY_PREFIX must not contain whitespace or controls")
-        token = env.get("CACHESVC_AUTH_TOKEN") or None
+        namespace = env.get("CACHESVC_LOAD_NAMESPACE") or default.namespace
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", namespace):
+            raise ValueError(f"CACHESVC_LOAD_NAMESPACE: {namespace!r} is not a namespace name")
+        token = env.get("CACHESVC_LOAD_TOKEN") or env.get("CACHESVC_AUTH_TOKEN") or None
         return cls(
             keys=keys,
             zipf_s=zipf_s,
@@ -104,8 +111,16 @@ class Workload:
             value_size=_size_range(env.get("CACHESVC_LOAD_VALUE_SIZE")),
             strategies=strategies,
             key_prefix=prefix,
+            namespace=namespace,
             token=token,
         )
+
+    @property
+    def cache_path(self) -> str:
+        """The path before each key: ``/v1/cache/``, or the namespace's."""
+        if self.namespace == "default":
+            return "/v1/cache/"
+        return f"/v1/ns/{self.namespace}/cache/"
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -13,6 +13,12 @@ the body. ``respond`` returns the ``Reply`` itself when the answer is known at o
 in-process L1 hit, an error — and otherwise a future of it, completed from the tier's
 callback (no task per request) or by a task for the slower operations. Errors the adapter
 finds itself (framing, timeouts, oversized bodies) go through ``Api.refuse``.
+
+``head`` decides, in this order: the route (404, 405), the token (401, ``cachesvc.access``),
+the namespace (404 ``unknown_namespace``), the token's rate (429) and scope (403), the
+body's announced size and encoding (413, 415), the key (400). Every operation then works
+in its request's namespace (``cachesvc.namespaces``): its engine, its policy, and its
+keys, tags and prefixes as the tiers hold them.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -34,6 +40,7 @@ import msgpack
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cachesvc.access import Grant, TokenRequests, build_access
 from cachesvc.batching import then
 from cachesvc.config import STRATEGIES, Settings, Strategy
 from cachesvc.engine import Engine, Hit, NewValue
@@ -44,19 +51,21 @@ from cachesvc.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
-    Unauthorized,
+    UnknownNamespace,
     UnsupportedEncoding,
 )
 from cachesvc.invalidator import Invalidator
 from cachesvc.logs import CURRENT_REQUEST, RequestContext
 from cachesvc.metrics import Metrics
-from invalidation.events import InvalidationEvent, MalformedEvent, parse_event
+from cachesvc.namespaces import Namespace, build_namespaces
+from invalidation.events import DEFAULT_NAMESPACE, InvalidationEvent, MalformedEvent, parse_event
 
 log = logging.getLogger(__name__)
 ACCESS_LOG = logging.getLogger("cachesvc.access")  # [server].access_log: a line a request
 M = TypeVar("M", bound=BaseModel)
 
 CACHE_PREFIX = "/v1/cache/"
+NAMESPACE_PREFIX = "/v1/ns/"
 MAX_KEY_BYTES = 250
 MAX_TAGS = 32
 MAX_BULK_KEYS = 1000
@@ -99,6 +108,8 @@ NO_CONTENT = Reply(204, {})
 
 
 def validate_key(key: str, what: str = "key") -> str:
+    if key.isascii() and 0 < len(key) <= MAX_KEY_BYTES and key.isprintable() and " " not in key:
+        return key  # the common case, without the regular expression: printable ASCII
     size = len(key.encode())
     if not 1 <= size <= MAX_KEY_BYTES:
         raise BadRequest(f"{what} must be 1-{MAX_KEY_BYTES} bytes of UTF-8, got {size}")
@@ -107,11 +118,13 @@ def validate_key(key: str, what: str = "key") -> str:
     return key
 
 
-def key_in_path(path: str, prefix: str) -> str:
-    """The key after ``prefix`` in a raw (still percent-encoded) path, so that an encoded
+def key_in_path(encoded: str) -> str:
+    """The key of a raw (still percent-encoded) path's last part, so that an encoded
     ``/``, ``?``, ``#`` or ``%`` is part of the key; invalid UTF-8 is refused."""
+    if "%" not in encoded and encoded.isascii():
+        return validate_key(encoded)  # nothing to decode
     try:
-        key = unquote_to_bytes(path[len(prefix) :]).decode("utf-8")
+        key = unquote_to_bytes(encoded).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("key is not valid UTF-8") from None
     return validate_key(key)
@@ -261,14 +274,26 @@ Operation = Callable[["Api", "Call", bytes], Reply | Awaitable[Reply]]
 class Route(NamedTuple):
     name: str  # in metrics and logs
     operation: Operation
-    private: bool  # needs the bearer token
+    # What a token needs the scope of (read, write, invalidate) in the request's
+    # namespace; None: an operations endpoint, open to all.
+    action: str | None
     takes_body: bool
 
 
 class Call:
     """One request between its head and its answer."""
 
-    __slots__ = ("early", "headers", "key", "method", "path", "query", "route", "started")
+    __slots__ = (
+        "early",
+        "headers",
+        "key",
+        "method",
+        "namespace",
+        "path",
+        "query",
+        "route",
+        "started",
+    )
 
     def __init__(self, headers: Mapping[str, str], method: str = "") -> None:
         self.headers = headers
@@ -277,25 +302,43 @@ class Call:
         self.route = "unmatched"
         self.path = ""
         self.query = ""
-        self.key = ""
+        self.key = ""  # as the tiers hold it (in the namespace's scope)
+        self.namespace: Namespace | None = None
         # The answer, when the head alone decides it (the body is then not needed).
         self.early: Reply | None = None
 
 
 class Api:
     def __init__(
-        self, settings: Settings, engine: Engine, invalidator: Invalidator, metrics: Metrics
+        self,
+        settings: Settings,
+        engine: Engine,
+        invalidator: Invalidator,
+        metrics: Metrics,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """``environ``: where the tokens' ``secret_env`` variables are read (default: the
+        process's environment); ConfigError names a token whose variable is not set."""
         self.settings = settings
         self.engine = engine
         self.invalidator = invalidator
         self.metrics = metrics
         self.max_body_bytes = settings.server.max_body_bytes
-        token = settings.server.auth_token
-        self._expected_authorization = (
-            None if token is None else f"Bearer {token.get_secret_value()}".encode()
+        self.namespaces = build_namespaces(settings, engine)
+        for namespace in self.namespaces.values():
+            metrics.requests.hits[namespace.name] = namespace.hits
+        invalidator.engines = {
+            name: namespace.engine
+            for name, namespace in self.namespaces.items()
+            if namespace.engine is not engine
+        }
+        self.access = build_access(
+            settings, os.environ if environ is None else environ, time.perf_counter()
         )
+        if self.access is not None:
+            metrics.registry.register(TokenRequests(self.access))
         self._record = metrics.requests.record
+        self._stats = metrics.requests
         self._access_log = settings.server.access_log
         self._tasks: set[asyncio.Task[Reply]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -311,17 +354,25 @@ class Api:
         health, readiness and metrics only."""
         call = Call(headers, method)
         try:
-            route = self._route(call, method, target, ops_only)
+            route, namespace_name, encoded_key = self._route(call, method, target, ops_only)
             call.route = route.name
-            if route.private and self._expected_authorization is not None:
-                given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
-                # compare_digest: the time taken must not reveal how much of the token matched.
-                if not hmac.compare_digest(given, self._expected_authorization):
-                    raise Unauthorized("missing or wrong bearer token")
+            action = route.action
+            if action is None:  # operations: no namespace, no token, no body
+                return call
+            namespace = call.namespace = self.namespaces.get(namespace_name)
+            access = self.access
+            grant: Grant | None = None
+            if access is not None:
+                grant = access.authenticate(headers.get("authorization"))
+            if namespace is None:
+                # The configured ones are not listed: a tenant need not learn the others'.
+                raise UnknownNamespace(f"no namespace {namespace_name[:64]!r} is configured")
+            if grant is not None:
+                grant.check(namespace_name, action, call.started)
             if route.takes_body:
-                self._check_body_head(headers)
-            if route.name in ("get", "put", "delete"):
-                call.key = key_in_path(call.path, CACHE_PREFIX)
+                self._check_body_head(headers, route, namespace)
+            if encoded_key is not None:
+                call.key = namespace.scope + key_in_path(encoded_key)
         except ServiceError as exc:
             call.early = error_reply(exc)
         return call
@@ -359,42 +410,59 @@ class Api:
 
     def get_entry(self, call: Call, body: bytes) -> Outcome:
         if_none_match = call.headers.get("if-none-match")
-        found = self.engine.read(call.key)
+        namespace = call.namespace
+        assert namespace is not None  # (not _in: every L1 hit comes here)
+        found = namespace.engine.read(call.key)
         if found.done() and not found.cancelled() and found.exception() is None:
-            return get_reply(found.result(), if_none_match)
-        return then(found, lambda hit: get_reply(hit, if_none_match))
+            return self._got(namespace, found.result(), if_none_match)
+        return then(found, lambda hit: self._got(namespace, hit, if_none_match))
+
+    def _got(self, namespace: Namespace, hit: Hit | None, if_none_match: str | None) -> Reply:
+        if hit is None:
+            self._stats.miss(namespace.name)
+            return NOT_FOUND
+        hits = namespace.hits
+        hits[hit.tier] = hits.get(hit.tier, 0) + 1
+        return get_reply(hit, if_none_match)
 
     def put_entry(self, call: Call, body: bytes) -> Outcome:
+        namespace = _in(call)
+        _check_value_size(namespace, len(body))
         query = self._query(call, _PUT_PARAMS)
         headers = call.headers
         strategy = parse_strategy(
-            query.get("strategy") or headers.get("x-cache-strategy"),
-            self.settings.write.strategy,
+            query.get("strategy") or headers.get("x-cache-strategy"), namespace.strategy
         )
         raw_tags = query.get("tags", "")
         new = NewValue(
             call.key,
             body,
             validate_content_type(headers.get("content-type") or DEFAULT_CONTENT_TYPE),
-            parse_ttl(query.get("ttl")),
-            parse_tags(raw_tags.split(",")) if raw_tags else (),
+            namespace.lifetime(parse_ttl(query.get("ttl"))),
+            namespace.held(parse_tags(raw_tags.split(","))) if raw_tags else (),
         )
-        return then(self.engine.write([new], strategy), lambda v: put_reply(v[0], strategy))
+        written = namespace.engine.write([new], strategy)
+        return then(written, lambda v: put_reply(v[0], strategy))
 
     async def delete_entry(self, call: Call, body: bytes) -> Reply:
-        await self.invalidator.invalidate(InvalidationEvent(keys=(call.key,)))
+        namespace = _in(call)
+        key = call.key[len(namespace.scope) :]
+        await self.invalidator.invalidate(InvalidationEvent((key,), namespace=namespace.name))
         return NO_CONTENT
 
     async def bulk_get(self, call: Call, body: bytes) -> Reply:
+        namespace = _in(call)
         keys = [validate_key(key) for key in read_document(call.headers, body, BulkKeys).keys]
-        hits = await self.engine.read_many(keys)
+        hits = await namespace.engine.read_many(namespace.held(keys))
         as_msgpack = wants_msgpack(call.headers)
         entries: list[dict[str, Any]] = []
         missing: list[str] = []
         for key, hit in zip(keys, hits, strict=True):
             if hit is None:
+                self._stats.miss(namespace.name)
                 missing.append(key)
                 continue
+            namespace.hits[hit.tier] = namespace.hits.get(hit.tier, 0) + 1
             entry: dict[str, Any] = {
                 "key": key,
                 "tier": hit.tier,
@@ -409,38 +477,51 @@ class Api:
         return document_reply(call.headers, {"entries": entries, "missing": missing})
 
     async def bulk_set(self, call: Call, body: bytes) -> Reply:
+        namespace = _in(call)
         document = read_document(call.headers, body, BulkSet)
         strategy = parse_strategy(
-            document.strategy or call.headers.get("x-cache-strategy"),
-            self.settings.write.strategy,
+            document.strategy or call.headers.get("x-cache-strategy"), namespace.strategy
         )
-        values = [
-            NewValue(
-                validate_key(item.key),
-                item.payload(),
-                validate_content_type(item.content_type),
-                item.ttl,
-                parse_tags(item.tags),
+        keys = []
+        values = []
+        for item in document.entries:
+            keys.append(validate_key(item.key))
+            payload = item.payload()
+            _check_value_size(namespace, len(payload), item.key)
+            values.append(
+                NewValue(
+                    namespace.scope + item.key,
+                    payload,
+                    validate_content_type(item.content_type),
+                    namespace.lifetime(item.ttl),
+                    namespace.held(parse_tags(item.tags)),
+                )
             )
-            for item in document.entries
-        ]
-        versions = await self.engine.write(values, strategy)
+        versions = await namespace.engine.write(values, strategy)
         status = 202 if strategy == "write-behind" else 200
-        result = {"versions": {new.key: v for new, v in zip(values, versions, strict=True)}}
+        result = {"versions": dict(zip(keys, versions, strict=True))}
         return document_reply(call.headers, result, status)
 
     async def bulk_delete(self, call: Call, body: bytes) -> Reply:
+        namespace = _in(call)
         keys = tuple(validate_key(key) for key in read_document(call.headers, body, BulkKeys).keys)
-        await self.invalidator.invalidate(InvalidationEvent(keys=keys))
+        await self.invalidator.invalidate(InvalidationEvent(keys, namespace=namespace.name))
         return NO_CONTENT
 
     async def invalidate(self, call: Call, body: bytes) -> Reply:
+        namespace = _in(call)
         try:
-            event = parse_event(body)
+            event = parse_event(body, namespace=namespace.name)
         except MalformedEvent as exc:
             raise BadRequest(str(exc)) from None
+        if event.namespace != namespace.name:
+            raise BadRequest(
+                f"the body names the namespace {event.namespace!r}, the path {namespace.name!r}"
+            )
         for key in event.keys:
             validate_key(key)
+        for prefix in event.prefixes:
+            validate_key(prefix, "prefix")
         for tag in event.tags:
             validate_key(tag, "tag")
         if event.written:
@@ -486,28 +567,45 @@ class Api:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _route(self, call: Call, method: str, target: str, ops_only: bool) -> Route:
+    def _route(
+        self, call: Call, method: str, target: str, ops_only: bool
+    ) -> tuple[Route, str, str | None]:
+        """The route of a request, the name of the namespace it addresses, and its key as
+        the path has it (still percent-encoded), if the route takes one."""
         path, _, call.query = target.partition("?")
         call.path = path
-        if path.startswith(CACHE_PREFIX) and not ops_only:
-            methods = CACHE_ROUTES
+        namespace = DEFAULT_NAMESPACE
+        encoded_key = None
+        if ops_only:
+            decoded = unquote(path)
+            found = FIXED_ROUTES.get(decoded) if decoded in OPS_PATHS else None
+        elif path.startswith(CACHE_PREFIX):
+            found, encoded_key = CACHE_ROUTES, path[len(CACHE_PREFIX) :]
+        elif path.startswith(NAMESPACE_PREFIX):
+            # "", "v1", "ns", the namespace, then "cache" and the key, or "bulk" and "get"...
+            parts = path.split("/", 5)
+            namespace = parts[3]
+            if "%" in namespace:
+                namespace = unquote(namespace)
+            if len(parts) == 6 and parts[4] == "cache":
+                found, encoded_key = CACHE_ROUTES, parts[5]
+            else:
+                found = NAMESPACED_ROUTES.get(unquote("/".join(parts[4:])))
         else:
             # Other paths match once decoded, as any router matches them.
-            path = unquote(path)
-            found = FIXED_ROUTES.get(path) if not ops_only or path in OPS_PATHS else None
-            if found is None:
-                raise NotFound(
-                    "no endpoint at this path; the API is under /v1/ (see /openapi.json)"
-                )
-            methods = found
-        route = methods.get(method)
+            found = FIXED_ROUTES.get(unquote(path))
+        if found is None:
+            raise NotFound("no endpoint at this path; the API is under /v1/ (see /openapi.json)")
+        route = found.get(method)
         if route is None:
             raise MethodNotAllowed(
-                f"{method} is not allowed here; the Allow field lists what is", tuple(methods)
+                f"{method} is not allowed here; the Allow field lists what is", tuple(found)
             )
-        return route
+        return route, namespace, encoded_key
 
-    def _check_body_head(self, headers: Mapping[str, str]) -> None:
+    def _check_body_head(
+        self, headers: Mapping[str, str], route: Route, namespace: Namespace
+    ) -> None:
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise UnsupportedEncoding(
@@ -515,8 +613,11 @@ class Api:
                 "(store a compressed value under its own Content-Type instead)"
             )
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise PayloadTooLarge(f"body of {length} bytes exceeds {self.max_body_bytes}")
+        if length is not None and length.isdigit():
+            if int(length) > self.max_body_bytes:
+                raise PayloadTooLarge(f"body of {length} bytes exceeds {self.max_body_bytes}")
+            if route.name == "put":
+                _check_value_size(namespace, int(length))
 
     @staticmethod
     def _query(call: Call, allowed: frozenset[str]) -> dict[str, str]:
@@ -530,7 +631,8 @@ class Api:
 
     def _finish(self, call: Call, reply: Reply) -> Reply:
         elapsed = time.perf_counter() - call.started
-        self._record(call.route, reply.status, elapsed)
+        namespace = call.namespace
+        self._record("" if namespace is None else namespace.name, call.route, reply.status, elapsed)
         if self._access_log:
             ACCESS_LOG.info(
                 "%s %s %d %d %.2fms",
@@ -578,24 +680,45 @@ class Api:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _route(name: str, operation: Operation, private: bool = True, body: bool = False) -> Route:
-    return Route(name, operation, private, body)
+def _in(call: Call) -> Namespace:
+    """The namespace of a request that ``Api.head`` routed to an operation of one."""
+    namespace = call.namespace
+    assert namespace is not None
+    return namespace
+
+
+def _check_value_size(namespace: Namespace, size: int, key: str | None = None) -> None:
+    limit = namespace.max_value_bytes
+    if limit is not None and size > limit:
+        of = "a value" if key is None else f"the value of {key[:60]!r}"
+        raise PayloadTooLarge(
+            f"{of} of {size} bytes exceeds max_value_bytes of namespace {namespace.name!r} "
+            f"({limit})"
+        )
+
+
+def _route(name: str, operation: Operation, action: str | None, body: bool = False) -> Route:
+    return Route(name, operation, action, body)
 
 
 CACHE_ROUTES = {
-    "GET": _route("get", Api.get_entry),
-    "PUT": _route("put", Api.put_entry, body=True),
-    "DELETE": _route("delete", Api.delete_entry),
+    "GET": _route("get", Api.get_entry, "read"),
+    "PUT": _route("put", Api.put_entry, "write", body=True),
+    "DELETE": _route("delete", Api.delete_entry, "write"),
+}
+# The routes under /v1/ (and /v1/ns/{namespace}/) besides those of keys.
+NAMESPACED_ROUTES = {
+    "bulk/get": {"POST": _route("bulk_get", Api.bulk_get, "read", body=True)},
+    "bulk/set": {"POST": _route("bulk_set", Api.bulk_set, "write", body=True)},
+    "bulk/delete": {"POST": _route("bulk_delete", Api.bulk_delete, "write", body=True)},
+    "invalidate": {"POST": _route("invalidate", Api.invalidate, "invalidate", body=True)},
 }
 FIXED_ROUTES = {
-    "/v1/bulk/get": {"POST": _route("bulk_get", Api.bulk_get, body=True)},
-    "/v1/bulk/set": {"POST": _route("bulk_set", Api.bulk_set, body=True)},
-    "/v1/bulk/delete": {"POST": _route("bulk_delete", Api.bulk_delete, body=True)},
-    "/v1/invalidate": {"POST": _route("invalidate", Api.invalidate, body=True)},
-    "/healthz": {"GET": _route("healthz", Api.healthz, private=False)},
-    "/readyz": {"GET": _route("readyz", Api.readyz, private=False)},
-    "/metrics": {"GET": _route("metrics", Api.serve_metrics, private=False)},
-    "/openapi.json": {"GET": _route("openapi", Api.openapi, private=False)},
+    **{f"/v1/{path}": methods for path, methods in NAMESPACED_ROUTES.items()},
+    "/healthz": {"GET": _route("healthz", Api.healthz, None)},
+    "/readyz": {"GET": _route("readyz", Api.readyz, None)},
+    "/metrics": {"GET": _route("metrics", Api.serve_metrics, None)},
+    "/openapi.json": {"GET": _route("openapi", Api.openapi, None)},
 }
 # The paths of the operations listener ([server].ops_port): no cache data, no token.
 OPS_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
@@ -609,8 +732,12 @@ ROUTES_BY_NAME = {
 def routes() -> Iterator[tuple[str, str, Route]]:
     """Every (method, path template, route) the API serves (the OpenAPI document lists
     the same, a test checks)."""
-    for method, route in CACHE_ROUTES.items():
-        yield method, CACHE_PREFIX + "{key}", route
+    for prefix in (CACHE_PREFIX, NAMESPACE_PREFIX + "{namespace}/cache/"):
+        for method, route in CACHE_ROUTES.items():
+            yield method, prefix + "{key}", route
+    for path, methods in NAMESPACED_ROUTES.items():
+        for method, route in methods.items():
+            yield method, NAMESPACE_PREFIX + "{namespace}/" + path, route
     for path, methods in FIXED_ROUTES.items():
         for method, route in methods.items():
             yield method, path, route

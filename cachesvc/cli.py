@@ -120,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings, args.workers)
         settings = load_settings(args.config)
         if args.command == "invalidate":
-            return publish_invalidation(settings, args.keys, args.prefixes, args.tags)
+            return publish_invalidation(
+                settings, args.keys, args.prefixes, args.tags, args.namespace
+            )
         if args.command == "audit":
             return asyncio.run(audit(settings, args))
         return asyncio.run(dead_letters(settings, args.replay))
@@ -167,11 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     invalidate = commands.add_parser(
         "invalidate",
         help="publish an invalidation event to every sidecar",
-        usage="cachesvc invalidate [-h] [--config PATH] [--key K]... [--prefix P]... [--tag T]...",
+        usage="cachesvc invalidate [-h] [--config PATH] [--namespace NS] [--key K]... "
+        "[--prefix P]... [--tag T]...",
         description=INVALIDATE_DESCRIPTION,
         formatter_class=formatter,
     )
     invalidate.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    invalidate.add_argument(
+        "--namespace",
+        default="default",
+        metavar="NS",
+        help="the namespace of the keys, prefixes and tags (default: default)",
+    )
     repeatable = (
         ("--key", "keys", "K", "remove the key K (repeat for more keys)"),
         ("--prefix", "prefixes", "P", "remove every key that starts with P (repeat for more)"),
@@ -244,14 +253,17 @@ def configure_logging(settings: Settings) -> None:
 
 
 def serve(settings: Settings, workers: int) -> int:
+    from cachesvc.access import build_access
     from cachesvc.app import describe_tiers
 
     configure_logging(settings)
     server = settings.server
-    if not is_loopback(server.host) and server.auth_token is None:
+    # Every token's secret is at hand (ConfigError names a secret_env that is not set).
+    access = build_access(settings, os.environ, time.perf_counter())
+    if not is_loopback(server.host) and access is None:
         print(
             f"refusing to bind {server.host}: a non-loopback address needs an auth token "
-            "(set CACHESVC_AUTH_TOKEN or [server].auth_token)",
+            "(set CACHESVC_AUTH_TOKEN or [server].auth_token, or configure [[tokens]])",
             file=sys.stderr,
         )
         return 2
@@ -464,10 +476,14 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def publish_invalidation(
-    settings: Settings, keys: list[str], prefixes: list[str], tags: list[str]
+    settings: Settings, keys: list[str], prefixes: list[str], tags: list[str], namespace: str
 ) -> int:
     if not (keys or prefixes or tags):
         print("nothing to invalidate: give --key, --prefix or --tag", file=sys.stderr)
+        return 2
+    known = ["default", *(configured.name for configured in settings.namespaces)]
+    if namespace not in known:
+        print(f"unknown namespace {namespace!r} (namespaces: {', '.join(known)})", file=sys.stderr)
         return 2
     if settings.invalidation.url is None:
         print("no [invalidation].url configured to publish to", file=sys.stderr)
@@ -477,7 +493,9 @@ def publish_invalidation(
 
     config = settings.invalidation
     url = settings.invalidation.url
-    event = InvalidationEvent(tuple(keys), tuple(prefixes), tuple(tags), sent_at=time.time())
+    event = InvalidationEvent(
+        tuple(keys), tuple(prefixes), tuple(tags), namespace, sent_at=time.time()
+    )
     if config.stream is not None:
         entry = asyncio.run(_append(url, config.stream, event, config.trimming()))
         print(f"appended to the stream {config.stream} as {entry}")

@@ -30,9 +30,11 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
+from invalidation.events import DEFAULT_NAMESPACE, NAMESPACE_NAME
 from invalidation.postgres_wal import TableSpec
 from invalidation.redis_stream import MaxAge, MaxLength, Trimming
 from tiers.redis_clients import validate_redis_url
@@ -43,6 +45,9 @@ ENV_PREFIX = "CACHESVC_"
 # servers, the Locust workload (bench/workload.py).
 _NOT_SETTINGS = ("CACHESVC_CONFIG", "CACHESVC_TEST_", "CACHESVC_LOAD_")
 _ENV_ALIASES = {"CACHESVC_AUTH_TOKEN": ("server", "auth_token")}
+
+# The token [server].auth_token is, among the [[tokens]]: shown in logs and metrics.
+AUTH_TOKEN_NAME = "auth_token"
 
 Strategy = Literal["write-through", "write-behind", "cache-aside"]
 STRATEGIES: tuple[Strategy, ...] = ("write-through", "write-behind", "cache-aside")
@@ -243,6 +248,73 @@ def _meant_url(url: str, schemes: Sequence[str]) -> str | None:
     return meant if meant != url else None
 
 
+class NamespaceSettings(_Section):
+    """A ``[[namespaces]]`` entry: its own keys, tags and prefixes in every tier, and its
+    own policy; unset fields take the top-level one."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not NAMESPACE_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name!r:.80} is not a namespace name: 1-63 of a-z 0-9 _ -, starting with a "
+                "letter or a digit"
+            )
+        return name
+
+    # A subset of the [[tiers]] names (kept in the [[tiers]] order); default: all of them.
+    tiers: list[str] | None = Field(None, min_length=1)
+    ttl: float | None = Field(None, gt=0)  # the longest lifetime of any of its entries
+    strategy: Strategy | None = None
+    max_value_bytes: int | None = Field(None, gt=0)
+
+
+ACTIONS = ("read", "write", "invalidate", "admin")
+
+
+class TokenSettings(_Section):
+    """A ``[[tokens]]`` entry: a bearer token, what it may do where, and how often."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # The token itself comes from this environment variable (read at serve time) ...
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # ... or only its SHA-256 digest is in the file.
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    scopes: list[str] = Field(min_length=1)
+    rate: float | None = Field(None, gt=0)  # requests per second (a token bucket)
+    burst: int | None = Field(None, ge=1)  # the bucket's size; default: one second of rate
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenSettings:
+        if self.secret_env is None and self.sha256 is None:
+            raise _FieldError(
+                "secret_env",
+                "give secret_env (the environment variable holding the token) or sha256 "
+                "(the token's SHA-256 digest, in hex)",
+            )
+        if self.secret_env is not None and self.sha256 is not None:
+            raise _FieldError("sha256", "give secret_env or sha256, not both")
+        if self.secret_env is not None and self.secret_env.startswith(ENV_PREFIX):
+            raise _FieldError(
+                "secret_env",
+                f"variables starting with {ENV_PREFIX} are settings; name another one",
+            )
+        for position, scope in enumerate(self.scopes):
+            namespace, colon, action = scope.partition(":")
+            if not colon or action not in ACTIONS:
+                raise _FieldError(
+                    f"scopes[{position}]",
+                    f"{scope!r} is not <namespace or *>:<{'|'.join(ACTIONS)}>",
+                )
+            if namespace != "*" and not NAMESPACE_NAME.fullmatch(namespace):
+                raise _FieldError(f"scopes[{position}]", f"{namespace!r} is not a namespace name")
+        if self.burst is not None and self.rate is None:
+            raise _FieldError("burst", "a burst needs a rate")
+        return self
+
+
 def _default_tiers() -> list[TierSettings]:
     return [TierSettings.model_validate(tier) for tier in EMBEDDED_DEFAULT_TIERS]
 
@@ -252,6 +324,8 @@ class Settings(_Section):
     tiers: list[TierSettings] = Field(default_factory=_default_tiers, min_length=1)
     write: WriteSettings = WriteSettings()
     invalidation: InvalidationSettings = InvalidationSettings()
+    namespaces: list[NamespaceSettings] = Field(default_factory=list)
+    tokens: list[TokenSettings] = Field(default_factory=list)
     # The file these settings were read from, if any (see is_embedded_default).
     _config_path: str | None = PrivateAttr(None)
 
@@ -290,7 +364,70 @@ class Settings(_Section):
                 object.__setattr__(
                     self, "write", self.write.model_copy(update={"journal_url": journal_url})
                 )
+        self._check_namespaces()
+        self._check_tokens()
         return self
+
+    def _check_namespaces(self) -> None:
+        tier_order = {tier.name: position for position, tier in enumerate(self.tiers)}
+        seen = {DEFAULT_NAMESPACE}
+        ordered = []
+        for position, namespace in enumerate(self.namespaces):
+            where = f"namespaces[{position}]"
+            if namespace.name == DEFAULT_NAMESPACE:
+                raise _FieldError(
+                    f"{where}.name",
+                    "the namespace 'default' always exists and takes the top-level settings; "
+                    "it is not declared",
+                )
+            if namespace.name in seen:
+                raise _FieldError(f"{where}.name", f"duplicate namespace {namespace.name!r}")
+            seen.add(namespace.name)
+            for index, tier in enumerate(namespace.tiers or ()):
+                if tier not in tier_order:
+                    raise _FieldError(
+                        f"{where}.tiers[{index}]",
+                        f"unknown tier {tier!r} (tiers: {', '.join(tier_order)})",
+                    )
+                if namespace.tiers is not None and namespace.tiers.index(tier) != index:
+                    raise _FieldError(f"{where}.tiers[{index}]", f"tier {tier!r} given twice")
+            limit = self.server.max_body_bytes
+            if namespace.max_value_bytes is not None and namespace.max_value_bytes > limit:
+                raise _FieldError(
+                    f"{where}.max_value_bytes",
+                    f"{namespace.max_value_bytes} is over [server].max_body_bytes ({limit}): "
+                    "no request body may be that large",
+                )
+            if namespace.tiers is not None:
+                in_order = sorted(namespace.tiers, key=tier_order.__getitem__)
+                namespace = namespace.model_copy(update={"tiers": in_order})
+            ordered.append(namespace)
+        object.__setattr__(self, "namespaces", ordered)
+        for position, source in enumerate(self.invalidation.tables):
+            if source.namespace not in seen:
+                raise _FieldError(
+                    f"invalidation.tables[{position}].namespace",
+                    f"unknown namespace {source.namespace!r} (namespaces: {', '.join(seen)})",
+                )
+
+    def _check_tokens(self) -> None:
+        names = {namespace.name for namespace in self.namespaces} | {DEFAULT_NAMESPACE}
+        seen = set() if self.server.auth_token is None else {AUTH_TOKEN_NAME}
+        for position, token in enumerate(self.tokens):
+            if token.name in seen:
+                what = "the name of [server].auth_token" if token.name == AUTH_TOKEN_NAME else ""
+                raise _FieldError(
+                    f"tokens[{position}].name",
+                    f"duplicate token name {token.name!r}" + (f" ({what})" if what else ""),
+                )
+            seen.add(token.name)
+            for index, scope in enumerate(token.scopes):
+                namespace = scope.partition(":")[0]
+                if namespace != "*" and namespace not in names:
+                    raise _FieldError(
+                        f"tokens[{position}].scopes[{index}]",
+                        f"unknown namespace {namespace!r} (namespaces: {', '.join(sorted(names))})",
+                    )
 
     @property
     def is_embedded_default(self) -> bool:
@@ -421,10 +558,10 @@ def _describe(exc: ValidationError, sources: Mapping[tuple[str | int, ...], str]
         message = error["msg"]
         cause = error.get("ctx", {}).get("error")
         if isinstance(cause, _FieldError):
-            location, message = (*location, cause.field), cause.message
-            # A model-level validator reports "tiers[0].name" style fields itself.
-            if "[" in cause.field:
-                location = (cause.field,)
+            # The settings' own validator (at the root) names fields from the top
+            # ("tiers[0].name"); a section's, relative to the section.
+            location = (*location, cause.field) if location else (cause.field,)
+            message = cause.message
         elif error["type"] == "extra_forbidden":
             message = "unknown key"
         else:

@@ -146,6 +146,18 @@ class Engine:
         self._monitor: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._stop_flushing = asyncio.Event()
+        # Views of this engine over fewer tiers (``view``), each with the start of its keys.
+        self._views: list[tuple[str, Engine]] = []
+
+    def view(self, slots: Sequence[Slot], keys_from: str) -> Engine:
+        """This engine over ``slots`` (some of its tiers, in their order) for the keys that
+        start with ``keys_from``: its reads, writes and deletes reach those tiers only. The
+        rest is shared: markers, version clock, journal, lookups, overlay, ``blind``.
+        Write-behind records of its keys are applied to its tiers (``apply_write_behind``).
+        """
+        view = _View(self, slots)
+        self._views.append((keys_from, view))
+        return view
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -180,6 +192,8 @@ class Engine:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        for _, view in self._views:
+            await view._stores.close()
         await self._stores.close()
         await self._sync_missed()  # the last repairs, for the next start
         await self._missed_records.close()
@@ -480,7 +494,8 @@ class Engine:
         return [entry.version for entry in entries]
 
     async def apply_write_behind(self, records: Sequence[Record]) -> None:
-        """Apply journal records to the tiers below the top, newest version per key.
+        """Apply journal records to the tiers below the top, newest version per key (a
+        view's keys to the view's tiers).
 
         Raises TierError when the durable tier did not commit (the journal retries); a
         cache tier in between that fails is skipped and remembers the keys as missed.
@@ -490,6 +505,14 @@ class Engine:
             held = newest.get(rec.key)
             if held is None or held.entry.version < rec.entry.version:
                 newest[rec.key] = rec
+        by_engine: dict[Engine, dict[str, Record]] = {}
+        for key, rec in newest.items():
+            engine = next((view for start, view in self._views if key.startswith(start)), self)
+            by_engine.setdefault(engine, {})[key] = rec
+        for engine, placed in by_engine.items():
+            await engine._apply_below_top(placed)
+
+    async def _apply_below_top(self, newest: dict[str, Record]) -> None:
         now = time.time()
         for slot in reversed(self.slots[1:]):  # durable first, as write-through does
             writes = [
@@ -816,3 +839,20 @@ class Engine:
                 await self.check_tiers()
             except Exception:  # the monitor must outlive any surprise
                 log.exception("tier monitor failed")
+
+
+class _View(Engine):
+    """``Engine.view``: its own tiers (and the batcher that stores to them); every other
+    attribute is the engine's, read through, so that state the engine changes later
+    (``blind``, ``announce``) is the view's at once. Never started or closed itself."""
+
+    def __init__(self, engine: Engine, slots: Sequence[Slot]) -> None:
+        # Not Engine.__init__: the state is the engine's.
+        self._engine = engine
+        self.slots = list(slots)
+        self.top = self.slots[0]
+        self.durable = self.slots[-1]
+        self._stores = Batcher(self._store_group)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)

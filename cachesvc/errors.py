@@ -3,18 +3,22 @@
 ServiceError                       {"error": code, "detail": text}
 ├── BadRequest            400      bad key, TTL, strategy, body; a framing error
 ├── Unauthorized          401      missing or wrong bearer token (+ WWW-Authenticate)
+├── Forbidden             403      the token has no scope for this in this namespace
 ├── NotFound              404      no endpoint at this path
+│   └── UnknownNamespace  404      no such namespace
 ├── MethodNotAllowed      405      (+ Allow)
 ├── RequestTimeout        408      the head or body stopped arriving
 ├── PayloadTooLarge       413      body over [server].max_body_bytes
 ├── UriTooLong            414      request target over the limit
 ├── UnsupportedEncoding   415      a body with a Content-Encoding other than identity
+├── TooManyRequests       429      the token is over its rate (+ Retry-After)
 ├── FieldsTooLarge        431      too many or too large header fields
 └── Unavailable           503      a tier the request's promise needs is down
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -47,9 +51,18 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": 'Bearer realm="cachesvc"'}
 
 
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"
+
+
+class UnknownNamespace(NotFound):
+    code = "unknown_namespace"
 
 
 class MethodNotAllowed(ServiceError):
@@ -82,6 +95,19 @@ class UriTooLong(ServiceError):
 class UnsupportedEncoding(ServiceError):
     status = 415
     code = "unsupported_content_encoding"
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 §10.2.3: whole seconds; rounded up, so a retry then finds room.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class FieldsTooLarge(ServiceError):

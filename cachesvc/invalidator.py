@@ -55,6 +55,7 @@ from cachesvc.errors import Unavailable
 from cachesvc.journal import REDIS_ERRORS
 from cachesvc.markers import MarkerStore
 from cachesvc.metrics import Metrics
+from cachesvc.namespaces import scoped
 from cachesvc.versions import version_at
 from invalidation.base import Listener
 from invalidation.events import InvalidationEvent, MalformedEvent
@@ -83,6 +84,9 @@ class Invalidator:
         identity: str = "cachesvc",
     ) -> None:
         self.engine = engine
+        # The engine (a view over its tiers) of each namespace with tiers of its own; the
+        # others are the engine's. Events are applied in their namespace's tiers.
+        self.engines: dict[str, Engine] = {}
         self.listeners = listeners
         self.channel = channel
         self.markers = engine.markers
@@ -212,14 +216,15 @@ class Invalidator:
         at once; should the tiers then refuse it, they read what the durable tier holds.
         """
         version = self.engine.clock.next()
+        engine, held = self._engine_of(event), scoped(event)
         await self._publish(self._own(event, version))
-        if event.keys:
+        if held.keys:
             try:
-                await self.engine.delete_many(event.keys, version)
+                await engine.delete_many(held.keys, version)
             except Unavailable:
-                await self.engine.superseded([(key, version) for key in event.keys])
+                await engine.superseded([(key, version) for key in held.keys])
                 raise
-        markers = _markers_of(event, version)
+        markers = _markers_of(held, version)
         if markers:
             self.markers.add_all(markers)
             if self.store is not None and not await self.store.save(markers):
@@ -245,6 +250,7 @@ class Invalidator:
             event.keys,
             event.prefixes,
             event.tags,
+            event.namespace,
             origin=self.origin,
             sent_at=time.time(),
             version=version,
@@ -315,25 +321,32 @@ class Invalidator:
     async def _apply_here(self, event: InvalidationEvent, version: int) -> None:
         """Drop this process's copies — in-process tiers, lookups, overlay — of what
         ``event`` covers, and learn its markers."""
-        pairs = [*event.written, *((key, version) for key in event.keys)]
-        self.markers.add_all(_markers_of(event, version))
+        held = scoped(event)
+        pairs = [*held.written, *((key, version) for key in held.keys)]
+        self.markers.add_all(_markers_of(held, version))
         if pairs:
             await self.engine.superseded(pairs)
 
     async def _apply_external(self, event: InvalidationEvent, version: int) -> None:
         """Apply ``event`` to every tier (an external publisher's: nobody else does)."""
-        markers = _markers_of(event, version)
-        if event.keys:
+        held = scoped(event)
+        markers = _markers_of(held, version)
+        if held.keys:
             try:
-                await self.engine.delete_many(event.keys, version)
+                await self._engine_of(event).delete_many(held.keys, version)
             except Unavailable as exc:
                 # Not in the durable tier (yet): key markers hide the old value everywhere.
                 log.warning("invalidation event: %s (hidden by key markers)", exc.detail)
-                markers += [Marker(f"k:{key}", version) for key in event.keys]
+                markers += [Marker(f"k:{key}", version) for key in held.keys]
         if markers:
             self.markers.add_all(markers)
             if self.store is not None:
                 await self.store.save(markers)
+
+    def _engine_of(self, event: InvalidationEvent) -> Engine:
+        """The engine over the tiers of ``event``'s namespace (an unknown one's, as a
+        peer with a newer configuration may send: every tier)."""
+        return self.engines.get(event.namespace, self.engine)
 
     def on_malformed(self, raw: bytes | str, error: MalformedEvent, source: str) -> None:
         self._events.labels(source, "malformed").inc()

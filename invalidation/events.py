@@ -1,5 +1,6 @@
-"""The invalidation event: ``{"keys": [...], "prefixes": [...], "tags": [...]}``
-(docs/invalidation.md is the publishers' reference).
+"""The invalidation event: ``{"keys": [...], "prefixes": [...], "tags": [...]}``, and
+``"namespace"`` naming the namespace they are in (absent: ``default``; docs/invalidation.md
+is the publishers' reference).
 
 Every field is optional and unknown fields are ignored, so publishers can add their own;
 but an event must name something to invalidate: one that names no key, prefix or tag
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,11 @@ MAX_ITEMS = 10_000  # per field: a bigger event is a mistake, not an invalidatio
 MAX_VERSION = 2**63  # versions are 63-bit integers (a Postgres bigint)
 # sent_at becomes a version when an event carries none: times up to 2090.
 MAX_SENT_AT = 3_800_000_000
-KNOWN_FIELDS = frozenset(("keys", "prefixes", "tags", "origin", "sent_at", "version", "written"))
+KNOWN_FIELDS = frozenset(
+    ("keys", "prefixes", "tags", "namespace", "origin", "sent_at", "version", "written")
+)
+DEFAULT_NAMESPACE = "default"
+NAMESPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 class MalformedEvent(ValueError):
@@ -36,6 +42,9 @@ class InvalidationEvent:
     keys: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    # The namespace of the keys, prefixes and tags (not of ``written``: those pairs name
+    # keys as the tiers store them).
+    namespace: str = DEFAULT_NAMESPACE
     origin: str | None = field(default=None, compare=False)
     sent_at: float | None = field(default=None, compare=False)
     # The publishing sidecar's version of the invalidation: receivers tombstone and mark
@@ -54,6 +63,8 @@ class InvalidationEvent:
             "prefixes": list(self.prefixes),
             "tags": list(self.tags),
         }
+        if self.namespace != DEFAULT_NAMESPACE:
+            document["namespace"] = self.namespace
         if self.origin is not None:
             document["origin"] = self.origin
         if self.sent_at is not None:
@@ -65,8 +76,9 @@ class InvalidationEvent:
         return json.dumps(document, ensure_ascii=False)
 
 
-def parse_event(raw: bytes | str) -> InvalidationEvent:
-    """Parse a published message; MalformedEvent says what is wrong with it."""
+def parse_event(raw: bytes | str, namespace: str = DEFAULT_NAMESPACE) -> InvalidationEvent:
+    """Parse a published message; MalformedEvent says what is wrong with it. ``namespace``:
+    the namespace of an event that names none."""
     try:
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -80,6 +92,7 @@ def parse_event(raw: bytes | str) -> InvalidationEvent:
         keys=_strings(document, "keys"),
         prefixes=_strings(document, "prefixes"),
         tags=_strings(document, "tags"),
+        namespace=_namespace(document.get("namespace", namespace)),
         origin=origin if isinstance(origin, str) else None,
         sent_at=_timestamp(sent_at),
         version=version if isinstance(version, int) and 0 < version < MAX_VERSION else None,
@@ -110,6 +123,14 @@ def _written(value: Any) -> tuple[tuple[str, int], ...]:
             raise MalformedEvent("written must be a list of [key, version] pairs")
         pairs.append((pair[0], pair[1]))
     return tuple(pairs)
+
+
+def _namespace(value: Any) -> str:
+    if not isinstance(value, str) or not NAMESPACE_NAME.fullmatch(value):
+        raise MalformedEvent(
+            f"namespace must be a namespace's name ([a-z0-9][a-z0-9_-]{{0,62}}), got {value!r:.80}"
+        )
+    return value
 
 
 def _timestamp(value: Any) -> float | None:

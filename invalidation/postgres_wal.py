@@ -114,8 +114,7 @@ class TableSpec:
     table: str  # as configured: "public.users" or "users"
     keys: tuple[Template, ...]
     tags: tuple[Template, ...] = ()
-    # The events' namespace; events carry it once the event schema has the field.
-    namespace: str = "default"
+    namespace: str = "default"  # of the keys and tags: the events' namespace
 
     @classmethod
     def parse(
@@ -268,8 +267,9 @@ def _known(row: dict[str, object] | None) -> Row | None:
 
 @dataclass
 class _Pending:
-    """Keys and tags read but not yet originated."""
+    """Keys and tags of one namespace read but not yet originated."""
 
+    namespace: str
     keys: set[str] = field(default_factory=set)
     prefixes: set[str] = field(default_factory=set)
     tags: set[str] = field(default_factory=set)
@@ -282,6 +282,7 @@ class _Pending:
                 keys=tuple(keys[start:end]),
                 prefixes=tuple(prefixes[start:end]),
                 tags=tuple(tags[start:end]),
+                namespace=self.namespace,
                 sent_at=time.time(),
             )
 
@@ -471,7 +472,7 @@ class PostgresWalListener(Listener):
                 self.publication,
                 timeout=self.query_timeout,
             )
-            pending = _Pending()
+            pending: dict[str, _Pending] = {}  # by namespace
             last_commit: Commit | None = None
             for row in rows:
                 message = decoder.decode(row["data"])
@@ -483,8 +484,9 @@ class PostgresWalListener(Listener):
             full = len(rows) >= self.batch and last_commit is not None
             position = last_commit.end_lsn if full and last_commit else upto
             try:
-                for event in pending.events():
-                    await sink.originate(event, self.source)
+                for events in pending.values():
+                    for event in events.events():
+                        await sink.originate(event, self.source)
             except Exception as exc:  # the sink's failure, whatever it is: read them again
                 log.warning("invalidation source %s: originate failed, retrying: %r",
                             self.source, exc)  # fmt: skip
@@ -512,17 +514,18 @@ class PostgresWalListener(Listener):
         message: Change | Truncate,
         decoder: PgOutputDecoder,
         specs: dict[int, TableSpec],
-        pending: _Pending,
+        by_namespace: dict[str, _Pending],
     ) -> None:
         if isinstance(message, Truncate):
             for relation_id in message.relation_ids:
                 spec = specs.get(relation_id)
                 if spec is not None:
-                    self._truncated(spec, pending)
+                    self._truncated(spec, _pending(by_namespace, spec))
             return
         spec = specs.get(message.relation_id)
         if spec is None:
             return  # a table dropped from the configuration but still published
+        pending = _pending(by_namespace, spec)
         for row in (message.old, message.new):
             if row is None:
                 continue
@@ -547,6 +550,13 @@ class PostgresWalListener(Listener):
                             spec.table, template.text)  # fmt: skip
         if spec.tags:
             log.warning("TRUNCATE %s: its rows' tags cannot be invalidated", spec.table)
+
+
+def _pending(by_namespace: dict[str, _Pending], spec: TableSpec) -> _Pending:
+    found = by_namespace.get(spec.namespace)
+    if found is None:
+        found = by_namespace[spec.namespace] = _Pending(spec.namespace)
+    return found
 
 
 def _ident(name: str) -> str:

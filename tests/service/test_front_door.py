@@ -490,7 +490,9 @@ async def test_requests_are_counted(way: Way) -> None:
     await connection.answer()
     connection.close()
     metrics = await (await way.client.get("/metrics")).text()
-    assert 'cachesvc_requests_total{operation="get",status="404"} 1.0' in metrics
+    assert (
+        'cachesvc_requests_total{namespace="default",operation="get",status="404"} 1.0' in metrics
+    )
 
 
 async def test_idle_connections_are_closed(make_client: MakeClient) -> None:

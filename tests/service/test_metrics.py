@@ -39,9 +39,14 @@ async def test_metrics_parse_and_carry_per_tier_series(
     assert found[("cachesvc_tier_misses_total", (("tier", "l1"),))] == 2
     assert found[("cachesvc_tier_misses_total", (("tier", "l3"),))] == 1
     assert found[("cachesvc_promotions_total", (("tier", "l1"),))] == 1
-    assert found[("cachesvc_requests_total", (("operation", "get"), ("status", "200")))] == 2
-    assert found[("cachesvc_requests_total", (("operation", "get"), ("status", "404")))] == 1
-    assert found[("cachesvc_requests_total", (("operation", "put"), ("status", "204")))] == 1
+    default = ("namespace", "default")
+    requests = "cachesvc_requests_total"
+    assert found[(requests, (default, ("operation", "get"), ("status", "200")))] == 2
+    assert found[(requests, (default, ("operation", "get"), ("status", "404")))] == 1
+    assert found[(requests, (default, ("operation", "put"), ("status", "204")))] == 1
+    assert found[("cachesvc_hits_total", (default, ("tier", "l1")))] == 1
+    assert found[("cachesvc_hits_total", (default, ("tier", "l2")))] == 1
+    assert found[("cachesvc_misses_total", (default,))] == 1
     for tier in ("l1", "l2", "l3"):
         assert found[("cachesvc_breaker_state", (("tier", tier),))] == 0
         count = (
@@ -49,8 +54,11 @@ async def test_metrics_parse_and_carry_per_tier_series(
             (("operation", "get"), ("tier", tier)),
         )
         assert found[count] >= 1
-    latency = ("cachesvc_request_duration_seconds_count", (("operation", "get"),))
+    latency = ("cachesvc_request_duration_seconds_count", (default, ("operation", "get")))
     assert found[latency] == 3
+    # Requests outside any namespace: namespace="" (this scrape counts the one before).
+    outside = (("namespace", ""), ("operation", "metrics"), ("status", "200"))
+    assert (await scrape(three_tier))[(requests, outside)] == 1
 
 
 async def scrape(

@@ -117,6 +117,24 @@ async def test_key_only_templates_keep_the_default_replica_identity(
     assert originated([sink]) == {"user:5", "user:6"}
 
 
+async def test_events_carry_their_tables_namespace(
+    logical_postgres_url: str, db: asyncpg.Connection, names: Names
+) -> None:
+    sink = RecordingSink()
+    listener = PostgresWalListener(
+        logical_postgres_url,
+        [TableSpec.parse(names.table, ["user:{id}"], namespace="orders")],
+        slot=names.slot,
+        publication=names.slot,
+    )
+    async with running(listener, sink):
+        await until(lambda: reading(listener, sink), 10, "reading the slot")
+        await db.execute(f"INSERT INTO {names.table} (id) VALUES (1); TRUNCATE {names.table}")
+        await until(lambda: _true(originated([sink], "prefixes")), 5, "the truncate")
+    assert {event.namespace for event in sink.originated} == {"orders"}
+    assert originated([sink]) == {"user:1"}
+
+
 async def test_truncate_invalidates_by_the_key_templates_prefixes(
     logical_postgres_url: str, db: asyncpg.Connection, names: Names
 ) -> None:

@@ -279,6 +279,19 @@ def test_workload_from_environment() -> None:
     assert workload.value_size == (10, 20)
     assert workload.strategies == ("write-through", "write-behind")
     assert workload.headers() == {"Authorization": "Bearer fallback"}
+    assert workload.cache_path == "/v1/cache/"
+
+
+def test_workload_in_a_namespace_with_its_own_token() -> None:
+    workload = Workload.from_env(
+        {
+            "CACHESVC_LOAD_NAMESPACE": "orders",
+            "CACHESVC_LOAD_TOKEN": "orders-token",
+            "CACHESVC_AUTH_TOKEN": "fallback",
+        }
+    )
+    assert workload.cache_path == "/v1/ns/orders/cache/"
+    assert workload.headers() == {"Authorization": "Bearer orders-token"}
 
 
 @pytest.mark.parametrize(
@@ -291,6 +304,7 @@ def test_workload_from_environment() -> None:
         ("CACHESVC_LOAD_VALUE_SIZE", "20-10"),
         ("CACHESVC_LOAD_VALUE_SIZE", "big"),
         ("CACHESVC_LOAD_STRATEGY", "write-sideways"),
+        ("CACHESVC_LOAD_NAMESPACE", "Orders"),
     ],
 )
 def test_workload_names_the_bad_variable(name: str, value: str) -> None:
@@ -346,28 +360,58 @@ def test_locustfile_imports_with_its_weights() -> None:
     assert done.stdout.strip() == "[('get', 19), ('put', 1)]"
 
 
+def run_locust(url: str, env: dict[str, str], tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Two seconds of two users against ``url``; Locust's statistics by request name."""
+    locust = shutil.which("locust") or str(Path(sys.executable).with_name("locust"))
+    done = subprocess.run(
+        [
+            locust, "-f", "bench/locustfile.py", "--headless", "-u", "2", "-r", "2",
+            "-t", "2s", "--host", url, "--csv", str(tmp_path / "out"),
+            "--only-summary", "--loglevel", "WARNING",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "out_stats.csv", newline="") as stats:
+        return {row["Name"]: row for row in csv.DictReader(stats)}
+
+
 @pytest.mark.skipif(locust_missing, reason="locust is not installed (pip install locust)")
 def test_locust_headless_run_splits_stats_by_tier(tmp_path: Path) -> None:
-    locust = shutil.which("locust") or str(Path(sys.executable).with_name("locust"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")} | {
         "CACHESVC_LOAD_KEYS": "20",
         "CACHESVC_LOAD_READ_RATIO": "0.5",
     }
     with Sidecar() as sidecar:  # the embedded default: one memory tier
-        done = subprocess.run(
-            [
-                locust, "-f", "bench/locustfile.py", "--headless", "-u", "2", "-r", "2",
-                "-t", "2s", "--host", sidecar.url, "--csv", str(tmp_path / "out"),
-                "--only-summary", "--loglevel", "WARNING",
-            ],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    with open(tmp_path / "out_stats.csv", newline="") as stats:
-        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+        rows = run_locust(sidecar.url, env, tmp_path)
     assert "PUT write-through" in rows
     assert "GET [l1]" in rows
     assert rows["Aggregated"]["Failure Count"] == "0"
+
+
+@pytest.mark.skipif(locust_missing, reason="locust is not installed (pip install locust)")
+def test_locust_in_a_namespace_with_a_scoped_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")} | {
+        "CACHESVC_LOAD_KEYS": "20",
+        "CACHESVC_LOAD_READ_RATIO": "0.5",
+        "CACHESVC_LOAD_NAMESPACE": "orders",
+        "CACHESVC_LOAD_TOKEN": "orders-secret",
+    }
+    config = (
+        '[[namespaces]]\nname = "orders"\n'
+        '[[tokens]]\nname = "orders-api"\nsecret_env = "ORDERS_TOKEN"\n'
+        'scopes = ["orders:read", "orders:write"]\n'
+    )
+    with Sidecar(config, {"ORDERS_TOKEN": "orders-secret"}) as sidecar:
+        rows = run_locust(sidecar.url, env, tmp_path)
+        samples = run.scrape(sidecar.url)
+    assert rows["Aggregated"]["Failure Count"] == "0"
+    in_orders = sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "cachesvc_requests_total" and ("namespace", "orders") in labels
+    )
+    assert in_orders >= int(rows["Aggregated"]["Request Count"]) > 0
 
 
 # -- the reports ----------------------------------------------------------------------------

@@ -174,3 +174,110 @@ def test_url_slips_in_other_sections_get_a_hint(tmp_path: Path) -> None:
 def test_valid_urls_get_no_hint(tmp_path: Path) -> None:
     (problem,) = problems(write(tmp_path, '[[tiers]]\nurl = "http://example.com"\n'))
     assert "did you mean" not in problem and "unknown scheme 'http'" in problem
+
+
+# -- namespaces and tokens --------------------------------------------------------------------
+
+TWO_TIERS = '[[tiers]]\nurl = "memory://"\n[[tiers]]\nname = "slow"\nurl = "memory://"\n'
+DIGEST = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[[namespaces]]\nname = "orders"\ntiers = ["l1", "l9"]\n',
+            "namespaces[0].tiers[1]: unknown tier 'l9' (tiers: l1, slow)",
+        ),
+        (
+            '[[namespaces]]\nname = "orders"\ntiers = ["l1", "l1"]\n',
+            "namespaces[0].tiers[1]: tier 'l1' given twice",
+        ),
+        (
+            '[[namespaces]]\nname = "a"\n[[namespaces]]\nname = "a"\n',
+            "namespaces[1].name: duplicate namespace 'a'",
+        ),
+        (
+            '[[namespaces]]\nname = "Orders"\n',
+            "namespaces[0].name: 'Orders' is not a namespace name: 1-63 of a-z 0-9 _ -, "
+            "starting with a letter or a digit",
+        ),
+        (
+            '[[namespaces]]\nname = "default"\n',
+            "namespaces[0].name: the namespace 'default' always exists and takes the "
+            "top-level settings; it is not declared",
+        ),
+        (
+            '[server]\nmax_body_bytes = 1000\n[[namespaces]]\nname = "a"\nmax_value_bytes = 1001\n',
+            "namespaces[0].max_value_bytes: 1001 is over [server].max_body_bytes (1000): no "
+            "request body may be that large",
+        ),
+        (
+            f'[[tokens]]\nname = "t"\nsha256 = "{DIGEST}"\nscopes = ["orders:read"]\n',
+            "tokens[0].scopes[0]: unknown namespace 'orders' (namespaces: default)",
+        ),
+        (
+            f'[[tokens]]\nname = "t"\nsha256 = "{DIGEST}"\nscopes = ["*:read", "default:reed"]\n',
+            "tokens[0].scopes[1]: 'default:reed' is not <namespace or *>:"
+            "<read|write|invalidate|admin>",
+        ),
+        (
+            '[[tokens]]\nname = "t"\nscopes = ["*:read"]\n',
+            "tokens[0].secret_env: give secret_env (the environment variable holding the "
+            "token) or sha256 (the token's SHA-256 digest, in hex)",
+        ),
+        (
+            f'[[tokens]]\nname = "t"\nsecret_env = "T"\nsha256 = "{DIGEST}"\nscopes = ["*:read"]\n',
+            "tokens[0].sha256: give secret_env or sha256, not both",
+        ),
+        (
+            '[[tokens]]\nname = "t"\nsecret_env = "CACHESVC_T"\nscopes = ["*:read"]\n',
+            "tokens[0].secret_env: variables starting with CACHESVC_ are settings; name "
+            "another one",
+        ),
+        (
+            '[[tokens]]\nname = "t"\nsecret_env = "A"\nscopes = ["*:read"]\n'
+            '[[tokens]]\nname = "t"\nsecret_env = "B"\nscopes = ["*:read"]\n',
+            "tokens[1].name: duplicate token name 't'",
+        ),
+        (
+            '[server]\nauth_token = "x"\n'
+            '[[tokens]]\nname = "auth_token"\nsecret_env = "A"\nscopes = ["*:read"]\n',
+            "tokens[0].name: duplicate token name 'auth_token' (the name of [server].auth_token)",
+        ),
+        (
+            '[[tokens]]\nname = "t"\nsecret_env = "A"\nscopes = ["*:read"]\nburst = 5\n',
+            "tokens[0].burst: a burst needs a rate",
+        ),
+        (
+            '[[invalidation.tables]]\nurl = "postgresql://u@h/d"\ntable = "users"\n'
+            'keys = ["user:{id}"]\nnamespace = "orders"\n',
+            "invalidation.tables[0].namespace: unknown namespace 'orders' (namespaces: default)",
+        ),
+    ],
+)
+def test_namespace_and_token_problems_name_the_field(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert problems(write(tmp_path, TWO_TIERS + text)) == [expected]
+
+
+def test_a_namespaces_tiers_keep_the_tier_order_and_tokens_come_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, TWO_TIERS + '[[namespaces]]\nname = "orders"\ntiers = ["slow", "l1"]\n')
+    tokens = '[{"name": "t", "secret_env": "T", "scopes": ["orders:write"], "rate": 5}]'
+    settings = load_settings(path, {"CACHESVC_TOKENS": tokens})
+    assert settings.namespaces[0].tiers == ["l1", "slow"]
+    (token,) = settings.tokens
+    assert (token.secret_env, token.scopes, token.rate) == ("T", ["orders:write"], 5)
+
+
+def test_check_config_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cachesvc.cli import main
+
+    path = write(tmp_path, TWO_TIERS + '[[namespaces]]\nname = "a"\ntiers = ["l7"]\n')
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "config error: namespaces[0].tiers[0]: unknown tier 'l7' (tiers: l1, slow)\n"
+    )

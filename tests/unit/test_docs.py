@@ -17,8 +17,10 @@ import pytest
 from cachesvc.cli import build_parser
 from cachesvc.config import (
     InvalidationSettings,
+    NamespaceSettings,
     ServerSettings,
     TierSettings,
+    TokenSettings,
     WriteSettings,
     load_settings,
 )
@@ -163,6 +165,8 @@ def configuration_sections() -> dict[str, str]:
         ("`[[tiers]]`", TierSettings),
         ("`[write]`", WriteSettings),
         ("`[invalidation]`", InvalidationSettings),
+        ("Namespaces", NamespaceSettings),
+        ("Tokens and scopes", TokenSettings),
     ],
 )
 def test_every_key_is_in_the_configuration_reference(heading: str, model: type[Any]) -> None:

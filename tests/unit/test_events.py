@@ -37,3 +37,18 @@ def test_sent_at_is_epoch_seconds() -> None:
     assert event.sent_at == 1767225600.25
     # Milliseconds (a common slip) are out of range and ignored, not misread as a far future.
     assert parse_event('{"keys": ["k"], "sent_at": 1767225600250}').sent_at is None
+
+
+def test_the_namespace_defaults_to_default_and_travels_in_json() -> None:
+    assert parse_event('{"keys": ["k"]}').namespace == "default"
+    assert parse_event('{"keys": ["k"]}', namespace="orders").namespace == "orders"
+    event = parse_event('{"keys": ["k"], "namespace": "orders"}', namespace="catalog")
+    assert event == InvalidationEvent(keys=("k",), namespace="orders")
+    assert parse_event(event.to_json()) == event
+    assert "namespace" not in json.loads(InvalidationEvent(keys=("k",)).to_json())
+
+
+@pytest.mark.parametrize("namespace", ['"Orders"', '""', "7", "null", '"a b"', f'"{"x" * 64}"'])
+def test_a_bad_namespace_is_malformed(namespace: str) -> None:
+    with pytest.raises(MalformedEvent, match="namespace must be a namespace's name"):
+        parse_event(f'{{"keys": ["k"], "namespace": {namespace}}}')

@@ -290,7 +290,12 @@ class Engine:
         if hit is None or hit.entry.version <= floor:
             return None
         if self.markers.active and self.markers.hiding(key, hit.entry):
-            return None  # invalidated while the lookup this read joined was under way
+            # Hidden while the lookup this read joined was under way: invalidated, or
+            # replaced by a write that a tier above missed (a key marker). Only a second
+            # look, past the hidden version, tells which.
+            return await self._read_lower(
+                key, self.slots[1:], hit.entry.version, {top} if top_failed else set()
+            )
         return hit
 
     def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:

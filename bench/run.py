@@ -13,10 +13,12 @@ l1             cachesvc GET served by L1, three-tier sidecar [redis, memcached, 
 l1-memory      cachesvc GET served by an in-process L1, sidecar [memory, postgres]
 l1-ns          the same in a namespace (/v1/ns/bench/...) of the same sidecar
 l1-token       l1-memory on a sidecar with a token: the cost of the token check
+l1-sealed      l1-ns in an encrypted namespace: the cost of opening AES-256-GCM per hit
 l2             cachesvc GET served by L2: the L2 sidecar's L1 keeps entries for 1 ms
 l3             cachesvc GET served by L3: its L1 keeps entries 1 ms, its L2 1-2 s
 put-wt         cachesvc PUT write-through on the three-tier sidecar
 put-wb         cachesvc PUT write-behind on the three-tier sidecar
+put-wt-sealed  put-wt in an encrypted namespace: the cost of sealing per write
 =============  ===========================================================================
 
 Every cache hit must go through the sidecar's real read path: the L2 and L3 sidecars have
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -86,7 +89,9 @@ TARGETS = [
 ]
 # The bearer token of the sidecar with tokens (from its environment, as in production).
 BENCH_TOKEN = "bench-token-0123456789abcdef"
-SIDECAR_ENV = {"BENCH_TOKEN": BENCH_TOKEN}
+# The encrypted namespace's key (a fixed one: the bench's data is thrown away).
+SEALED_KEYS = "bench:" + base64.b64encode(bytes(range(32))).decode()
+SIDECAR_ENV = {"BENCH_TOKEN": BENCH_TOKEN, "BENCH_SEALED_KEYS": SEALED_KEYS}
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,8 @@ SCENARIOS = [
              10_000, tier="l1"),
     Scenario("l1-ns", "cachesvc GET, L1 hit in a namespace (memory L1)", "memory-l1",
              "/v1/ns/bench/cache/mem:", 10_000, tier="l1"),
+    Scenario("l1-sealed", "cachesvc GET, L1 hit in an encrypted namespace (memory L1)",
+             "memory-l1", "/v1/ns/sealed/cache/mem:", 10_000, tier="l1"),
     Scenario("l1-token", "cachesvc GET, L1 hit with a token (memory L1)", "memory-l1-token",
              "/v1/cache/mem:", 10_000, tier="l1",
              header=f"Authorization: Bearer {BENCH_TOKEN}"),
@@ -125,6 +132,9 @@ SCENARIOS = [
              method="PUT", query="strategy=write-through"),
     Scenario("put-wb", "cachesvc PUT write-behind", "three-tier", "/v1/cache/wb:", 10_000,
              method="PUT", query="strategy=write-behind"),
+    Scenario("put-wt-sealed", "cachesvc PUT write-through in an encrypted namespace",
+             "three-tier", "/v1/ns/sealed/cache/wt:", 10_000, method="PUT",
+             query="strategy=write-through"),
 ]  # fmt: skip
 BY_KEY = {s.key: s for s in SCENARIOS}
 # What the fixed-rate CPU measurement runs by default: the floor, the peers and an L1 hit.
@@ -144,15 +154,18 @@ def sidecar_configs(redis_port: int, memcached_url: str, postgres_url: str) -> d
     def redis_db(db: int) -> str:
         return f"redis://127.0.0.1:{redis_port}/{db}"
 
+    sealed = '\n[[namespaces]]\nname = "sealed"\nencryption_keys_env = "BENCH_SEALED_KEYS"\n'
     memory_l1 = (
         tiers(("l1", "memory://", 3600), ("l2", postgres_url, 86400))
         + f'\n[invalidation]\nurl = "{redis_db(4)}"\n'
         + '\n[[namespaces]]\nname = "bench"\n'
+        + sealed
     )
     return {
         "three-tier": tiers(
             ("l1", redis_db(1), 3600), ("l2", memcached_url, 3600), ("l3", postgres_url, 86400)
-        ),
+        )
+        + sealed,
         # An in-process l1 in front of a shared tier needs the channel its peers use.
         "memory-l1": memory_l1,
         # The same with a token (its secret in BENCH_TOKEN): every request is checked.

@@ -40,7 +40,9 @@ import msgpack
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cachesvc import audit
 from cachesvc.access import Grant, TokenRequests, build_access
+from cachesvc.audit import AuditTrail, AuditUnavailable
 from cachesvc.batching import then
 from cachesvc.config import STRATEGIES, Settings, Strategy
 from cachesvc.engine import Engine, Hit, NewValue
@@ -51,13 +53,14 @@ from cachesvc.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    Unavailable,
     UnknownNamespace,
     UnsupportedEncoding,
 )
 from cachesvc.invalidator import Invalidator
 from cachesvc.logs import CURRENT_REQUEST, RequestContext
 from cachesvc.metrics import Metrics
-from cachesvc.namespaces import Namespace, build_namespaces
+from cachesvc.namespaces import Namespace, build_ciphers, build_namespaces
 from invalidation.events import DEFAULT_NAMESPACE, InvalidationEvent, MalformedEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ M = TypeVar("M", bound=BaseModel)
 
 CACHE_PREFIX = "/v1/cache/"
 NAMESPACE_PREFIX = "/v1/ns/"
+TAGS_PREFIX = "/v1/tags/"
+TAG_KEYS_SUFFIX = "/keys"
 MAX_KEY_BYTES = 250
 MAX_TAGS = 32
 MAX_BULK_KEYS = 1000
@@ -118,16 +123,16 @@ def validate_key(key: str, what: str = "key") -> str:
     return key
 
 
-def key_in_path(encoded: str) -> str:
-    """The key of a raw (still percent-encoded) path's last part, so that an encoded
-    ``/``, ``?``, ``#`` or ``%`` is part of the key; invalid UTF-8 is refused."""
+def key_in_path(encoded: str, what: str = "key") -> str:
+    """The key (or tag) of a raw (still percent-encoded) path part, so that an encoded
+    ``/``, ``?``, ``#`` or ``%`` is part of it; invalid UTF-8 is refused."""
     if "%" not in encoded and encoded.isascii():
-        return validate_key(encoded)  # nothing to decode
+        return validate_key(encoded, what)  # nothing to decode
     try:
         key = unquote_to_bytes(encoded).decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequest("key is not valid UTF-8") from None
-    return validate_key(key)
+        raise BadRequest(f"{what} is not valid UTF-8") from None
+    return validate_key(key, what)
 
 
 def parse_ttl(raw: str | None) -> float | None:
@@ -233,6 +238,11 @@ class BulkSet(_BulkModel):
     strategy: str | None = None
 
 
+class Erasure(_BulkModel):
+    keys: list[str] = Field(default_factory=list, max_length=MAX_BULK_KEYS)
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
+
+
 def is_msgpack(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() in MSGPACK_TYPES
 
@@ -284,6 +294,8 @@ class Call:
     """One request between its head and its answer."""
 
     __slots__ = (
+        "actor",
+        "client",
         "early",
         "headers",
         "key",
@@ -295,14 +307,18 @@ class Call:
         "started",
     )
 
-    def __init__(self, headers: Mapping[str, str], method: str = "") -> None:
+    def __init__(
+        self, headers: Mapping[str, str], method: str = "", client: str | None = None
+    ) -> None:
         self.headers = headers
         self.method = method
+        self.client = client  # the peer's address, for the audit trail
+        self.actor = "-"  # the token's name (the audit trail's actor); "-": none
         self.started = time.perf_counter()
         self.route = "unmatched"
         self.path = ""
         self.query = ""
-        self.key = ""  # as the tiers hold it (in the namespace's scope)
+        self.key = ""  # as the tiers hold it (in the namespace's scope); or a tag, so held
         self.namespace: Namespace | None = None
         # The answer, when the head alone decides it (the body is then not needed).
         self.early: Reply | None = None
@@ -317,14 +333,16 @@ class Api:
         metrics: Metrics,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        """``environ``: where the tokens' ``secret_env`` variables are read (default: the
-        process's environment); ConfigError names a token whose variable is not set."""
+        """``environ``: where the tokens' ``secret_env`` and the namespaces'
+        ``encryption_keys_env`` variables are read (default: the process's environment);
+        ConfigError names each one that is not set or not usable."""
         self.settings = settings
         self.engine = engine
         self.invalidator = invalidator
         self.metrics = metrics
         self.max_body_bytes = settings.server.max_body_bytes
-        self.namespaces = build_namespaces(settings, engine)
+        environ = os.environ if environ is None else environ
+        self.namespaces = build_namespaces(settings, engine, build_ciphers(settings, environ))
         for namespace in self.namespaces.values():
             metrics.requests.hits[namespace.name] = namespace.hits
         invalidator.engines = {
@@ -332,9 +350,7 @@ class Api:
             for name, namespace in self.namespaces.items()
             if namespace.engine is not engine
         }
-        self.access = build_access(
-            settings, os.environ if environ is None else environ, time.perf_counter()
-        )
+        self.access = build_access(settings, environ, time.perf_counter())
         if self.access is not None:
             metrics.registry.register(TokenRequests(self.access))
         self._record = metrics.requests.record
@@ -343,16 +359,25 @@ class Api:
         self._tasks: set[asyncio.Task[Reply]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.openapi_document = b""
+        # Where invalidations, erasures and refusals are recorded (cachesvc.app sets it
+        # when the durable tier is a Postgres database).
+        self.audit: AuditTrail | None = None
 
     # -- the adapters' entry points ------------------------------------------------------
 
     def head(
-        self, method: str, target: str, headers: Mapping[str, str], ops_only: bool = False
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        ops_only: bool = False,
+        client: str | None = None,
     ) -> Call:
         """Route and check a request whose head is complete; ``call.early`` is its answer
         when the head decides it. ``ops_only``: the operations listener, which serves
-        health, readiness and metrics only."""
-        call = Call(headers, method)
+        health, readiness and metrics only. ``client``: the peer's address."""
+        call = Call(headers, method, client)
+        namespace: Namespace | None = None
         try:
             route, namespace_name, encoded_key = self._route(call, method, target, ops_only)
             call.route = route.name
@@ -368,13 +393,25 @@ class Api:
                 # The configured ones are not listed: a tenant need not learn the others'.
                 raise UnknownNamespace(f"no namespace {namespace_name[:64]!r} is configured")
             if grant is not None:
+                call.actor = grant.name
                 grant.check(namespace_name, action, call.started)
             if route.takes_body:
                 self._check_body_head(headers, route, namespace)
             if encoded_key is not None:
-                call.key = namespace.scope + key_in_path(encoded_key)
+                what = "tag" if route.name == "tag_keys" else "key"
+                call.key = namespace.scope + key_in_path(encoded_key, what)
         except ServiceError as exc:
             call.early = error_reply(exc)
+            if exc.status in (401, 403) and self.audit is not None:
+                # Coalesced by the trail; the namespace only if it exists, so that made-up
+                # names do not make a record each.
+                self.audit.refused(
+                    exc.status,
+                    actor=call.actor,
+                    namespace=None if namespace is None else namespace.name,
+                    target=call.route,
+                    client=call.client,
+                )
         return call
 
     def respond(self, call: Call, body: bytes) -> Outcome:
@@ -412,12 +449,17 @@ class Api:
         if_none_match = call.headers.get("if-none-match")
         namespace = call.namespace
         assert namespace is not None  # (not _in: every L1 hit comes here)
-        found = namespace.engine.read(call.key)
+        key = call.key
+        found = namespace.engine.read(key)
         if found.done() and not found.cancelled() and found.exception() is None:
-            return self._got(namespace, found.result(), if_none_match)
-        return then(found, lambda hit: self._got(namespace, hit, if_none_match))
+            return self._got(namespace, key, found.result(), if_none_match)
+        return then(found, lambda hit: self._got(namespace, key, hit, if_none_match))
 
-    def _got(self, namespace: Namespace, hit: Hit | None, if_none_match: str | None) -> Reply:
+    def _got(
+        self, namespace: Namespace, key: str, hit: Hit | None, if_none_match: str | None
+    ) -> Reply:
+        if hit is not None and (hit.entry.sealed or namespace.cipher is not None):
+            hit = namespace.opened(key, hit)
         if hit is None:
             self._stats.miss(namespace.name)
             return NOT_FOUND
@@ -441,23 +483,28 @@ class Api:
             namespace.lifetime(parse_ttl(query.get("ttl"))),
             namespace.held(parse_tags(raw_tags.split(","))) if raw_tags else (),
         )
+        if namespace.cipher is not None:
+            new = namespace.sealed(new)
         written = namespace.engine.write([new], strategy)
         return then(written, lambda v: put_reply(v[0], strategy))
 
     async def delete_entry(self, call: Call, body: bytes) -> Reply:
         namespace = _in(call)
         key = call.key[len(namespace.scope) :]
-        await self.invalidator.invalidate(InvalidationEvent((key,), namespace=namespace.name))
+        await self._invalidate(call, InvalidationEvent((key,), namespace=namespace.name))
         return NO_CONTENT
 
     async def bulk_get(self, call: Call, body: bytes) -> Reply:
         namespace = _in(call)
         keys = [validate_key(key) for key in read_document(call.headers, body, BulkKeys).keys]
-        hits = await namespace.engine.read_many(namespace.held(keys))
+        held = namespace.held(keys)
+        hits = await namespace.engine.read_many(held)
         as_msgpack = wants_msgpack(call.headers)
         entries: list[dict[str, Any]] = []
         missing: list[str] = []
-        for key, hit in zip(keys, hits, strict=True):
+        for key, held_key, hit in zip(keys, held, hits, strict=True):
+            if hit is not None and (hit.entry.sealed or namespace.cipher is not None):
+                hit = namespace.opened(held_key, hit)
             if hit is None:
                 self._stats.miss(namespace.name)
                 missing.append(key)
@@ -488,15 +535,14 @@ class Api:
             keys.append(validate_key(item.key))
             payload = item.payload()
             _check_value_size(namespace, len(payload), item.key)
-            values.append(
-                NewValue(
-                    namespace.scope + item.key,
-                    payload,
-                    validate_content_type(item.content_type),
-                    namespace.lifetime(item.ttl),
-                    namespace.held(parse_tags(item.tags)),
-                )
+            new = NewValue(
+                namespace.scope + item.key,
+                payload,
+                validate_content_type(item.content_type),
+                namespace.lifetime(item.ttl),
+                namespace.held(parse_tags(item.tags)),
             )
+            values.append(namespace.sealed(new))
         versions = await namespace.engine.write(values, strategy)
         status = 202 if strategy == "write-behind" else 200
         result = {"versions": dict(zip(keys, versions, strict=True))}
@@ -505,7 +551,7 @@ class Api:
     async def bulk_delete(self, call: Call, body: bytes) -> Reply:
         namespace = _in(call)
         keys = tuple(validate_key(key) for key in read_document(call.headers, body, BulkKeys).keys)
-        await self.invalidator.invalidate(InvalidationEvent(keys, namespace=namespace.name))
+        await self._invalidate(call, InvalidationEvent(keys, namespace=namespace.name))
         return NO_CONTENT
 
     async def invalidate(self, call: Call, body: bytes) -> Reply:
@@ -526,8 +572,77 @@ class Api:
             validate_key(tag, "tag")
         if event.written:
             raise BadRequest("written is for the sidecars' own announcements, not requests")
-        await self.invalidator.invalidate(event)
+        await self._invalidate(call, event)
         return json_reply(202, {"status": "accepted"})
+
+    async def _invalidate(self, call: Call, event: InvalidationEvent) -> None:
+        """``event`` applied and told to the peers, and recorded in the audit trail
+        (whatever the outcome)."""
+        try:
+            await self.invalidator.invalidate(event)
+        except Exception as exc:
+            status = exc.status if isinstance(exc, ServiceError) else 500
+            self._audit(
+                call,
+                audit.INVALIDATE,
+                audit.target_of(event.keys, event.prefixes, event.tags),
+                str(status),
+            )
+            raise
+        self._audit(
+            call, audit.INVALIDATE, audit.target_of(event.keys, event.prefixes, event.tags), "ok"
+        )
+
+    async def erase(self, call: Call, body: bytes) -> Reply:
+        """A data subject's entries removed from every tier and the journal; answered once
+        the erasure's audit record is committed."""
+        namespace = _in(call)
+        document = read_document(call.headers, body, Erasure)
+        keys = [validate_key(key) for key in document.keys]
+        tags = [validate_key(tag, "tag") for tag in document.tags]
+        if not keys and not tags:
+            raise BadRequest("nothing to erase: give keys, tags or both")
+        target = audit.target_of(keys, tags=tags)
+        try:
+            erased = await namespace.engine.erase(namespace.held(keys), namespace.held(tags))
+        except ServiceError as exc:
+            self._audit(call, audit.ERASE, target, str(exc.status))
+            raise
+        trail = self.audit
+        if trail is not None:
+            try:
+                await trail.record_now(
+                    audit.ERASE, **self._fields(call, target, f"erased {erased}")
+                )
+            except AuditUnavailable as exc:
+                raise Unavailable(
+                    f"erased, but not answered before its audit record is kept: {exc}", "audit"
+                ) from exc
+        return json_reply(200, {"erased": erased})
+
+    async def tag_keys(self, call: Call, body: bytes) -> Reply:
+        """The keys the durable tier holds with a tag (a data subject's access)."""
+        namespace = _in(call)
+        scope = len(namespace.scope)
+        tag = call.key[scope:]
+        keys = await namespace.engine.keys_with_tag(call.key)
+        self._audit(call, audit.ACCESS, audit.target_of(tags=[tag]), "ok")
+        return json_reply(200, {"tag": tag, "keys": [key[scope:] for key in keys]})
+
+    def _audit(self, call: Call, action: str, target: str, outcome: str) -> None:
+        if self.audit is not None:
+            self.audit.record(action, **self._fields(call, target, outcome))
+
+    @staticmethod
+    def _fields(call: Call, target: str, outcome: str) -> dict[str, Any]:
+        namespace = call.namespace
+        return {
+            "actor": call.actor,
+            "namespace": None if namespace is None else namespace.name,
+            "target": target,
+            "outcome": outcome,
+            "client": call.client,
+        }
 
     def healthz(self, call: Call, body: bytes) -> Reply:
         return json_reply(200, {"status": "ok"})
@@ -582,15 +697,20 @@ class Api:
         elif path.startswith(CACHE_PREFIX):
             found, encoded_key = CACHE_ROUTES, path[len(CACHE_PREFIX) :]
         elif path.startswith(NAMESPACE_PREFIX):
-            # "", "v1", "ns", the namespace, then "cache" and the key, or "bulk" and "get"...
+            # "", "v1", "ns", the namespace, then "cache" and the key, or "bulk" and "get",
+            # or "tags" and "<tag>/keys"...
             parts = path.split("/", 5)
             namespace = parts[3]
             if "%" in namespace:
                 namespace = unquote(namespace)
             if len(parts) == 6 and parts[4] == "cache":
                 found, encoded_key = CACHE_ROUTES, parts[5]
+            elif len(parts) == 6 and parts[4] == "tags":
+                found, encoded_key = _tag_route(parts[5])
             else:
                 found = NAMESPACED_ROUTES.get(unquote("/".join(parts[4:])))
+        elif path.startswith(TAGS_PREFIX):
+            found, encoded_key = _tag_route(path[len(TAGS_PREFIX) :])
         else:
             # Other paths match once decoded, as any router matches them.
             found = FIXED_ROUTES.get(unquote(path))
@@ -680,6 +800,14 @@ class Api:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def _tag_route(rest: str) -> tuple[dict[str, Route] | None, str | None]:
+    """The route and the still-encoded tag of ``<tag>/keys`` (after ``.../tags/``)."""
+    encoded = rest.removesuffix(TAG_KEYS_SUFFIX)
+    if encoded == rest or not encoded or "/" in encoded:
+        return None, None
+    return TAG_ROUTES, encoded
+
+
 def _in(call: Call) -> Namespace:
     """The namespace of a request that ``Api.head`` routed to an operation of one."""
     namespace = call.namespace
@@ -712,7 +840,9 @@ NAMESPACED_ROUTES = {
     "bulk/set": {"POST": _route("bulk_set", Api.bulk_set, "write", body=True)},
     "bulk/delete": {"POST": _route("bulk_delete", Api.bulk_delete, "write", body=True)},
     "invalidate": {"POST": _route("invalidate", Api.invalidate, "invalidate", body=True)},
+    "erase": {"POST": _route("erase", Api.erase, "admin", body=True)},
 }
+TAG_ROUTES = {"GET": _route("tag_keys", Api.tag_keys, "admin")}
 FIXED_ROUTES = {
     **{f"/v1/{path}": methods for path, methods in NAMESPACED_ROUTES.items()},
     "/healthz": {"GET": _route("healthz", Api.healthz, None)},
@@ -724,7 +854,7 @@ FIXED_ROUTES = {
 OPS_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
 ROUTES_BY_NAME = {
     route.name: route
-    for routes in (CACHE_ROUTES, *FIXED_ROUTES.values())
+    for routes in (CACHE_ROUTES, TAG_ROUTES, *FIXED_ROUTES.values())
     for route in routes.values()
 }
 
@@ -735,6 +865,9 @@ def routes() -> Iterator[tuple[str, str, Route]]:
     for prefix in (CACHE_PREFIX, NAMESPACE_PREFIX + "{namespace}/cache/"):
         for method, route in CACHE_ROUTES.items():
             yield method, prefix + "{key}", route
+    for prefix in (TAGS_PREFIX, NAMESPACE_PREFIX + "{namespace}/tags/"):
+        for method, route in TAG_ROUTES.items():
+            yield method, prefix + "{tag}" + TAG_KEYS_SUFFIX, route
     for path, methods in NAMESPACED_ROUTES.items():
         for method, route in methods.items():
             yield method, NAMESPACE_PREFIX + "{namespace}/" + path, route

@@ -2,10 +2,11 @@
 the application with its listeners.
 
 The aiohttp ``Application`` owns the lifecycle: one ``cleanup_ctx`` entry per resource
-(tiers and engine, then invalidation, then the request layer), exited in reverse, and only
-those that started. Requests reach ``cachesvc.api`` through the front door
-(``cachesvc.front``), the sidecar's own HTTP/1.1 protocol, started with
-``loop.create_server`` on the API's address and, with ``[server].ops_port``, on the
+(the audit trail, tiers and engine, then invalidation, then the request layer), exited in
+reverse, and only those that started: the trail records the start before anything else
+and the stop after everything else (the journal drained). Requests reach ``cachesvc.api``
+through the front door (``cachesvc.front``), the sidecar's own HTTP/1.1 protocol, started
+with ``loop.create_server`` on the API's address and, with ``[server].ops_port``, on the
 operations listener's.
 """
 
@@ -20,8 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from cachesvc import audit
 from cachesvc.api import Api
-from cachesvc.config import Settings, TierSettings
+from cachesvc.audit import AuditTrail
+from cachesvc.config import POSTGRES_SCHEMES, Settings, TierSettings
 from cachesvc.engine import Engine
 from cachesvc.front import Edge
 from cachesvc.invalidator import Invalidator
@@ -35,11 +38,13 @@ from invalidation.postgres_wal import PostgresWalListener, TableSpec
 from invalidation.redis_pubsub import RedisPubSubListener
 from invalidation.redis_stream import RedisStreamListener
 from tiers.base import Tier
+from tiers.postgres import database_url
 from tiers.registry import tier_class
 
 log = logging.getLogger(__name__)
 
 API = web.AppKey("api", Api)
+AUDIT = web.AppKey("audit", AuditTrail)
 OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
 
 
@@ -137,6 +142,16 @@ def build_invalidator(
     return invalidator
 
 
+def build_audit(settings: Settings) -> AuditTrail | None:
+    """The audit trail, in the durable tier's database; None when that is not Postgres."""
+    durable = settings.tiers[-1]
+    if durable.parsed_url.scheme.lower() not in POSTGRES_SCHEMES:
+        return None
+    return AuditTrail(
+        database_url(durable.parsed_url), retention_days=settings.audit.retention_days
+    )
+
+
 def create_app(settings: Settings, worker: int = 0) -> web.Application:
     """The application for ``settings``; ``worker`` tells apart the processes of
     ``--workers``."""
@@ -147,10 +162,27 @@ def create_app(settings: Settings, worker: int = 0) -> web.Application:
     api.openapi_document = OPENAPI_DOCUMENT.read_bytes()
     app = web.Application()
     app[API] = api
+    trail = build_audit(settings)
+    if trail is not None:
+        api.audit = invalidator.audit = trail
+        app[AUDIT] = trail
+        app.cleanup_ctx.append(_audit_lifecycle)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_invalidator_lifecycle)
     app.cleanup_ctx.append(_api_lifecycle)
     return app
+
+
+async def _audit_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    trail = app[AUDIT]
+    # Secrets are masked in the dump (SecretStr), and keys are only named (their variable).
+    digest = audit.config_digest(app[API].settings.model_dump(mode="json"))
+    await trail.start()
+    trail.record(audit.START, actor=trail.actor, config_digest=digest)
+    yield
+    trail.release_refusals(everything=True)  # the stop record comes last
+    trail.record(audit.STOP, actor=trail.actor, config_digest=digest)
+    await trail.close()
 
 
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -75,6 +75,7 @@ if TYPE_CHECKING:  # the proxy class is generic only in asyncpg-stubs
 INVALIDATE = "invalidate"
 ERASE = "erase"
 REFUSED = "refused"
+ACCESS = "access"  # the keys held with a tag were listed (a data subject's access)
 START = "start"
 STOP = "stop"
 PRUNE = "prune"
@@ -187,6 +188,19 @@ def canonical(seq: int, record: Record, prev: str) -> bytes:
 
 def chain_hash(seq: int, record: Record, prev: str) -> str:
     return hashlib.sha256(canonical(seq, record, prev)).hexdigest()
+
+
+def target_of(
+    keys: Sequence[str] = (), prefixes: Sequence[str] = (), tags: Sequence[str] = ()
+) -> str:
+    """An invalidation's or erasure's target: its keys, prefixes and tags (those given),
+    as compact JSON, e.g. ``{"keys":["user:7"],"tags":["org:3"]}``."""
+    document = {
+        field: list(names)
+        for field, names in (("keys", keys), ("prefixes", prefixes), ("tags", tags))
+        if names
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
 def config_digest(document: Mapping[str, Any]) -> str:
@@ -381,7 +395,7 @@ class AuditTrail:
     async def close(self) -> None:
         """Write what is queued (refusals of the current minute included), within
         ``close_timeout``, then stop."""
-        self._release_refusals(everything=True)
+        self.release_refusals(everything=True)
         if self._writer is not None:
             if self._queue:
                 with contextlib.suppress(TimeoutError):
@@ -413,8 +427,9 @@ class AuditTrail:
         self._idle.clear()
         self._wake.set()
 
-    def _release_refusals(self, everything: bool = False) -> None:
-        """Queue the coalesced refusals of the minutes that are over."""
+    def release_refusals(self, everything: bool = False) -> None:
+        """Queue the coalesced refusals of the minutes that are over (``everything``: of
+        the current minute too, e.g. before a stop record)."""
         current = int(time.time() // 60)
         for group, held in list(self._refusals.items()):
             if everything or group[-1] < current:
@@ -424,7 +439,7 @@ class AuditTrail:
     async def _write_forever(self) -> None:
         backoff = Backoff(cap=1.0)
         while True:
-            self._release_refusals()
+            self.release_refusals()
             if time.monotonic() >= self._next_prune:
                 try:
                     await self.prune()

@@ -255,11 +255,14 @@ def configure_logging(settings: Settings) -> None:
 def serve(settings: Settings, workers: int) -> int:
     from cachesvc.access import build_access
     from cachesvc.app import describe_tiers
+    from cachesvc.namespaces import build_ciphers
 
     configure_logging(settings)
     server = settings.server
     # Every token's secret is at hand (ConfigError names a secret_env that is not set).
     access = build_access(settings, os.environ, time.perf_counter())
+    # And every encrypted namespace's keys (ConfigError names an encryption_keys_env).
+    build_ciphers(settings, os.environ)
     if not is_loopback(server.host) and access is None:
         print(
             f"refusing to bind {server.host}: a non-loopback address needs an auth token "

@@ -34,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from cachesvc.audit import DEFAULT_RETENTION_DAYS, check_retention_days
+from cachesvc.crypto import NEEDS_ENCRYPTION, Classification
 from invalidation.events import DEFAULT_NAMESPACE, NAMESPACE_NAME
 from invalidation.postgres_wal import TableSpec
 from invalidation.redis_stream import MaxAge, MaxLength, Trimming
@@ -269,6 +271,26 @@ class NamespaceSettings(_Section):
     ttl: float | None = Field(None, gt=0)  # the longest lifetime of any of its entries
     strategy: Strategy | None = None
     max_value_bytes: int | None = Field(None, gt=0)
+    classification: Classification = "internal"
+    # The environment variable holding the namespace's encryption keys (read at serve
+    # time, like a token's secret_env): its values leave the process only sealed.
+    encryption_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _check_encryption(self) -> NamespaceSettings:
+        keys_env = self.encryption_keys_env
+        if keys_env is None and self.classification in NEEDS_ENCRYPTION:
+            raise _FieldError(
+                "encryption_keys_env",
+                f"a {self.classification} namespace needs encryption keys: name the "
+                'environment variable that holds them ("<id>:<base64 of 32 bytes>,...")',
+            )
+        if keys_env is not None and keys_env.startswith(ENV_PREFIX):
+            raise _FieldError(
+                "encryption_keys_env",
+                f"variables starting with {ENV_PREFIX} are settings; name another one",
+            )
+        return self
 
 
 ACTIONS = ("read", "write", "invalidate", "admin")
@@ -315,6 +337,18 @@ class TokenSettings(_Section):
         return self
 
 
+class AuditSettings(_Section):
+    """``[audit]``: the trail in the durable tier's Postgres database (cachesvc.audit)."""
+
+    # Records older than this many days are pruned (the rest stays verifiable).
+    retention_days: int = DEFAULT_RETENTION_DAYS
+
+    @field_validator("retention_days")
+    @classmethod
+    def _check_retention(cls, days: int) -> int:
+        return check_retention_days(days)
+
+
 def _default_tiers() -> list[TierSettings]:
     return [TierSettings.model_validate(tier) for tier in EMBEDDED_DEFAULT_TIERS]
 
@@ -326,6 +360,7 @@ class Settings(_Section):
     invalidation: InvalidationSettings = InvalidationSettings()
     namespaces: list[NamespaceSettings] = Field(default_factory=list)
     tokens: list[TokenSettings] = Field(default_factory=list)
+    audit: AuditSettings = AuditSettings()
     # The file these settings were read from, if any (see is_embedded_default).
     _config_path: str | None = PrivateAttr(None)
 

@@ -194,12 +194,7 @@ def _bound(header: bytes, namespace: str, key: str) -> bytes:
     return header + struct.pack(">I", len(space)) + space + key.encode("utf-8", "surrogatepass")
 
 
-# -- the engine's two calls ------------------------------------------------------------------
-
-
-def seal_entry(cipher: Cipher, namespace: str, key: str, entry: Entry) -> Entry:
-    """``entry`` with its value sealed, for every tier and the journal."""
-    return entry._replace(value=cipher.seal(namespace, key, entry.value), sealed=True)
+# -- reading an entry back ---------------------------------------------------------------------
 
 
 def open_entry(cipher: Cipher | None, namespace: str, key: str, entry: Entry) -> Entry | None:

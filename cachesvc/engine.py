@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 from cachesvc.batching import Batcher, chain, then
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, decode_live
-from cachesvc.errors import Unavailable
+from cachesvc.errors import Unavailable, Unsupported
 from cachesvc.journal import REDIS_ERRORS, Journal, Record, drain
 from cachesvc.markers import Markers
 from cachesvc.slot import TOMBSTONE_TTL, Slot, missed_writes, restore_missed, save_missed
@@ -88,9 +88,9 @@ class NewValue(NamedTuple):
     content_type: str
     ttl: float | None = None
     tags: tuple[str, ...] = ()
-    # PROTOTYPE (issue 15): ``value`` is already sealed (cachesvc.crypto.Cipher.seal, by the
-    # namespace layer before the engine sees it), so every tier and the journal get
-    # ciphertext; reads give it back sealed, for cachesvc.crypto.open_entry.
+    # ``value`` is ciphertext: an encrypted namespace seals it before the engine sees it
+    # (cachesvc.namespaces), so that every tier and the journal hold it sealed, and its
+    # reads give it back sealed for the namespace to open.
     sealed: bool = False
 
 
@@ -405,7 +405,7 @@ class Engine:
                     payload,
                     entry.version,
                     entry.ttl_in(self.durable.ttl, now),
-                    entry.tags,  # PROTOTYPE (issue 15): for the durable tier's erasure by tag
+                    entry.tags,  # in clear beside the payload: erasure finds them by tag
                 )
             )
             for slot in self.slots[:-1]:
@@ -624,17 +624,20 @@ class Engine:
         await self._store(durable_tombstones, cache_tombstones)
 
     async def erase(self, keys: Sequence[str], tags: Sequence[str]) -> int:
-        """PROTOTYPE (issue 15): remove every entry of ``keys`` or carrying one of ``tags``
-        from every tier and the journal; the number of values the durable tier removed.
+        """Remove every entry of ``keys`` or carrying one of ``tags`` from every tier and
+        the journal; the number of values the durable tier removed.
 
-        The journal first (its entries would otherwise be applied again below), then the
-        durable tier's rows, deleted physically (tombstones of those keys included), then a
-        tombstone in every tier above it, which have no erasure of their own. The keys of
-        the tags come from the durable tier and the journal, which between them hold every
-        entry written (the tiers above hold copies). Not covered here: a write-behind flush
-        that read an entry before the journal was erased and commits it after the durable
-        tier was (erase again a moment later), and the peers' in-process tiers (the caller
-        announces the keys). A durable tier that cannot erase gets tombstones."""
+        The journal first (its entries would otherwise be applied again below); the keys
+        of the tags come from it and from the durable tier, which between them hold every
+        entry written (the tiers above hold copies). Then the peers are told, as of a
+        write: their in-process tiers drop the keys (an erasure they cannot learn of is
+        not made). Then the durable tier's rows are deleted physically (tombstones of
+        those keys included), then a tombstone goes to every tier above it, which have no
+        erasure of their own. A durable tier that cannot erase gets tombstones (and 0 is
+        answered: nothing was removed physically).
+
+        Not covered: a write-behind flush that read an entry before the journal was
+        erased and commits it after the durable tier was (erase again a moment later)."""
         durable = self.durable.tier
         found = set(keys)
         try:
@@ -643,16 +646,19 @@ class Engine:
                     found |= (await self.journal.erase(keys, tags)).keys
                 if durable.erases:
                     for tag in tags:
-                        after: str | None = None
-                        while page := await durable.keys_with_tag(tag, 1000, after):
-                            found.update(page)
-                            after = page[-1]
+                        found.update(await self._keys_with_tag(tag))
         except (TimeoutError, TierError, *REDIS_ERRORS) as exc:
             raise Unavailable(f"erasure could not find every entry: {exc}") from exc
         ordered = sorted(found)
         if not durable.erases:
             await self.delete_many(ordered)
             return 0
+        versions = []
+        for key in ordered:
+            self._forget(key)
+            versions.append(self.clock.next())
+        if self.announce is not None and ordered:
+            await self.announce(list(zip(ordered, versions, strict=True)))
         try:
             async with asyncio.timeout(self.request_timeout):
                 erased = await durable.erase(ordered, tags)
@@ -660,16 +666,39 @@ class Engine:
             raise Unavailable(
                 f"the durable tier {self.durable.name!r} did not erase: {exc}", self.durable.name
             ) from exc
-        tombstones = []
-        for key in ordered:
-            self._forget(key)
-            version = self.clock.next()
-            tombstones += [
-                (slot, TierWrite(key, None, version, TOMBSTONE_TTL)) for slot in self.slots[:-1]
-            ]
+        tombstones = [
+            (slot, TierWrite(key, None, version, TOMBSTONE_TTL))
+            for key, version in zip(ordered, versions, strict=True)
+            for slot in self.slots[:-1]
+        ]
         if tombstones:
             await self._store([], tombstones)
         return erased
+
+    async def keys_with_tag(self, tag: str) -> list[str]:
+        """The keys of the live entries the durable tier holds with ``tag``, in key order;
+        Unsupported when it cannot list them."""
+        if not self.durable.tier.erases:
+            raise Unsupported(
+                f"the durable tier {self.durable.name!r} cannot list keys by tag "
+                "(a postgresql:// durable tier can)"
+            )
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await self._keys_with_tag(tag)
+        except (TimeoutError, TierError) as exc:
+            raise Unavailable(
+                f"the durable tier {self.durable.name!r} did not list the keys: {exc}",
+                self.durable.name,
+            ) from exc
+
+    async def _keys_with_tag(self, tag: str) -> list[str]:
+        keys: list[str] = []
+        after: str | None = None
+        while page := await self.durable.tier.keys_with_tag(tag, 1000, after):
+            keys += page
+            after = page[-1]
+        return keys
 
     def _store(
         self,

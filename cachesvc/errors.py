@@ -8,6 +8,7 @@ ServiceError                       {"error": code, "detail": text}
 │   └── UnknownNamespace  404      no such namespace
 ├── MethodNotAllowed      405      (+ Allow)
 ├── RequestTimeout        408      the head or body stopped arriving
+├── Unsupported           409      the configured tiers cannot do this (keys by tag)
 ├── PayloadTooLarge       413      body over [server].max_body_bytes
 ├── UriTooLong            414      request target over the limit
 ├── UnsupportedEncoding   415      a body with a Content-Encoding other than identity
@@ -113,6 +114,13 @@ class TooManyRequests(ServiceError):
 class FieldsTooLarge(ServiceError):
     status = 431
     code = "header_fields_too_large"
+
+
+class Unsupported(ServiceError):
+    # 409, not 501: the API has the operation; this sidecar's configuration lacks it (a
+    # client error to fix, not a server failure).
+    status = 409
+    code = "unsupported"
 
 
 class Unavailable(ServiceError):

@@ -128,6 +128,7 @@ class FrontDoor(asyncio.Protocol):
         self.edge = edge
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None  # the client's address (the audit trail's)
         self.waiting: collections.deque[_Request] = collections.deque()
         self.receiving: _Request | None = None  # the request whose body is arriving
         self.mid_message = False  # a request's head or body is arriving
@@ -148,6 +149,8 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
         self.edge.doors.add(self)
         self.last_active = self.edge.loop.time()
         self._arm(self.last_active + self.edge.check_every)
@@ -232,7 +235,9 @@ class FrontDoor(asyncio.Protocol):
         target = self._url.decode("latin-1")
         if not target.startswith("/"):
             target = _origin_form(self._url)
-        call = self.edge.api.head(method.decode("ascii"), target, self._fields, self.edge.ops_only)
+        call = self.edge.api.head(
+            method.decode("ascii"), target, self._fields, self.edge.ops_only, self.peer
+        )
         request = _Request(call, parser.get_http_version() == "1.0")
         self.receiving = request
         fields = self._fields

@@ -49,6 +49,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio.cluster import RedisCluster
 
+from cachesvc import audit
+from cachesvc.audit import AuditTrail
 from cachesvc.batching import Batcher
 from cachesvc.engine import Engine
 from cachesvc.errors import Unavailable
@@ -107,7 +109,9 @@ class Invalidator:
         )
         # External broadcast events this sidecar only applied here, kept for a while: if
         # the applier dies, the sidecar taking its lease applies them to the shared tiers.
-        self._recent: collections.deque[tuple[float, InvalidationEvent, int]] = collections.deque()
+        self._recent: collections.deque[tuple[float, InvalidationEvent, int, str]] = (
+            collections.deque()
+        )
         self._announcements: Batcher[Sequence[tuple[str, int]], None] = Batcher(self._announce)
         metrics.registry.register(_Lag(listeners))
         self._events = metrics.invalidation_events
@@ -118,6 +122,9 @@ class Invalidator:
         self._newest_loaded = 0  # the newest marker version loaded from the store
         # Markers of writes a shared cache tier missed: kept for every sidecar.
         engine.keep_markers = self._keep_missed
+        # Where the events this sidecar carries out for the fleet are recorded (the one
+        # that applies an event to the shared tiers records it: once, not per sidecar).
+        self.audit: AuditTrail | None = None
 
     def _marker_store(self, redis_key: str) -> MarkerStore | None:
         ttl = self.markers.max_age
@@ -285,20 +292,21 @@ class Invalidator:
             # sidecar to do that (on_shared): here, this process's copies only.
             await self._apply_here(event, version)
         elif self.applier is None or self.applier.held:
-            await self._apply_external(event, version)
+            await self._apply_external(event, version, source)
         else:
             await self._apply_here(event, version)
-            self._recent.append((time.monotonic(), event, version))
+            self._recent.append((time.monotonic(), event, version, source))
         self._applied(event, source)
 
     async def on_shared(self, event: InvalidationEvent, source: str) -> None:
         """This sidecar, and no other, applies ``event`` to the shared tiers."""
-        await self._apply_external(event, self._version_of(event))
+        await self._apply_external(event, self._version_of(event), source)
 
     async def originate(self, event: InvalidationEvent, source: str) -> None:
         """Only this sidecar saw ``event`` (a change read from the write-ahead log): applied
         to every tier and handed to the peers, or Unavailable (delivered again)."""
         await self.invalidate(event)
+        self._record(event, source)
         self._applied(event, source)
 
     def _applied(self, event: InvalidationEvent, source: str) -> None:
@@ -327,8 +335,9 @@ class Invalidator:
         if pairs:
             await self.engine.superseded(pairs)
 
-    async def _apply_external(self, event: InvalidationEvent, version: int) -> None:
-        """Apply ``event`` to every tier (an external publisher's: nobody else does)."""
+    async def _apply_external(self, event: InvalidationEvent, version: int, source: str) -> None:
+        """Apply ``event`` to every tier (an external publisher's: nobody else does), and
+        record it."""
         held = scoped(event)
         markers = _markers_of(held, version)
         if held.keys:
@@ -342,6 +351,18 @@ class Invalidator:
             self.markers.add_all(markers)
             if self.store is not None:
                 await self.store.save(markers)
+        self._record(event, source)
+
+    def _record(self, event: InvalidationEvent, source: str) -> None:
+        """An event's invalidation in the audit trail, its source as the actor (writes
+        announced by peers are not invalidations)."""
+        if self.audit is not None and (event.keys or event.prefixes or event.tags):
+            self.audit.record(
+                audit.INVALIDATE,
+                actor=source,
+                namespace=event.namespace,
+                target=audit.target_of(event.keys, event.prefixes, event.tags),
+            )
 
     def _engine_of(self, event: InvalidationEvent) -> Engine:
         """The engine over the tiers of ``event``'s namespace (an unknown one's, as a
@@ -455,8 +476,8 @@ class Invalidator:
         if applier.held and not held:
             log.info("this sidecar applies external events to the shared tiers now")
             while recent:
-                _, event, version = recent.popleft()
-                await self._apply_external(event, version)
+                _, event, version, source = recent.popleft()
+                await self._apply_external(event, version, source)
 
 
 class ApplierLease:

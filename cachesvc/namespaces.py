@@ -13,14 +13,19 @@ is; memcached, which takes no control characters, stores a digest of it.
 
 A namespace with its own ``tiers`` reads and writes through a view of the engine over
 those tiers (``Engine.view``); the others share the engine itself.
+
+An encrypted namespace (``encryption_keys_env``) has a ``cipher``: the request layer seals
+its values before the engine sees them and opens them on every hit (cachesvc.crypto), so
+that every tier and the journal hold ciphertext only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from cachesvc.config import Settings, Strategy
-from cachesvc.engine import Engine
+from cachesvc.config import ConfigError, Settings, Strategy
+from cachesvc.crypto import Cipher, namespace_cipher, open_entry
+from cachesvc.engine import Engine, Hit, NewValue
 from invalidation.events import DEFAULT_NAMESPACE, InvalidationEvent
 
 SEPARATOR = "\x1e"
@@ -32,7 +37,16 @@ def scope_of(namespace: str) -> str:
 
 
 class Namespace:
-    __slots__ = ("engine", "hits", "max_value_bytes", "name", "scope", "strategy", "ttl")
+    __slots__ = (
+        "cipher",
+        "engine",
+        "hits",
+        "max_value_bytes",
+        "name",
+        "scope",
+        "strategy",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -41,6 +55,7 @@ class Namespace:
         strategy: Strategy,
         ttl: float | None = None,
         max_value_bytes: int | None = None,
+        cipher: Cipher | None = None,
     ) -> None:
         self.name = name
         self.scope = scope_of(name)
@@ -48,6 +63,7 @@ class Namespace:
         self.strategy = strategy  # for writes that name none
         self.ttl = ttl  # the longest lifetime of any entry
         self.max_value_bytes = max_value_bytes
+        self.cipher = cipher  # None: its values are stored as they are
         # Keys read that a tier held, by tier (cachesvc_hits_total reads it at scrape).
         self.hits: dict[str, int] = {}
 
@@ -55,6 +71,24 @@ class Namespace:
         """Keys or tags of this namespace as the tiers hold them."""
         scope = self.scope
         return tuple(scope + name for name in names) if scope else tuple(names)
+
+    def sealed(self, new: NewValue) -> NewValue:
+        """``new`` as the tiers get it: its value sealed when the namespace is encrypted,
+        bound to the namespace and the client's key."""
+        cipher = self.cipher
+        if cipher is None:
+            return new
+        value = cipher.seal(self.name, new.key[len(self.scope) :], new.value)
+        return new._replace(value=value, sealed=True)
+
+    def opened(self, key: str, hit: Hit) -> Hit | None:
+        """``hit`` (of the held ``key``) as the client wrote it, or None, a miss: a value
+        that does not open (a key no longer listed, altered, copied), or one stored sealed
+        or in clear while the namespace is the other way (``open_entry``)."""
+        if self.cipher is None and not hit.entry.sealed:
+            return hit
+        entry = open_entry(self.cipher, self.name, key[len(self.scope) :], hit.entry)
+        return None if entry is None else hit._replace(entry=entry)
 
     def lifetime(self, ttl: float | None) -> float | None:
         """The lifetime of an entry written with ``ttl``: at most the namespace's cap."""
@@ -64,8 +98,31 @@ class Namespace:
         return cap
 
 
-def build_namespaces(settings: Settings, engine: Engine) -> dict[str, Namespace]:
-    """Every namespace by name, ``default`` (the top-level policy) first."""
+def build_ciphers(settings: Settings, environ: Mapping[str, str]) -> dict[str, Cipher]:
+    """The cipher of every encrypted namespace, by name, its keys read from ``environ``.
+    ConfigError names the ``encryption_keys_env`` of each namespace whose variable is not
+    set or not a key list (never a key's bytes)."""
+    ciphers: dict[str, Cipher] = {}
+    problems = []
+    for position, config in enumerate(settings.namespaces):
+        try:
+            cipher = namespace_cipher(config.classification, config.encryption_keys_env, environ)
+        except ValueError as exc:
+            problems.append(f"namespaces[{position}].encryption_keys_env: {exc}")
+            continue
+        if cipher is not None:
+            ciphers[config.name] = cipher
+    if problems:
+        raise ConfigError(problems)
+    return ciphers
+
+
+def build_namespaces(
+    settings: Settings, engine: Engine, ciphers: Mapping[str, Cipher] | None = None
+) -> dict[str, Namespace]:
+    """Every namespace by name, ``default`` (the top-level policy) first; ``ciphers``:
+    those of the encrypted ones (``build_ciphers``)."""
+    ciphers = ciphers or {}
     slots = {slot.name: slot for slot in engine.slots}
     strategy = settings.write.strategy
     namespaces = {DEFAULT_NAMESPACE: Namespace(DEFAULT_NAMESPACE, engine, strategy)}
@@ -74,7 +131,12 @@ def build_namespaces(settings: Settings, engine: Engine) -> dict[str, Namespace]
         if config.tiers is not None and len(config.tiers) < len(engine.slots):
             own = engine.view([slots[name] for name in config.tiers], scope_of(config.name))
         namespaces[config.name] = Namespace(
-            config.name, own, config.strategy or strategy, config.ttl, config.max_value_bytes
+            config.name,
+            own,
+            config.strategy or strategy,
+            config.ttl,
+            config.max_value_bytes,
+            ciphers.get(config.name),
         )
     return namespaces
 

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from tests.servers import _pg_bindir
+from tests.service.conftest import make_client as make_client  # the services under test
 from tiers.postgres import PostgresTier
 
 

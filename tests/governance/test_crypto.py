@@ -18,7 +18,6 @@ from cachesvc.crypto import (
     namespace_cipher,
     open_entry,
     parse_keys,
-    seal_entry,
     sealed_key_id,
 )
 from cachesvc.envelope import Entry, decode_envelope
@@ -143,6 +142,11 @@ def test_an_altered_or_foreign_value_reads_as_nothing() -> None:
 def test_an_empty_value_seals_and_opens() -> None:
     cipher = Cipher([Key("k1", K1)])
     assert cipher.open("ns", "k", cipher.seal("ns", "k", b"")) == b""
+
+
+def seal_entry(cipher: Cipher, namespace: str, key: str, entry: Entry) -> Entry:
+    """``entry`` as an encrypted namespace stores it (cachesvc.namespaces seals the value)."""
+    return entry._replace(value=cipher.seal(namespace, key, entry.value), sealed=True)
 
 
 def test_sealed_entries_keep_version_expiry_and_tags_readable() -> None:

@@ -1,8 +1,9 @@
 """An encrypted namespace's values in real tiers (Redis, memcached, Postgres) and the
-write-behind journal, through the engine with the prototype of issue 15 (values sealed
-before the engine sees them, ``NewValue.sealed``): no plaintext in any server, before or
+write-behind journal, through the engine alone (values sealed before the engine sees them,
+``NewValue.sealed``, as an encrypted namespace does): no plaintext in any server, before or
 after the journal drains; and erasure from every tier (``Engine.erase``) leaving no trace
-in pg_dump while other subjects' entries stay."""
+in pg_dump while other subjects' entries stay. tests/governance/test_service.py shows the
+same through the HTTP API."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import pytest
 
 from cachesvc.cli import build_parser
 from cachesvc.config import (
+    AuditSettings,
     InvalidationSettings,
     NamespaceSettings,
     ServerSettings,
@@ -167,6 +168,7 @@ def configuration_sections() -> dict[str, str]:
         ("`[invalidation]`", InvalidationSettings),
         ("Namespaces", NamespaceSettings),
         ("Tokens and scopes", TokenSettings),
+        ("`[audit]`", AuditSettings),
     ],
 )
 def test_every_key_is_in_the_configuration_reference(heading: str, model: type[Any]) -> None:
@@ -185,6 +187,7 @@ def test_the_complete_file_shows_the_defaults(tmp_path: Path) -> None:
     assert settings.server == ServerSettings()
     assert settings.invalidation == InvalidationSettings()
     assert settings.write == WriteSettings(journal_url="redis://127.0.0.1:6379/0")
+    assert settings.audit == AuditSettings()
     first = settings.tiers[0]
     defaults = TierSettings(url=first.url, name=first.name, ttl=first.ttl)
     assert first == defaults and first.ttl == TierSettings.model_fields["ttl"].default

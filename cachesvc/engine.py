@@ -326,8 +326,20 @@ class Engine:
         for slot in slots:
             if not slot.readable(key):
                 continue
+            markers_before = self.markers.changes
             try:
                 payload = await slot.get(key)
+                entry = decode_live(payload, time.time())
+                if (
+                    slot is self.durable
+                    and entry is not None
+                    and self.markers.changes != markers_before
+                    and self.markers.hiding(key, entry)
+                ):
+                    # Hidden by a marker that came while the read was under way: the key
+                    # marker of a write a tier above missed, acknowledged meanwhile, whose
+                    # value the durable tier holds now. Only another read sees it.
+                    payload = await slot.get(key)
             except TierError:
                 failed.add(slot)
                 continue

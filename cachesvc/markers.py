@@ -45,6 +45,9 @@ class Markers:
         self.tags: dict[str, int] = {}
         self._prefixes: dict[int, dict[str, int]] = defaultdict(dict)  # by prefix length
         self.active = False  # fast path: no marker at all
+        # Counts the markers recorded: a read that sees it change knows a marker came
+        # while it waited for a tier.
+        self.changes = 0
 
     def add(self, kind: str, name: str, version: int) -> bool:
         """Record a marker; True when it is newer than what was known."""
@@ -53,6 +56,7 @@ class Markers:
             return False
         table[name] = version
         self.active = True
+        self.changes += 1
         return True
 
     def add_all(self, markers: Sequence[Marker]) -> None:

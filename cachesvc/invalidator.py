@@ -70,6 +70,9 @@ from tiers.redis_clients import RedisClient, create_client
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 60.0
+# Seconds an external event's key markers are kept by a sidecar that leaves applying it to
+# the shared tiers to another: enough for a dead applier's lease (3 s) to be taken over.
+UNTIL_APPLIED = 10.0
 CATCH_UP_MARGIN = 5.0  # seconds: see _reload_markers
 
 
@@ -112,6 +115,9 @@ class Invalidator:
         self._recent: collections.deque[tuple[float, InvalidationEvent, int, str]] = (
             collections.deque()
         )
+        # Key markers of external events another sidecar applies to the shared tiers:
+        # (until, key, version), dropped by the upkeep once that is surely done.
+        self._until_applied: collections.deque[tuple[float, str, int]] = collections.deque()
         self._announcements: Batcher[Sequence[tuple[str, int]], None] = Batcher(self._announce)
         metrics.registry.register(_Lag(listeners))
         self._events = metrics.invalidation_events
@@ -287,14 +293,16 @@ class Invalidator:
             self._events.labels(source, "own").inc()
             return
         version = self._version_of(event)
-        if event.origin is not None or source in self._pickers:
-            # A peer applied it to the shared tiers already; or the source picks one
-            # sidecar to do that (on_shared): here, this process's copies only.
+        if event.origin is not None:
+            # A peer's: it applied it to the shared tiers before publishing it.
             await self._apply_here(event, version)
+        elif source in self._pickers:
+            # The source picks the sidecar that applies it to the shared tiers (on_shared).
+            await self._apply_here(event, version, shared_later=True)
         elif self.applier is None or self.applier.held:
             await self._apply_external(event, version, source)
         else:
-            await self._apply_here(event, version)
+            await self._apply_here(event, version, shared_later=True)
             self._recent.append((time.monotonic(), event, version, source))
         self._applied(event, source)
 
@@ -326,12 +334,24 @@ class Invalidator:
         self.engine.clock.witness(version)
         return version
 
-    async def _apply_here(self, event: InvalidationEvent, version: int) -> None:
+    async def _apply_here(
+        self, event: InvalidationEvent, version: int, shared_later: bool = False
+    ) -> None:
         """Drop this process's copies — in-process tiers, lookups, overlay — of what
-        ``event`` covers, and learn its markers."""
+        ``event`` covers, and learn its markers.
+
+        ``shared_later``: another sidecar applies it to the shared tiers, a moment later
+        (a second or more when it has to take over a dead applier's lease). Until then a
+        read here would find the old value there and serve it, so its keys get key
+        markers here, for ``UNTIL_APPLIED`` seconds."""
         held = scoped(event)
         pairs = [*held.written, *((key, version) for key in held.keys)]
         self.markers.add_all(_markers_of(held, version))
+        if shared_later:
+            until = time.monotonic() + UNTIL_APPLIED
+            for key in held.keys:
+                if self.markers.add("k", key, version):
+                    self._until_applied.append((until, key, version))
         if pairs:
             await self.engine.superseded(pairs)
 
@@ -437,6 +457,10 @@ class Invalidator:
                     self._see()
                 if self.store is not None:
                     await self.store.flush()
+                now = time.monotonic()
+                while self._until_applied and self._until_applied[0][0] < now:
+                    _, key, version = self._until_applied.popleft()
+                    self.markers.drop_key(key, version)
                 if time.monotonic() - pruned_at > PRUNE_INTERVAL:
                     pruned_at = time.monotonic()
                     self.markers.prune()

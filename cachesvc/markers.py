@@ -65,6 +65,12 @@ class Markers:
             if kind in KINDS and rest:
                 self.add(kind, rest, version)
 
+    def drop_key(self, key: str, version: int) -> None:
+        """Drop the key marker of ``key`` if it is still the one at ``version``."""
+        if self.keys.get(key) == version:
+            del self.keys[key]
+            self.active = bool(self.keys or self.tags or self._prefixes)
+
     def _table(self, kind: str, name: str) -> dict[str, int]:
         if kind == "k":
             return self.keys

@@ -143,8 +143,9 @@ async def test_one_event_costs_the_shared_tiers_the_same_with_8_sidecars(
 async def test_an_event_reaches_the_shared_tiers_when_its_applier_dies(
     redis_url: str, memcached_url: str, postgres_url: str, redis_server: RedisServer
 ) -> None:
-    """The applier killed (-9) just as an event is published: a peer takes the lease
-    over and applies what it heard meanwhile to the shared tiers."""
+    """The applier killed (-9) just as an event is published: the other sidecars stop
+    serving the keys at once, though the shared tiers still hold them until one of them
+    takes the lease over (seconds later) and applies what it heard meanwhile there."""
     config = (
         tiers_config(redis_url, memcached_url, postgres_url)
         + f'[invalidation]\nurl = "{redis_server.url}"\nchannel = "{CHANNEL}"\n'
@@ -163,6 +164,19 @@ async def test_an_event_reaches_the_shared_tiers_when_its_applier_dies(
             await publisher.publish(CHANNEL, json.dumps({"keys": keys}))
         finally:
             await publisher.aclose()
+        survivors = [sidecar for sidecar in sidecars if sidecar is not applier]
+
+        async def dropped_by_survivors() -> bool:
+            async with aiohttp.ClientSession() as session:
+                for sidecar in survivors:
+                    for key in keys:
+                        async with session.get(f"{sidecar.url}/v1/cache/{key}") as response:
+                            if response.status != 404:
+                                return False
+            return True
+
+        # Within a second: not waiting for the lease (3 s) to pass to another sidecar.
+        await until(dropped_by_survivors, 1, "the keys dropped by the other sidecars")
         conn = await asyncpg.connect(postgres_url)
         try:
 

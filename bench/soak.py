@@ -119,7 +119,7 @@ def fill(url: str, keys: int, seed: int = 2) -> None:
             {"key": f"soak:{i}", "value": "x" * rng.randint(32, 2048)}
             for i in range(start, min(keys, start + FILL_BATCH))
         ]
-        bulk_set(url, entries)
+        bulk_set(url + "/v1", entries)
 
 
 async def drive(

@@ -57,8 +57,8 @@ default), and --host and --port apply last:
 
   CACHESVC_SERVER__PORT=9000           [server] port
   CACHESVC_TIERS__0__TTL=60            ttl of the first [[tiers]] entry
-  CACHESVC_TIERS__1__URL=redis://127.0.0.1:6379/0
-                                       a second tier (after the embedded l1, without a file)
+  CACHESVC_TIERS__0__URL=redis://127.0.0.1:6379/0
+                                       the first tier's url (without a file: the embedded l1's)
   CACHESVC_TIERS='[{"url": "memory://"}, {"url": "redis://127.0.0.1:6379/0"}]'
                                        the whole tier list, as JSON
   CACHESVC_AUTH_TOKEN=...              [server] auth_token

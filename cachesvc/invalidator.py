@@ -124,6 +124,7 @@ class Invalidator:
         self._latency = metrics.invalidation_latency
         self._tasks: list[asyncio.Task[None]] = []
         self._down: set[str] = set()
+        self._closing = False
         self._markers_loaded = False
         self._newest_loaded = 0  # the newest marker version loaded from the store
         # Markers of writes a shared cache tier missed: kept for every sidecar.
@@ -180,6 +181,7 @@ class Invalidator:
             self._tasks.append(asyncio.create_task(self._keep_applier(), name="applier-lease"))
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -394,7 +396,7 @@ class Invalidator:
         log.warning("malformed invalidation event from %s (%s): %.200r", source, error, raw)
 
     def on_disconnect(self, source: str) -> None:
-        if not self._down:
+        if not self._down and not self._closing:  # a listener stopped by close() is not lost
             log.warning(
                 "invalidation source %s lost: reading the durable tier only until it is back",
                 source,

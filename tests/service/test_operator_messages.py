@@ -102,3 +102,16 @@ async def test_invalidate_without_anything_to_invalidate_is_a_clear_400(
 
 async def ready(client: Any) -> bool:
     return (await client.get("/readyz")).status == 200
+
+
+async def test_a_clean_stop_does_not_say_the_invalidation_source_was_lost(
+    make_client: MakeClient, clean_redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.model_validate(
+        {"tiers": [{"url": "memory://"}], "invalidation": {"url": clean_redis_url}}
+    )
+    client = await make_client(settings)
+    await until(lambda: ready(client), 5.0, "subscribed")
+    await client.close()
+    lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+    assert lost == []

@@ -41,11 +41,14 @@ _TAIL_TO_PAYLOAD = _OVERHEAD - len(_live_after(0, 0.0, 0))  # from the end of ``
 
 # Recency: one byte per slot (``_marks``), the tick of the entry's last read or write;
 # _EMPTY marks an empty slot. The tick counts writes (one tick per ``_period`` of them, a
-# 128th of the table), and when it reaches _EMPTY every mark is halved at once
-# (``bytes.translate``), which keeps their order and frees the upper half again.
+# 64th of the entries held: a full turnover spans 64 ticks), and when it reaches _EMPTY
+# every mark is halved at once (``bytes.translate``, C), which keeps their order and frees
+# the upper half again.
 _EMPTY = 255
 _HALVE = bytes([mark >> 1 for mark in range(_EMPTY)] + [_EMPTY])
-_MIN_SLOTS = 8
+# The table is made for max_items at once, up to this many (2^21 slots, 19 MiB): growing
+# it rehashes every entry in Python, an event-loop stall of about 0.7 µs per entry.
+_PRESIZED_ITEMS = 1 << 20
 
 
 def _encoded(key: str) -> bytes:
@@ -67,7 +70,9 @@ class MemoryTier(Tier):
         self.max_items = int(options.get("max_items", 100_000))
         self.max_bytes = int(options.get("max_bytes", 256 * 1024 * 1024))
         self._started = time.monotonic()  # the origin of deadlines: see _HEADER
-        self._reset(_MIN_SLOTS)
+        # At most half the slots are used (see set_many).
+        self._initial_size = 1 << (2 * min(self.max_items, _PRESIZED_ITEMS) - 1).bit_length()
+        self._reset(self._initial_size)
         # name -> (version, monotonic deadline): markers are kept apart from the entries,
         # never evicted, and outlive clear() (it drops cached values, not invalidations).
         self._markers: dict[str, tuple[int, float]] = {}
@@ -86,7 +91,7 @@ class MemoryTier(Tier):
         self._oldest = 0  # no held entry has a lower mark
         self._tick = 0
         self._writes = 0  # since the tick last moved
-        self._period = max(1, size >> 7)
+        self._period = 1  # writes per tick: a 64th of the entries held (see _advance)
 
     @classmethod
     def validate_url(cls, url: SplitResult) -> None:
@@ -112,15 +117,26 @@ class MemoryTier(Tier):
             name = key.encode()
         except UnicodeEncodeError:
             name = _encoded(key)
-        i = hash(key) & self._mask
-        entry = self._slots[i]
+        slots = self._slots
+        mask = self._mask
+        i = hash(key) & mask
+        entry = slots[i]
         if entry is None:
             return None
         live = name + _live_after(0xFF, time.monotonic() - self._started, 0xFF)
-        if live < entry < name + _PAST_END:
-            self._marks[i] = self._tick
-            return entry[len(live) + _TAIL_TO_PAYLOAD :] or None  # a tombstone ends there
-        return self._probe(name, live, i)
+        past = name + _PAST_END
+        while True:
+            if entry < past:
+                if entry > live:
+                    self._marks[i] = self._tick
+                    return entry[len(live) + _TAIL_TO_PAYLOAD :] or None  # a tombstone ends there
+                if entry > name + _END:  # this key's, expired
+                    self._remove(i)
+                    return None
+            i = (i + 1) & mask
+            entry = slots[i]
+            if entry is None:
+                return None
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         tail = _live_after(0xFF, time.monotonic() - self._started, 0xFF)
@@ -136,35 +152,27 @@ class MemoryTier(Tier):
                 name = _encoded(key)
             i = hash(key) & mask
             entry = slots[i]
-            if entry is None:
-                found.append(None)
-                continue
-            live = name + tail
-            if live < entry < name + _PAST_END:
-                marks[i] = tick
-                found.append(entry[len(live) + _TAIL_TO_PAYLOAD :] or None)
+            if entry is not None:
+                live = name + tail
+                past = name + _PAST_END
+                while True:
+                    if entry < past:
+                        if entry > live:
+                            marks[i] = tick
+                            found.append(entry[len(live) + _TAIL_TO_PAYLOAD :] or None)
+                            break
+                        if entry > name + _END:
+                            self._remove(i)  # expired; moves entries, never the table
+                            found.append(None)
+                            break
+                    i = (i + 1) & mask
+                    entry = slots[i]
+                    if entry is None:
+                        found.append(None)
+                        break
             else:
-                found.append(self._probe(name, live, i))
+                found.append(None)
         return found
-
-    def _probe(self, name: bytes, live: bytes, i: int) -> bytes | None:
-        """The rest of a read that did not find its key live at slot ``i``: the key's entry
-        may lie further on, or be there and expired."""
-        slots = self._slots
-        mask = self._mask
-        start = name + _END
-        past = name + _PAST_END
-        entry = slots[i]
-        while entry is not None:
-            if start < entry < past:
-                if entry > live:
-                    self._marks[i] = self._tick
-                    return entry[len(live) + _TAIL_TO_PAYLOAD :] or None
-                self._remove(i)  # expired
-                return None
-            i = (i + 1) & mask
-            entry = slots[i]
-        return None
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         now = time.monotonic() - self._started
@@ -240,12 +248,13 @@ class MemoryTier(Tier):
         await self.clear()
 
     async def clear(self) -> None:
-        self._reset(_MIN_SLOTS)
+        self._reset(self._initial_size)
 
     # -- the table ---------------------------------------------------------------------------
 
     def _advance(self) -> None:
         self._writes = 0
+        self._period = max(1, self._count >> 6)
         self._tick += 1
         if self._tick == _EMPTY:
             self._marks = self._marks.translate(_HALVE)
@@ -273,9 +282,9 @@ class MemoryTier(Tier):
 
     def _resize(self, size: int) -> None:
         slots, marks = self._slots, self._marks
-        kept = self._tick, self._writes, self._count, self._bytes, self._oldest
+        kept = self._tick, self._writes, self._period, self._count, self._bytes, self._oldest
         self._reset(size)
-        self._tick, self._writes, self._count, self._bytes, self._oldest = kept
+        self._tick, self._writes, self._period, self._count, self._bytes, self._oldest = kept
         new_slots, new_marks, mask = self._slots, self._marks, self._mask
         for j, entry in enumerate(slots):
             if entry is not None:

@@ -125,18 +125,16 @@ class MemoryTier(Tier):
             return None
         live = name + _live_after(0xFF, time.monotonic() - self._started, 0xFF)
         past = name + _PAST_END
-        while True:
-            if entry < past:
-                if entry > live:
-                    self._marks[i] = self._tick
-                    return entry[len(live) + _TAIL_TO_PAYLOAD :] or None  # a tombstone ends there
-                if entry > name + _END:  # this key's, expired
-                    self._remove(i)
-                    return None
+        while not live < entry < past:
+            if entry < past and entry > name + _END:  # this key's, expired
+                self._remove(i)
+                return None
             i = (i + 1) & mask
             entry = slots[i]
             if entry is None:
                 return None
+        self._marks[i] = self._tick
+        return entry[len(live) + _TAIL_TO_PAYLOAD :] or None  # a tombstone ends there
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         tail = _live_after(0xFF, time.monotonic() - self._started, 0xFF)
@@ -155,21 +153,19 @@ class MemoryTier(Tier):
             if entry is not None:
                 live = name + tail
                 past = name + _PAST_END
-                while True:
-                    if entry < past:
-                        if entry > live:
-                            marks[i] = tick
-                            found.append(entry[len(live) + _TAIL_TO_PAYLOAD :] or None)
-                            break
-                        if entry > name + _END:
-                            self._remove(i)  # expired; moves entries, never the table
-                            found.append(None)
-                            break
+                while not live < entry < past:
+                    if entry < past and entry > name + _END:
+                        self._remove(i)  # expired; moves entries, never the table
+                        found.append(None)
+                        break
                     i = (i + 1) & mask
                     entry = slots[i]
                     if entry is None:
                         found.append(None)
                         break
+                else:
+                    marks[i] = tick
+                    found.append(entry[len(live) + _TAIL_TO_PAYLOAD :] or None)
             else:
                 found.append(None)
         return found

@@ -25,7 +25,10 @@ envelopes, keys of 11 characters; bytes per entry by tracemalloc / RSS):
   last read or write. An eviction takes, from a hand that goes round the table, the first
   entry whose mark is the oldest held (``bytearray.find``: memchr, in C), so an entry read
   since another was last used never goes before it (at a tick's resolution), and the
-  cost of an eviction does not grow with churn (tests/unit/test_memory_tier.py). Random
+  cost of an eviction does not grow with churn (tests/unit/test_memory_tier.py). Its hit
+  ratio is the exact LRU's to three digits: 300,000 reads of Zipf-distributed keys (s 0.8
+  and 1.0) over 100,000, each miss written, in tiers of 1,000 and 10,000: 0.2050, 0.4617,
+  0.5054, 0.7287 against the ``OrderedDict``'s 0.2050, 0.4618, 0.5053, 0.7286. Random
   sampling (Redis) was tried first in its local form, the oldest of 64 slots after the
   hand: it evicted recently read entries once the cold ones of a window were gone.
 - A plain dict reordered by pop and re-insert was rejected earlier: finding its oldest

@@ -6,14 +6,15 @@ version."""
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+import time
 from urllib.parse import urlsplit
 
 import pytest
 
 import tiers.memory
+from cachesvc.slot import finished
 from tiers.base import TierWrite
-from tiers.memory import MemoryTier
+from tiers.memory import MemoryTier, _key_of
 
 
 class FakeClock:
@@ -241,15 +242,28 @@ async def test_payloads_come_back_byte_for_byte() -> None:
 # -- against a reference model ----------------------------------------------------------------
 
 
+def held(memory: MemoryTier) -> set[str]:
+    """The keys the tier holds, read from its table."""
+    return {_key_of(entry) for entry in memory._slots if entry is not None}
+
+
+def weight(key: str, payload: bytes | None) -> int:
+    """What an entry counts against ``max_bytes``: its key's UTF-8 bytes and its payload."""
+    return len(key.encode("utf-8", "surrogatepass")) + len(payload or b"")
+
+
 class Model:
-    """The tier's rules written plainly: an OrderedDict of (payload, version, deadline)."""
+    """The tier's rules written plainly, eviction aside: a dict of (payload, version,
+    deadline). Which entries an eviction takes is the tier's choice (an approximate LRU,
+    tested on its own below); the model drops those the tier dropped, once it has checked
+    that a bound was passed."""
 
     def __init__(self, max_items: int, max_bytes: int) -> None:
         self.max_items, self.max_bytes = max_items, max_bytes
-        self.entries: OrderedDict[str, tuple[bytes | None, int, float]] = OrderedDict()
+        self.entries: dict[str, tuple[bytes | None, int, float]] = {}
 
     def size(self) -> int:
-        return sum(len(k) + len(p or b"") for k, (p, _, _) in self.entries.items())
+        return sum(weight(k, p) for k, (p, _, _) in self.entries.items())
 
     def get(self, key: str, now: float) -> bytes | None:
         if key not in self.entries:
@@ -258,7 +272,6 @@ class Model:
         if deadline <= now:
             del self.entries[key]
             return None
-        self.entries.move_to_end(key)
         return payload
 
     def set(self, w: TierWrite, now: float) -> None:
@@ -267,17 +280,23 @@ class Model:
             if deadline > now and version > w.version:
                 return
             del self.entries[w.key]
-        if len(w.key) + len(w.payload or b"") <= self.max_bytes:
+        if weight(w.key, w.payload) <= self.max_bytes:
             self.entries[w.key] = (w.payload, w.version, now + w.ttl)
-        while len(self.entries) > self.max_items or self.size() > self.max_bytes:
-            self.entries.popitem(last=False)
+
+    def evicted(self, kept: set[str]) -> None:
+        gone = set(self.entries) - kept
+        if gone:
+            assert len(self.entries) > self.max_items or self.size() > self.max_bytes
+        for key in gone:
+            del self.entries[key]
+        assert len(self.entries) <= self.max_items and self.size() <= self.max_bytes
 
 
 @pytest.mark.parametrize("seed", range(5))
 async def test_random_operations_match_the_model(clock: FakeClock, seed: int) -> None:
     rng = random.Random(seed)
     memory, model = tier("max_items=12&max_bytes=400"), Model(12, 400)
-    keys = [f"key{n}" for n in range(20)]
+    keys = [f"key{n}" for n in range(20)] + ["ключ", "k\udc80"]  # UTF-8, a lone surrogate
     for _ in range(2000):
         roll = rng.random()
         if roll < 0.45:
@@ -285,6 +304,7 @@ async def test_random_operations_match_the_model(clock: FakeClock, seed: int) ->
             w = write(rng.choice(keys), payload, rng.randrange(5), rng.choice([0.5, 3, 50]))
             await memory.set(w)
             model.set(w, clock.now)
+            model.evicted(held(memory))
         elif roll < 0.7:
             key = rng.choice(keys)
             assert await memory.get(key) == model.get(key, clock.now)
@@ -293,5 +313,60 @@ async def test_random_operations_match_the_model(clock: FakeClock, seed: int) ->
             assert await memory.get_many(asked) == [model.get(k, clock.now) for k in asked]
         else:
             clock.now += rng.choice([0.25, 1.0, 2.5])
+        assert held(memory) == set(model.entries)
         assert len(memory) == len(model.entries)
         assert memory.size_bytes == model.size()
+
+
+# -- eviction in a large table ---------------------------------------------------------------
+
+
+async def test_bounds_hold_after_every_write_of_a_long_churn() -> None:
+    rng = random.Random(7)
+    memory = tier("max_items=500&max_bytes=20000")
+    for n in range(20_000):
+        payload = rng.randbytes(rng.choice([5, 20, 60, 300]))
+        await memory.set(write(f"k{rng.randrange(3000)}", payload, version=n))
+        assert len(memory) <= 500 and memory.size_bytes <= 20000
+    assert memory.size_bytes == sum(len(e) - 17 for e in memory._slots if e is not None)
+
+
+async def test_recently_read_entries_survive_eviction_over_cold_ones() -> None:
+    memory = tier("max_items=2000")
+    await memory.set_many([write(f"old{n}", b"v" * 50) for n in range(2000)])
+    read = [f"old{n}" for n in random.Random(3).sample(range(2000), 200)]
+    assert await memory.get_many(read) == [b"v" * 50] * 200
+    for n in range(1000):  # half the tier turns over
+        await memory.set(write(f"new{n}", b"w" * 50))
+    assert len(memory) == 2000
+    # Every entry read since the fill outlived the 1,000 evictions; those went to entries
+    # never read, and newer writes mostly outlived them too.
+    assert await memory.get_many(read) == [b"v" * 50] * 200
+    survivors = held(memory)
+    assert sum(key.startswith("new") for key in survivors) >= 900
+
+
+async def test_eviction_cost_does_not_grow_with_churn() -> None:
+    memory = tier("max_items=20000")
+    await memory.set_many([write(f"k{n}", b"v" * 20) for n in range(20_000)])
+    slots = len(memory._slots)
+
+    def evicting_writes(start: int) -> float:
+        began = time.process_time()
+        for n in range(start, start + 5000):
+            finished(memory.set(write(f"k{n}", b"v" * 20)))
+        return time.process_time() - began
+
+    before = min(evicting_writes(20_000 + 5000 * r) for r in range(3))
+    for n in range(100_000, 300_000):  # ten times the tier's size turns over
+        finished(memory.set(write(f"k{n}", b"v" * 20)))
+    after = min(evicting_writes(300_000 + 5000 * r) for r in range(3))
+    # No deleted-slot markers pile up: the table keeps its size, every entry stays a short
+    # probe from its slot, and an eviction costs what it did.
+    assert len(memory._slots) == slots
+    mask = len(memory._slots) - 1
+    displacement = [
+        (i - hash(_key_of(entry))) & mask for i, entry in enumerate(memory._slots) if entry
+    ]
+    assert sum(displacement) / len(displacement) < 2
+    assert after < 3 * before

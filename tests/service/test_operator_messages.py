@@ -60,11 +60,7 @@ def test_a_configured_memory_tier_is_not_called_the_embedded_default() -> None:
 async def test_events_that_name_nothing_are_counted_as_malformed(
     make_client: MakeClient, clean_redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = Settings.model_validate(
-        {"tiers": [{"url": "memory://"}], "invalidation": {"url": clean_redis_url}}
-    )
-    client = await make_client(settings)
-    await until(lambda: ready(client), 5.0, "subscribed")
+    client = await subscribed(make_client, clean_redis_url)
     publisher = Redis.from_url(clean_redis_url)
     try:
         for event in ({}, {"keyz": ["user:42"]}):
@@ -104,14 +100,20 @@ async def ready(client: Any) -> bool:
     return (await client.get("/readyz")).status == 200
 
 
-async def test_a_clean_stop_does_not_say_the_invalidation_source_was_lost(
-    make_client: MakeClient, clean_redis_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def subscribed(make_client: MakeClient, redis_url: str) -> Any:
+    """A sidecar with one memory tier, subscribed to invalidations on ``redis_url``."""
     settings = Settings.model_validate(
-        {"tiers": [{"url": "memory://"}], "invalidation": {"url": clean_redis_url}}
+        {"tiers": [{"url": "memory://"}], "invalidation": {"url": redis_url}}
     )
     client = await make_client(settings)
     await until(lambda: ready(client), 5.0, "subscribed")
+    return client
+
+
+async def test_a_clean_stop_does_not_say_the_invalidation_source_was_lost(
+    make_client: MakeClient, clean_redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await subscribed(make_client, clean_redis_url)
     await client.close()
     lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
     assert lost == []

@@ -483,9 +483,7 @@ class Api:
             namespace.lifetime(parse_ttl(query.get("ttl"))),
             namespace.held(parse_tags(raw_tags.split(","))) if raw_tags else (),
         )
-        if namespace.cipher is not None:
-            new = namespace.sealed(new)
-        written = namespace.engine.write([new], strategy)
+        written = namespace.engine.write([namespace.sealed(new)], strategy)
         return then(written, lambda v: put_reply(v[0], strategy))
 
     async def delete_entry(self, call: Call, body: bytes) -> Reply:

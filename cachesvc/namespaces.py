@@ -84,9 +84,8 @@ class Namespace:
     def opened(self, key: str, hit: Hit) -> Hit | None:
         """``hit`` (of the held ``key``) as the client wrote it, or None, a miss: a value
         that does not open (a key no longer listed, altered, copied), or one stored sealed
-        or in clear while the namespace is the other way (``open_entry``)."""
-        if self.cipher is None and not hit.entry.sealed:
-            return hit
+        or in clear while the namespace is the other way (``open_entry``). Called only for
+        a sealed hit or an encrypted namespace: the hot path checks that itself."""
         entry = open_entry(self.cipher, self.name, key[len(self.scope) :], hit.entry)
         return None if entry is None else hit._replace(entry=entry)
 

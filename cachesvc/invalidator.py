@@ -59,7 +59,7 @@ from cachesvc.markers import MarkerStore
 from cachesvc.metrics import Metrics
 from cachesvc.namespaces import scoped
 from cachesvc.versions import version_at
-from invalidation.base import Listener
+from invalidation.base import Listener, raise_if_cancelled
 from invalidation.events import InvalidationEvent, MalformedEvent
 from invalidation.postgres_wal import PostgresWalListener
 from invalidation.redis_stream import Trimming, append
@@ -451,6 +451,7 @@ class Invalidator:
         pending saves going; prune markers that hide nothing any more."""
         pruned_at = time.monotonic()
         while True:
+            raise_if_cancelled()  # a Redis command may have swallowed the cancellation
             await asyncio.sleep(self.liveness_interval)
             try:
                 full = self.engine.blind or time.monotonic() - pruned_at > PRUNE_INTERVAL
@@ -472,11 +473,12 @@ class Invalidator:
     async def _keep_applier(self) -> None:
         """The applier lease, on its own: a slow channel must not delay the markers."""
         while True:
-            await asyncio.sleep(self.liveness_interval)
-            try:
+            raise_if_cancelled()  # a Redis command may have swallowed the cancellation
+            try:  # at once at start: a lone sidecar applies events itself from the first
                 await self._keep_applier_lease()
             except Exception:
                 log.exception("applier lease upkeep failed")
+            await asyncio.sleep(self.liveness_interval)
 
     async def _keep_missed(self, markers: Sequence[Marker]) -> None:
         self.markers.add_all(markers)

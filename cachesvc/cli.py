@@ -356,8 +356,13 @@ def serve_worker(settings: Settings, worker: int) -> int:
     if worker:
         configure_logging(settings)
     loop = _new_event_loop()
+    # Handled by the loop from the start: a stop that arrives while the service starts
+    # (a worker still connecting to its tiers) waits for the start, then stops it cleanly.
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        loop.run_until_complete(_serve(settings, worker))
+        loop.run_until_complete(_serve(settings, worker, stop))
     finally:
         loop.run_until_complete(_cancel_leftovers())
         loop.run_until_complete(loop.shutdown_asyncgens())
@@ -374,7 +379,7 @@ async def _cancel_leftovers() -> None:
     await asyncio.gather(*leftovers, return_exceptions=True)
 
 
-async def _serve(settings: Settings, worker: int) -> None:
+async def _serve(settings: Settings, worker: int, stop: asyncio.Event) -> None:
     from cachesvc.app import Service
 
     service = Service(settings, worker)
@@ -391,10 +396,6 @@ async def _serve(settings: Settings, worker: int) -> None:
             if service.ops_port is not None:
                 log.info("operations (health, readiness, metrics) on port %d", service.ops_port)
             reachability = asyncio.create_task(report_unreachable_tiers(service.api.engine.slots))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info(
             "stopping: finishing requests under way (at most %g s)",
@@ -460,8 +461,8 @@ def supervise(settings: Settings, workers: int) -> int:
 
 
 def _worker_main(settings: Settings, worker: int) -> None:
-    # A stop that arrives before the app installed its own handlers finds nothing to
-    # finish yet: leave at once, successfully.
+    # A stop that arrives before the event loop handles it (the worker is still importing)
+    # finds nothing to finish yet: leave at once, successfully.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         sys.exit(serve_worker(settings, worker))

@@ -17,7 +17,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from invalidation.base import Backoff, EventSink, Listener
+from invalidation.base import Backoff, EventSink, Listener, raise_if_cancelled
 from tiers.redis_clients import create_client
 
 
@@ -56,6 +56,9 @@ class RedisPubSubListener(Listener):
         last_heard = time.monotonic()
         quiet = self.liveness_interval / 3
         while True:
+            # A stop that came while redis-py waited for SUBSCRIBE's reply (or a PONG) is
+            # swallowed by it; this loop never ends by itself, so it looks each turn.
+            raise_if_cancelled()
             message = await self._next_message(pubsub, quiet)
             now = time.monotonic()
             if message is None:

@@ -91,7 +91,8 @@ class Traffic:
     acknowledged: dict[str, int] = field(default_factory=dict)
     attempted: dict[str, int] = field(default_factory=dict)
     successes: list[float] = field(default_factory=list)  # when each call ended
-    failures: list[tuple[float, BaseException]] = field(default_factory=list)
+    failures: list[tuple[float, BaseException]] = field(default_factory=list)  # (ended, ...)
+    failed_starts: list[float] = field(default_factory=list)  # when each failed call began
     stale_reads: list[tuple[str, int, int]] = field(default_factory=list)
     worst: float = 0.0  # the longest call, seconds
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -143,6 +144,7 @@ class Traffic:
                 result = await call
         except (TierError, TimeoutError) as exc:  # anything else fails the test
             self.failures.append((time.monotonic(), exc))
+            self.failed_starts.append(start)
             return None
         finally:
             self.worst = max(self.worst, time.monotonic() - start)
@@ -153,7 +155,13 @@ class Traffic:
         return sum(1 for t in self.successes if t > moment)
 
     def failures_since(self, moment: float) -> list[BaseException]:
-        return [exc for t, exc in self.failures if t > moment]
+        """The failures of calls made after ``moment``. (A call sent just before it, on a
+        connection to the node that died, still times out after it.)"""
+        return [
+            exc
+            for began, (_, exc) in zip(self.failed_starts, self.failures, strict=True)
+            if began > moment
+        ]
 
 
 @dataclass

@@ -43,9 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cachesvc import audit
 from cachesvc.access import Grant, TokenRequests, build_access
 from cachesvc.audit import AuditTrail, AuditUnavailable
-from cachesvc.batching import then
 from cachesvc.config import STRATEGIES, Settings, Strategy
-from cachesvc.engine import Engine, Hit, NewValue
+from cachesvc.engine import Engine, Hit, NewValue, then
 from cachesvc.envelope import DEFAULT_CONTENT_TYPE
 from cachesvc.errors import (
     BadRequest,
@@ -290,14 +289,13 @@ class Route(NamedTuple):
     takes_body: bool
 
 
-class Call:
-    """One request between its head and its answer."""
+class Call(RequestContext):
+    """One request between its head and its answer; also what its log lines name."""
 
     __slots__ = (
         "actor",
         "client",
         "early",
-        "headers",
         "key",
         "method",
         "namespace",
@@ -310,7 +308,7 @@ class Call:
     def __init__(
         self, headers: Mapping[str, str], method: str = "", client: str | None = None
     ) -> None:
-        self.headers = headers
+        RequestContext.__init__(self, headers)  # (not super(): one object fewer per request)
         self.method = method
         self.client = client  # the peer's address, for the audit trail
         self.actor = "-"  # the token's name (the audit trail's actor); "-": none
@@ -357,7 +355,6 @@ class Api:
         self._stats = metrics.requests
         self._access_log = settings.server.access_log
         self._tasks: set[asyncio.Task[Reply]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.openapi_document = b""
         # Where invalidations, erasures and refusals are recorded (cachesvc.app sets it
         # when the durable tier is a Postgres database).
@@ -415,10 +412,11 @@ class Api:
         return call
 
     def respond(self, call: Call, body: bytes) -> Outcome:
-        """The answer to ``call``: a Reply, or a future of one (never failing)."""
+        """The answer to ``call``: a Reply, or a future that ``settled`` turns into one once
+        it is done (its failure included)."""
         if call.early is not None:
             return self._finish(call, call.early)
-        token = CURRENT_REQUEST.set(RequestContext(call.headers))
+        token = CURRENT_REQUEST.set(call)
         try:
             outcome = ROUTES_BY_NAME[call.route].operation(self, call, body)
         except ServiceError as exc:
@@ -432,9 +430,20 @@ class Api:
             return self._finish(call, outcome)
         if not isinstance(outcome, asyncio.Future):
             outcome = self._start(outcome)
-        answer: asyncio.Future[Reply] = self._loop_now().create_future()
-        outcome.add_done_callback(lambda done: self._settle(call, done, answer))
-        return answer
+        return outcome
+
+    def settled(self, call: Call, done: asyncio.Future[Reply]) -> Reply:
+        """The answer to ``call`` from the future ``respond`` gave, done and not cancelled
+        (a cancelled one means the sidecar is stopping: there is no answer)."""
+        failure = done.exception()
+        if failure is None:
+            reply = done.result()
+        elif isinstance(failure, ServiceError):
+            reply = error_reply(failure)
+        else:
+            log.error("unhandled error in %s", call.route, exc_info=failure)
+            reply = INTERNAL_ERROR
+        return self._finish(call, reply)
 
     def refuse(self, exc: ServiceError, call: Call) -> None:
         """Make ``exc`` the answer to a request the adapter found malformed, or too slow or
@@ -451,8 +460,8 @@ class Api:
         assert namespace is not None  # (not _in: every L1 hit comes here)
         key = call.key
         found = namespace.engine.read(key)
-        if found.done() and not found.cancelled() and found.exception() is None:
-            return self._got(namespace, key, found.result(), if_none_match)
+        if not isinstance(found, asyncio.Future):
+            return self._got(namespace, key, found, if_none_match)
         return then(found, lambda hit: self._got(namespace, key, hit, if_none_match))
 
     def _got(
@@ -695,18 +704,16 @@ class Api:
         elif path.startswith(CACHE_PREFIX):
             found, encoded_key = CACHE_ROUTES, path[len(CACHE_PREFIX) :]
         elif path.startswith(NAMESPACE_PREFIX):
-            # "", "v1", "ns", the namespace, then "cache" and the key, or "bulk" and "get",
-            # or "tags" and "<tag>/keys"...
-            parts = path.split("/", 5)
-            namespace = parts[3]
+            # The namespace, then "cache/" and the key, or "bulk/get", "tags/<tag>/keys"...
+            namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
             if "%" in namespace:
                 namespace = unquote(namespace)
-            if len(parts) == 6 and parts[4] == "cache":
-                found, encoded_key = CACHE_ROUTES, parts[5]
-            elif len(parts) == 6 and parts[4] == "tags":
-                found, encoded_key = _tag_route(parts[5])
+            if rest.startswith("cache/"):
+                found, encoded_key = CACHE_ROUTES, rest[6:]
+            elif rest.startswith("tags/"):
+                found, encoded_key = _tag_route(rest[5:])
             else:
-                found = NAMESPACED_ROUTES.get(unquote("/".join(parts[4:])))
+                found = NAMESPACED_ROUTES.get(unquote(rest))
         elif path.startswith(TAGS_PREFIX):
             found, encoded_key = _tag_route(path[len(TAGS_PREFIX) :])
         else:
@@ -762,34 +769,11 @@ class Api:
             )
         return reply
 
-    def _settle(
-        self, call: Call, done: asyncio.Future[Reply], answer: asyncio.Future[Reply]
-    ) -> None:
-        if done.cancelled():  # the sidecar is stopping
-            answer.cancel()
-            return
-        failure = done.exception()
-        if failure is None:
-            reply = done.result()
-        elif isinstance(failure, ServiceError):
-            reply = error_reply(failure)
-        else:
-            log.error("unhandled error in %s", call.route, exc_info=failure)
-            reply = INTERNAL_ERROR
-        if not answer.done():
-            answer.set_result(self._finish(call, reply))
-
     def _start(self, work: Awaitable[Reply]) -> asyncio.Task[Reply]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    def _loop_now(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
-        return loop
 
     async def close(self) -> None:
         """Cancel the operations still under way (the sidecar is stopping)."""

@@ -29,18 +29,26 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from cachesvc.batching import Batcher, chain, then
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, decode_live
 from cachesvc.errors import Unavailable, Unsupported
 from cachesvc.journal import REDIS_ERRORS, Journal, Record, drain
 from cachesvc.markers import Markers
-from cachesvc.slot import TOMBSTONE_TTL, Slot, missed_writes, restore_missed, save_missed
+from cachesvc.slot import (
+    TOMBSTONE_TTL,
+    Batcher,
+    Slot,
+    missed_writes,
+    restore_missed,
+    save_missed,
+)
 from cachesvc.versions import NodeLease, VersionClock
 from tiers.base import Marker, TierError, TierTimeout, TierWrite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+In = TypeVar("In")
+Result = TypeVar("Result")
 
 MONITOR_INTERVAL = 0.5
 
@@ -58,6 +66,72 @@ async def _settle(calls: Sequence[Awaitable[T]]) -> list[T | BaseException]:
         except Exception as exc:
             return [exc]
     return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+# Futures made from futures, completed from their callbacks: a read or write that needs no
+# I/O of its own, or waits on one batch, runs no task.
+
+
+def then(source: asyncio.Future[In], make: Callable[[In], Result]) -> asyncio.Future[Result]:
+    """A future of ``make(source's result)``, its failure or cancellation passed on —
+    completed from ``source``'s callback, without a task."""
+    result: asyncio.Future[Result] = source.get_loop().create_future()
+
+    def settle(done: asyncio.Future[In]) -> None:
+        if result.done():
+            return
+        if done.cancelled():
+            result.cancel()
+        elif (failure := done.exception()) is not None:
+            result.set_exception(failure)
+        else:
+            try:
+                result.set_result(make(done.result()))
+            except Exception as exc:
+                result.set_exception(exc)
+
+    source.add_done_callback(settle)
+    return result
+
+
+def chain(
+    source: asyncio.Future[In],
+    step: Callable[[asyncio.Future[In]], Result | asyncio.Future[Result]],
+) -> asyncio.Future[Result]:
+    """A future of what ``step(source)`` — called with ``source`` once it is done, its
+    failure included — comes to: a value, or a future's result; without a task."""
+    result: asyncio.Future[Result] = source.get_loop().create_future()
+
+    def adopt(done: asyncio.Future[Result]) -> None:
+        if result.done():
+            return
+        if done.cancelled():
+            result.cancel()
+        elif (failure := done.exception()) is not None:
+            result.set_exception(failure)
+        else:
+            result.set_result(done.result())
+
+    def settle(done: asyncio.Future[In]) -> None:
+        if done.cancelled():
+            result.cancel()
+            return
+        try:
+            following = step(done)
+        except Exception as exc:
+            if not result.done():
+                result.set_exception(exc)
+            return
+        if not isinstance(following, asyncio.Future):
+            if not result.done():
+                result.set_result(following)
+        elif following.done():
+            adopt(following)
+        else:
+            following.add_done_callback(adopt)
+
+    source.add_done_callback(settle)
+    return result
 
 
 class _StoreJob(NamedTuple):
@@ -95,8 +169,6 @@ class NewValue(NamedTuple):
 
 
 class Engine:
-    _loop: asyncio.AbstractEventLoop  # the loop start() ran in
-
     def __init__(
         self,
         slots: Sequence[Slot],
@@ -160,7 +232,6 @@ class Engine:
         return view
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         for slot in self.slots:
             await slot.tier.start()
         await self._sync_missed()  # before serving: what was missed before a restart
@@ -204,11 +275,12 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def read(self, key: str) -> asyncio.Future[Hit | None]:
+    def read(self, key: str) -> Hit | asyncio.Future[Hit | None]:
         """The live entry of ``key`` from the highest tier holding one (promoted into the
-        tiers above it), or None. An in-process top tier's hit comes back as a done future,
-        a remote top tier's from its batch's callback; only a read that goes below the top
-        tier runs a task. Fails with Unavailable when no tier could answer for certain.
+        tiers above it), or None. An in-process top tier's hit comes back as it is, a
+        remote top tier's as a future completed from its batch's callback; only a read
+        that goes below the top tier runs a task. Fails with Unavailable when no tier
+        could answer for certain.
 
         While ``blind`` (an invalidation source is lost, so events may be missed), only
         the durable tier is read: no cache tier can be trusted for what it might have been
@@ -227,11 +299,15 @@ class Engine:
         return chain(top.get(key), lambda answer: self._after_top(key, answer))
 
     async def read_many(self, keys: Sequence[str]) -> list[Hit | None]:
-        return list(await asyncio.gather(*(self.read(key) for key in keys)))
+        reads = [self.read(key) for key in keys]
+        pending = [read for read in reads if isinstance(read, asyncio.Future)]
+        if pending:
+            await asyncio.gather(*pending)
+        return [read.result() if isinstance(read, asyncio.Future) else read for read in reads]
 
     def _after_top(
         self, key: str, answer: asyncio.Future[bytes | None]
-    ) -> asyncio.Future[Hit | None]:
+    ) -> Hit | asyncio.Future[Hit | None]:
         failure = answer.exception()
         if failure is not None:
             if isinstance(failure, TierError):
@@ -239,19 +315,17 @@ class Engine:
             raise failure
         return self._top_answered(key, answer.result())
 
-    def _top_answered(self, key: str, payload: bytes | None) -> asyncio.Future[Hit | None]:
+    def _top_answered(self, key: str, payload: bytes | None) -> Hit | asyncio.Future[Hit | None]:
         """A hit in what the top tier answered for ``key``, or the read goes below."""
         top = self.top
         entry = decode_live(payload, time.time())
         floor = 0
         if entry is not None:
             if not (self.markers.active and self.markers.hiding(key, entry)):
-                top.metrics.hits.inc()
-                found: asyncio.Future[Hit | None] = self._loop.create_future()
-                found.set_result(Hit(entry, top.name))
-                return found
+                top.metrics.hits += 1
+                return Hit(entry, top.name)
             floor = entry.version
-        top.metrics.misses.inc()
+        top.metrics.misses += 1
         return self._read_below(key, floor, top_failed=False)
 
     def _read_below(self, key: str, floor: int, top_failed: bool) -> asyncio.Future[Hit | None]:
@@ -347,7 +421,7 @@ class Engine:
             entry = decode_live(payload, now)
             if entry is not None and entry.version > floor:
                 if not (self.markers.active and self.markers.hiding(key, entry)):
-                    slot.metrics.hits.inc()
+                    slot.metrics.hits += 1
                     assert payload is not None
                     if not self.blind:
                         position = self.slots.index(slot)
@@ -355,7 +429,7 @@ class Engine:
                         await self._promote(key, payload, entry, above, now)
                     return Hit(entry, slot.name)
                 floor = entry.version
-            slot.metrics.misses.inc()
+            slot.metrics.misses += 1
         if self.durable in failed:
             # The one tier that holds every entry could not be asked: "not found" would
             # be a guess. (A cache tier that failed does not matter: the durable tier

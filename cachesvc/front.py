@@ -97,17 +97,16 @@ class _Date:
 
 
 def encode_head(reply: Reply, close: bool, keep_alive_1_0: bool = False) -> bytes:
-    head = [_STATUS_LINES[reply.status], _Date.now()]
-    if reply.status not in _NO_CONTENT:  # RFC 9110 §8.6: never on a 204, nor a 304 here
-        head.append(b"Content-Length: %d\r\n" % len(reply.body))
+    status = reply.status
     # Field values are ASCII: content types are validated on the way in.
-    head.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in reply.headers.items())
+    fields = "".join([f"{name}: {value}\r\n" for name, value in reply.headers.items()])
     if close:
-        head.append(b"Connection: close\r\n")
+        fields += "Connection: close\r\n"
     elif keep_alive_1_0:
-        head.append(b"Connection: keep-alive\r\n")
-    head.append(b"\r\n")
-    return b"".join(head)
+        fields += "Connection: keep-alive\r\n"
+    # RFC 9110 §8.6: no Content-Length on a 204, nor on a 304 here.
+    length = b"" if status in _NO_CONTENT else b"Content-Length: %d\r\n" % len(reply.body)
+    return b"".join((_STATUS_LINES[status], _Date.now(), length, fields.encode("latin-1"), b"\r\n"))
 
 
 class _Request:
@@ -347,12 +346,15 @@ class FrontDoor(asyncio.Protocol):
                 self._resume_reading()
 
     def _answered(self, outcome: asyncio.Future[Reply]) -> None:
+        if not self.waiting:  # the client went away meanwhile: no one to answer
+            self.busy = False
+            return
         if outcome.cancelled():  # the sidecar is stopping
             self.busy = False
             if self.transport is not None:
                 self.transport.close()
             return
-        self._answer(outcome.result())
+        self._answer(self.edge.api.settled(self.waiting[0].call, outcome))
         self._process()
 
     def _answer(self, reply: Reply) -> None:

@@ -51,13 +51,13 @@ from redis.asyncio.cluster import RedisCluster
 
 from cachesvc import audit
 from cachesvc.audit import AuditTrail
-from cachesvc.batching import Batcher
 from cachesvc.engine import Engine
 from cachesvc.errors import Unavailable
 from cachesvc.journal import REDIS_ERRORS
 from cachesvc.markers import MarkerStore
 from cachesvc.metrics import Metrics
 from cachesvc.namespaces import scoped
+from cachesvc.slot import Batcher
 from cachesvc.versions import version_at
 from invalidation.base import Listener, raise_if_cancelled
 from invalidation.events import InvalidationEvent, MalformedEvent

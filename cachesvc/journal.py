@@ -49,9 +49,9 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from cachesvc.batching import Batcher
 from cachesvc.envelope import Entry, decode_envelope
 from cachesvc.metrics import Metrics
+from cachesvc.slot import Batcher
 from invalidation.base import Backoff
 from tiers.base import TierError, TierTimeout, TierUnavailable
 from tiers.redis_clients import create_client, hash_tag, is_cluster_url

@@ -46,12 +46,8 @@ class Metrics:
         # Per request: plain numbers, turned into Prometheus families when scraped.
         self.requests = RequestStats()
         r.register(self.requests)
-        self.tier_hits = Counter(
-            "cachesvc_tier_hits", "Reads a tier answered.", ["tier"], registry=r
-        )
-        self.tier_misses = Counter(
-            "cachesvc_tier_misses", "Reads a tier did not hold.", ["tier"], registry=r
-        )
+        self.tier_reads = TierReads()
+        r.register(self.tier_reads)
         self.tier_errors = Counter(
             "cachesvc_tier_errors",
             "Failed tier calls by kind (timeout, unavailable, error).",
@@ -247,10 +243,37 @@ class RequestStats:
         yield misses
 
 
+class TierReads:
+    """``cachesvc_tier_hits_total`` and ``cachesvc_tier_misses_total``, read at scrape time
+    from the plain counts of each ``TierMetrics`` (every L1 hit counts one: a labelled
+    child's lock costs more than the increment)."""
+
+    def __init__(self) -> None:
+        self.tiers: list[TierMetrics] = []
+
+    def collect(self) -> Iterator[Metric]:
+        hits = CounterMetricFamily("cachesvc_tier_hits", "Reads a tier answered.", labels=["tier"])
+        misses = CounterMetricFamily(
+            "cachesvc_tier_misses", "Reads a tier did not hold.", labels=["tier"]
+        )
+        by_tier: dict[str, list[int]] = {}
+        for tier in self.tiers:
+            counts = by_tier.setdefault(tier.tier, [0, 0])
+            counts[0] += tier.hits
+            counts[1] += tier.misses
+        for name, (hit, missed) in sorted(by_tier.items()):
+            hits.add_metric([name], hit)
+            misses.add_metric([name], missed)
+        yield hits
+        yield misses
+
+
 class TierMetrics:
     def __init__(self, metrics: Metrics, tier: str) -> None:
-        self.hits = metrics.tier_hits.labels(tier)
-        self.misses = metrics.tier_misses.labels(tier)
+        self.tier = tier
+        self.hits = 0
+        self.misses = 0
+        metrics.tier_reads.tiers.append(self)
         self.promotions = metrics.promotions.labels(tier)
         self.get_duration = metrics.tier_duration.labels(tier, "get")
         self.set_duration = metrics.tier_duration.labels(tier, "set")
@@ -261,12 +284,11 @@ class TierMetrics:
         self._errors = metrics.tier_errors
         self._breaker_state = metrics.breaker_state.labels(tier)
         self._transitions = metrics.breaker_transitions
-        self._tier = tier
         self._breaker_state.set(0)
 
     def error(self, kind: str) -> None:
-        self._errors.labels(self._tier, kind).inc()
+        self._errors.labels(self.tier, kind).inc()
 
     def breaker(self, state: str) -> None:
         self._breaker_state.set(BREAKER_STATES[state])
-        self._transitions.labels(self._tier, state).inc()
+        self._transitions.labels(self.tier, state).inc()

@@ -4,7 +4,8 @@ A ``TierSlot`` wraps a ``tiers.Tier`` with what every backend needs the same way
 
 - **coalescing**: single-key gets and sets made in the same event-loop iteration are sent
   as one ``get_many``/``set_many`` call (one MGET, multi-get, ``= ANY($1)`` or multi-row
-  upsert), and concurrent gets of one key share one lookup;
+  upsert), and concurrent gets of one key share one lookup (``Batcher``,
+  which the journal and the invalidator use for their Redis calls too);
 - **a timeout per call** and **a circuit breaker**: after ``breaker_failures`` consecutive
   failures calls fail fast; ``breaker_reset`` seconds later the engine's tier monitor
   pings the tier (half-open) and a success closes the breaker;
@@ -20,17 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
-from cachesvc.batching import Batcher
 from cachesvc.metrics import TierMetrics
 from tiers.base import Tier, TierError, TierTimeout, TierUnavailable, TierWrite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 TOMBSTONE_TTL = 60.0
 """How long a delete's tombstone blocks older writes: far longer than any in-flight fill
@@ -102,6 +104,87 @@ class Slot(Protocol):
     async def probe(self) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+class Batcher(Generic[In, Out]):
+    """Coalescing: calls submitted while a tier is busy run as one batch.
+
+    The hot path's answer to per-call client overhead (one MGET instead of N GETs, one
+    multi-row upsert instead of N commits). Callers get a future each. A batch starts on
+    the next event-loop iteration, so an idle tier adds no latency; while
+    ``max_in_flight`` batches are already under way, new calls wait and leave together
+    when one finishes (group commit), so under load batches grow instead of queueing for
+    connections.
+    """
+
+    def __init__(
+        self, run: Callable[[list[In]], Awaitable[Sequence[Out]]], max_in_flight: int = 4
+    ) -> None:
+        self._run = run
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._scheduled = False
+        self._items: list[In] = []
+        self._waiters: list[asyncio.Future[Out]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        # The loop of the first call, kept: asyncio.get_running_loop() checks the process
+        # id with a getpid() system call every time.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def submit(self, item: In) -> asyncio.Future[Out]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if not self._scheduled and self._in_flight < self._max_in_flight:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        # One future per caller: a caller that gives up cancels only its own.
+        waiter: asyncio.Future[Out] = loop.create_future()
+        self._items.append(item)
+        self._waiters.append(waiter)
+        return waiter
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._items:
+            return
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._settle(items, waiters))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, items: list[In], waiters: list[asyncio.Future[Out]]) -> None:
+        try:
+            results = await self._run(items)
+        except BaseException as exc:  # every caller gets the batch's failure
+            for waiter in waiters:
+                if not waiter.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        waiter.cancel()
+                    else:
+                        waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._in_flight -= 1
+            if self._items and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        for waiter, result in zip(waiters, results, strict=True):
+            if not waiter.done():
+                waiter.set_result(result)
+
+    async def close(self) -> None:
+        """Cancel the batches under way and the calls still queued: no caller waits on."""
+        for waiter in self._waiters:
+            waiter.cancel()
+        self._items, self._waiters = [], []
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class CircuitBreaker:
@@ -239,14 +322,14 @@ class TierSlot:
             loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
         answer: asyncio.Future[bytes | None] = loop.create_future()
         try:
-            answer.set_result(finished(self.tier.get(key)))
+            answer.set_result(self.tier.get_now(key))
         except TierError as exc:
             answer.set_exception(exc)
         return answer
 
     def get_now(self, key: str) -> bytes | None:
         """The payload of ``key`` in an in-process tier, which answers without waiting."""
-        return finished(self.tier.get(key))
+        return self.tier.get_now(key)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
@@ -351,17 +434,6 @@ class TierSlot:
         await self._gets.close()
         await self._sets.close()
         await self.tier.close()
-
-
-def finished(call: Coroutine[Any, Any, T]) -> T:
-    """The result of an in-process tier's call, which never waits: run it to its end now."""
-    try:
-        call.send(None)
-    except StopIteration as done:
-        result: T = done.value
-        return result
-    call.close()
-    raise RuntimeError("a call to an in-process tier waited")
 
 
 MAX_RECORDED_KEYS = 10_000  # per tier; past it the record says "do not read the tier"

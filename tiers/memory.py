@@ -148,8 +148,11 @@ class MemoryTier(Tier):
         return self._bytes
 
     async def get(self, key: str) -> bytes | None:
-        # get_many's loop for one key, without the default's second coroutine and list:
-        # every L1 hit comes here, most of them at the first slot they look at.
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> bytes | None:
+        # get_many's loop for one key, without a coroutine or a list: every L1 hit comes
+        # here, most of them at the first slot they look at.
         try:
             name = key.encode()
         except UnicodeEncodeError:

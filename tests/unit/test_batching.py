@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cachesvc.batching import Batcher
+from cachesvc.slot import Batcher
 
 
 class Recorder:

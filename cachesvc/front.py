@@ -232,7 +232,7 @@ class FrontDoor(asyncio.Protocol):
         if method == _CONNECT:
             raise BadRequest("CONNECT is not served here")
         target = self._url.decode("latin-1")
-        if not target.startswith("/"):
+        if target[:1] != "/":  # (not startswith: see Api._route)
             target = _origin_form(self._url)
         call = self.edge.api.head(
             method.decode("ascii"), target, self._fields, self.edge.ops_only, self.peer

@@ -77,7 +77,7 @@ def sealed_value(cipher: Cipher, key: str, value: str, *tags: str) -> NewValue:
 
 
 async def served(engine: Engine, cipher: Cipher, key: str) -> bytes | None:
-    hit = await engine.read(key)
+    (hit,) = await engine.read_many([key])
     entry = None if hit is None else open_entry(cipher, NAMESPACE, key, hit.entry)
     return None if entry is None else entry.value
 

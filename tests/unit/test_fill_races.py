@@ -72,14 +72,15 @@ async def test_invalidation_during_a_fill_wins(engine: Engine, event: Invalidati
     lower = engine.slots[1].tier
     assert isinstance(lower, SlowFillTier)
 
-    reading = engine.read("k")
+    reading = engine.read("k", lambda hit: hit)  # l1 misses: a future of the fill
+    assert isinstance(reading, asyncio.Future)
     await lower.read_done.wait()  # the old value is on its way up
     await invalidator.invalidate(event)
     lower.release.set()
     await reading  # began before the invalidation: either answer is linearizable
 
-    assert await engine.read("k") is None
-    assert await engine.read("k") is None  # and it did not come back by promotion
+    assert await engine.read_many(["k"]) == [None]
+    assert await engine.read_many(["k"]) == [None]  # and it did not come back by promotion
 
 
 async def test_readers_joining_a_fill_after_an_invalidation_see_it(engine: Engine) -> None:
@@ -89,10 +90,12 @@ async def test_readers_joining_a_fill_after_an_invalidation_see_it(engine: Engin
     lower = engine.slots[1].tier
     assert isinstance(lower, SlowFillTier)
 
-    first = engine.read("k")
+    first = engine.read("k", lambda hit: hit)
+    assert isinstance(first, asyncio.Future)
     await lower.read_done.wait()
     await invalidator.invalidate(InvalidationEvent(tags=("t",)))
-    joined = engine.read("k")  # joins the lookup already under way
+    joined = engine.read("k", lambda hit: hit)  # joins the lookup already under way
+    assert isinstance(joined, asyncio.Future)
     await asyncio.sleep(0)
     lower.release.set()
     await first

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,25 +78,29 @@ async def _settle(calls: Sequence[Awaitable[T]]) -> list[T | BaseException]:
 # I/O of its own, or waits on one batch, runs no task.
 
 
+def _pass_on(
+    result: asyncio.Future[Result], make: Callable[[In], Result], done: asyncio.Future[In]
+) -> None:
+    """Complete ``result`` with ``make`` of ``done``'s result, or with its failure or
+    cancellation."""
+    if result.done():
+        return
+    if done.cancelled():
+        result.cancel()
+    elif (failure := done.exception()) is not None:
+        result.set_exception(failure)
+    else:
+        try:
+            result.set_result(make(done.result()))
+        except Exception as exc:
+            result.set_exception(exc)
+
+
 def then(source: asyncio.Future[In], make: Callable[[In], Result]) -> asyncio.Future[Result]:
     """A future of ``make(source's result)``, its failure or cancellation passed on —
     completed from ``source``'s callback, without a task."""
     result: asyncio.Future[Result] = source.get_loop().create_future()
-
-    def settle(done: asyncio.Future[In]) -> None:
-        if result.done():
-            return
-        if done.cancelled():
-            result.cancel()
-        elif (failure := done.exception()) is not None:
-            result.set_exception(failure)
-        else:
-            try:
-                result.set_result(make(done.result()))
-            except Exception as exc:
-                result.set_exception(exc)
-
-    source.add_done_callback(settle)
+    source.add_done_callback(functools.partial(_pass_on, result, make))
     return result
 
 
@@ -109,24 +114,6 @@ def chain(
     (``make`` in the same future: each future between costs a callback's turn.)"""
     result: asyncio.Future[Result] = source.get_loop().create_future()
 
-    def finish(value: Mid) -> None:
-        if result.done():
-            return
-        try:
-            result.set_result(make(value))
-        except Exception as exc:
-            result.set_exception(exc)
-
-    def adopt(done: asyncio.Future[Mid]) -> None:
-        if result.done():
-            return
-        if done.cancelled():
-            result.cancel()
-        elif (failure := done.exception()) is not None:
-            result.set_exception(failure)
-        else:
-            finish(done.result())
-
     def settle(done: asyncio.Future[In]) -> None:
         if done.cancelled():
             result.cancel()
@@ -138,11 +125,15 @@ def chain(
                 result.set_exception(exc)
             return
         if not isinstance(following, asyncio.Future):
-            finish(following)
+            if not result.done():
+                try:
+                    result.set_result(make(following))
+                except Exception as exc:
+                    result.set_exception(exc)
         elif following.done():
-            adopt(following)
+            _pass_on(result, make, following)
         else:
-            following.add_done_callback(adopt)
+            following.add_done_callback(functools.partial(_pass_on, result, make))
 
     source.add_done_callback(settle)
     return result

@@ -399,70 +399,91 @@ class Settings(_Section):
                 object.__setattr__(
                     self, "write", self.write.model_copy(update={"journal_url": journal_url})
                 )
-        self._check_namespaces()
-        self._check_tokens()
+        # Every problem of the namespaces and tokens at once: each names its own field.
+        _FieldError.raise_any(self._check_namespaces() + self._check_tokens())
         return self
 
-    def _check_namespaces(self) -> None:
+    def _check_namespaces(self) -> list[tuple[str, str]]:
+        """The namespaces' problems, each with its field; their tiers put in order."""
+        problems: list[tuple[str, str]] = []
         tier_order = {tier.name: position for position, tier in enumerate(self.tiers)}
         seen = {DEFAULT_NAMESPACE}
         ordered = []
         for position, namespace in enumerate(self.namespaces):
             where = f"namespaces[{position}]"
             if namespace.name == DEFAULT_NAMESPACE:
-                raise _FieldError(
-                    f"{where}.name",
-                    "the namespace 'default' always exists and takes the top-level settings; "
-                    "it is not declared",
+                problems.append(
+                    (
+                        f"{where}.name",
+                        "the namespace 'default' always exists and takes the top-level "
+                        "settings; it is not declared",
+                    )
                 )
-            if namespace.name in seen:
-                raise _FieldError(f"{where}.name", f"duplicate namespace {namespace.name!r}")
+            elif namespace.name in seen:
+                problems.append((f"{where}.name", f"duplicate namespace {namespace.name!r}"))
             seen.add(namespace.name)
+            tiers_known = True
             for index, tier in enumerate(namespace.tiers or ()):
                 if tier not in tier_order:
-                    raise _FieldError(
-                        f"{where}.tiers[{index}]",
-                        f"unknown tier {tier!r} (tiers: {', '.join(tier_order)})",
+                    tiers_known = False
+                    problems.append(
+                        (
+                            f"{where}.tiers[{index}]",
+                            f"unknown tier {tier!r} (tiers: {', '.join(tier_order)})",
+                        )
                     )
-                if namespace.tiers is not None and namespace.tiers.index(tier) != index:
-                    raise _FieldError(f"{where}.tiers[{index}]", f"tier {tier!r} given twice")
+                elif namespace.tiers is not None and namespace.tiers.index(tier) != index:
+                    problems.append((f"{where}.tiers[{index}]", f"tier {tier!r} given twice"))
             limit = self.server.max_body_bytes
             if namespace.max_value_bytes is not None and namespace.max_value_bytes > limit:
-                raise _FieldError(
-                    f"{where}.max_value_bytes",
-                    f"{namespace.max_value_bytes} is over [server].max_body_bytes ({limit}): "
-                    "no request body may be that large",
+                problems.append(
+                    (
+                        f"{where}.max_value_bytes",
+                        f"{namespace.max_value_bytes} is over [server].max_body_bytes "
+                        f"({limit}): no request body may be that large",
+                    )
                 )
-            if namespace.tiers is not None:
+            if namespace.tiers is not None and tiers_known:
                 in_order = sorted(namespace.tiers, key=tier_order.__getitem__)
                 namespace = namespace.model_copy(update={"tiers": in_order})
             ordered.append(namespace)
         object.__setattr__(self, "namespaces", ordered)
         for position, source in enumerate(self.invalidation.tables):
             if source.namespace not in seen:
-                raise _FieldError(
-                    f"invalidation.tables[{position}].namespace",
-                    f"unknown namespace {source.namespace!r} (namespaces: {', '.join(seen)})",
+                problems.append(
+                    (
+                        f"invalidation.tables[{position}].namespace",
+                        f"unknown namespace {source.namespace!r} (namespaces: {', '.join(seen)})",
+                    )
                 )
+        return problems
 
-    def _check_tokens(self) -> None:
+    def _check_tokens(self) -> list[tuple[str, str]]:
+        """The tokens' problems, each with its field."""
+        problems: list[tuple[str, str]] = []
         names = {namespace.name for namespace in self.namespaces} | {DEFAULT_NAMESPACE}
         seen = set() if self.server.auth_token is None else {AUTH_TOKEN_NAME}
         for position, token in enumerate(self.tokens):
             if token.name in seen:
                 what = "the name of [server].auth_token" if token.name == AUTH_TOKEN_NAME else ""
-                raise _FieldError(
-                    f"tokens[{position}].name",
-                    f"duplicate token name {token.name!r}" + (f" ({what})" if what else ""),
+                problems.append(
+                    (
+                        f"tokens[{position}].name",
+                        f"duplicate token name {token.name!r}" + (f" ({what})" if what else ""),
+                    )
                 )
             seen.add(token.name)
             for index, scope in enumerate(token.scopes):
                 namespace = scope.partition(":")[0]
                 if namespace != "*" and namespace not in names:
-                    raise _FieldError(
-                        f"tokens[{position}].scopes[{index}]",
-                        f"unknown namespace {namespace!r} (namespaces: {', '.join(sorted(names))})",
+                    problems.append(
+                        (
+                            f"tokens[{position}].scopes[{index}]",
+                            f"unknown namespace {namespace!r} "
+                            f"(namespaces: {', '.join(sorted(names))})",
+                        )
                     )
+        return problems
 
     @property
     def is_embedded_default(self) -> bool:
@@ -476,12 +497,18 @@ class Settings(_Section):
 
 
 class _FieldError(ValueError):
-    """A validation problem that knows which field (relative to its model) it concerns."""
+    """Validation problems that know which field (relative to their model) each concerns:
+    one, or several found in one pass (``also``), so that a config is fixed in one go."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, also: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        self.problems = [(field, message), *also]
+
+    @classmethod
+    def raise_any(cls, problems: Sequence[tuple[str, str]]) -> None:
+        if problems:
+            (field, message), *also = problems
+            raise cls(field, message, also)
 
 
 class ConfigError(Exception):
@@ -595,9 +622,14 @@ def _describe(exc: ValidationError, sources: Mapping[tuple[str | int, ...], str]
         if isinstance(cause, _FieldError):
             # The settings' own validator (at the root) names fields from the top
             # ("tiers[0].name"); a section's, relative to the section.
-            location = (*location, cause.field) if location else (cause.field,)
-            message = cause.message
-        elif error["type"] == "extra_forbidden":
+            for field, message in cause.problems:
+                at = (*location, field) if location else (field,)
+                origin = sources.get(at)
+                problems.append(
+                    f"{_format_location(at)}: {message}" + (f" (from {origin})" if origin else "")
+                )
+            continue
+        if error["type"] == "extra_forbidden":
             message = "unknown key"
         else:
             message = message.removeprefix("Value error, ")

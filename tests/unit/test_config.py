@@ -262,6 +262,21 @@ def test_namespace_and_token_problems_name_the_field(
     assert problems(write(tmp_path, TWO_TIERS + text)) == [expected]
 
 
+def test_every_namespace_and_token_problem_is_named_at_once(tmp_path: Path) -> None:
+    text = (
+        '[[namespaces]]\nname = "a"\ntiers = ["l7", "l1"]\nmax_value_bytes = 99999999\n'
+        '[[namespaces]]\nname = "a"\n'
+        '[[tokens]]\nname = "t"\nsecret_env = "A"\nscopes = ["b:read", "a:read"]\n'
+    )
+    assert problems(write(tmp_path, TWO_TIERS + text)) == [
+        "namespaces[0].tiers[0]: unknown tier 'l7' (tiers: l1, slow)",
+        "namespaces[0].max_value_bytes: 99999999 is over [server].max_body_bytes (1048576): "
+        "no request body may be that large",
+        "namespaces[1].name: duplicate namespace 'a'",
+        "tokens[0].scopes[0]: unknown namespace 'b' (namespaces: a, default)",
+    ]
+
+
 def test_a_namespaces_tiers_keep_the_tier_order_and_tokens_come_from_the_environment(
     tmp_path: Path,
 ) -> None:

@@ -466,8 +466,7 @@ class Api:
     def _got(
         self, namespace: Namespace, key: str, hit: Hit | None, if_none_match: str | None
     ) -> Reply:
-        if hit is not None and (hit.entry.sealed or namespace.cipher is not None):
-            hit = namespace.opened(key, hit)
+        hit = namespace.opened(key, hit)
         if hit is None:
             self._stats.miss(namespace.name)
             return NOT_FOUND
@@ -509,8 +508,7 @@ class Api:
         entries: list[dict[str, Any]] = []
         missing: list[str] = []
         for key, held_key, hit in zip(keys, held, hits, strict=True):
-            if hit is not None and (hit.entry.sealed or namespace.cipher is not None):
-                hit = namespace.opened(held_key, hit)
+            hit = namespace.opened(held_key, hit)
             if hit is None:
                 self._stats.miss(namespace.name)
                 missing.append(key)
@@ -584,20 +582,17 @@ class Api:
     async def _invalidate(self, call: Call, event: InvalidationEvent) -> None:
         """``event`` applied and told to the peers, and recorded in the audit trail
         (whatever the outcome)."""
+        # (Only a trail needs the target: every DELETE comes here.)
+        target = (
+            "" if self.audit is None else audit.target_of(event.keys, event.prefixes, event.tags)
+        )
         try:
             await self.invalidator.invalidate(event)
         except Exception as exc:
             status = exc.status if isinstance(exc, ServiceError) else 500
-            self._audit(
-                call,
-                audit.INVALIDATE,
-                audit.target_of(event.keys, event.prefixes, event.tags),
-                str(status),
-            )
+            self._audit(call, audit.INVALIDATE, target, str(status))
             raise
-        self._audit(
-            call, audit.INVALIDATE, audit.target_of(event.keys, event.prefixes, event.tags), "ok"
-        )
+        self._audit(call, audit.INVALIDATE, target, "ok")
 
     async def erase(self, call: Call, body: bytes) -> Reply:
         """A data subject's entries removed from every tier and the journal; answered once

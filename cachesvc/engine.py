@@ -78,6 +78,16 @@ async def _settle(calls: Sequence[Awaitable[T]]) -> list[T | BaseException]:
 # I/O of its own, or waits on one batch, runs no task.
 
 
+def _complete(result: asyncio.Future[Result], make: Callable[[In], Result], value: In) -> None:
+    """Complete ``result`` with ``make(value)``, or with what ``make`` raised."""
+    if result.done():
+        return
+    try:
+        result.set_result(make(value))
+    except Exception as exc:
+        result.set_exception(exc)
+
+
 def _pass_on(
     result: asyncio.Future[Result], make: Callable[[In], Result], done: asyncio.Future[In]
 ) -> None:
@@ -90,10 +100,7 @@ def _pass_on(
     elif (failure := done.exception()) is not None:
         result.set_exception(failure)
     else:
-        try:
-            result.set_result(make(done.result()))
-        except Exception as exc:
-            result.set_exception(exc)
+        _complete(result, make, done.result())
 
 
 def then(source: asyncio.Future[In], make: Callable[[In], Result]) -> asyncio.Future[Result]:
@@ -125,11 +132,7 @@ def chain(
                 result.set_exception(exc)
             return
         if not isinstance(following, asyncio.Future):
-            if not result.done():
-                try:
-                    result.set_result(make(following))
-                except Exception as exc:
-                    result.set_exception(exc)
+            _complete(result, make, following)
         elif following.done():
             _pass_on(result, make, following)
         else:

@@ -31,6 +31,7 @@ from tests.polling import until
 from tests.servers import PostgresServer
 from tests.service.conftest import Client, MakeClient, settings_for, start_client
 from tests.service.test_namespaces import in_ns, memcached_raw, postgres_raw, redis_raw
+from tests.service.test_write_behind import journal_depth
 
 NAMESPACE = "patients"
 KEYS_ENV = "GOV_TEST_PATIENTS_KEYS"
@@ -91,14 +92,6 @@ async def value_of(client: Client, key: str, **headers: str) -> bytes | None:
     return await response.read()
 
 
-async def journal_length(redis_url: str) -> int:
-    client = Redis.from_url(redis_url)
-    try:
-        return int(await client.xlen("cachesvc:journal"))
-    finally:
-        await client.aclose()
-
-
 # -- encryption -------------------------------------------------------------------------------
 
 
@@ -124,7 +117,7 @@ async def test_no_server_holds_plaintext_before_or_after_the_journal_drains(
     try:
         for key in names[3:]:
             assert await put(client, key, secrets[key], "strategy=write-behind") == 202
-        assert await journal_length(clean_redis_url) >= 3
+        assert await journal_depth(clean_redis_url) >= 3
         waiting = await redis_dump(clean_redis_url) + await memcached_dump(clean_memcached_url)
     finally:
         await asyncio.to_thread(postgres_server.resume)
@@ -149,7 +142,7 @@ async def test_no_server_holds_plaintext_before_or_after_the_journal_drains(
 
 
 async def _is_empty(redis_url: str) -> bool:
-    return await journal_length(redis_url) == 0
+    return await journal_depth(redis_url) == 0
 
 
 async def test_rotation_in_both_directions(

@@ -1,4 +1,4 @@
-"""Memcached tier: ``memcached://h1:p1[,h2:p2...][?prefix=cachesvc:&pool_size=4&gutter=h3:p3&gutter_ttl=10]``.
+r"""Memcached tier: ``memcached://h1:p1[,h2:p2...][?prefix=cachesvc:&pool_size=4&gutter=h3:p3&gutter_ttl=10]``.
 
 Keys are spread over the nodes by consistent hashing (a ketama-style ring), so adding or
 removing a node moves only about 1/N of them. Each node is its own failure domain: the
@@ -29,24 +29,12 @@ Memcached's own rules stay here (https://github.com/memcached/memcached/blob/mas
 - a connection's commands are executed one after the other and answered in order: they
   are pipelined, each reply matched to the oldest command still waiting for one.
 
-The client is the text protocol spoken by an ``asyncio.Protocol`` (``_Connection``): replies
-are parsed in ``data_received`` and each waiting call's future completed from there, with no
-task or stream reader per request. At most ``pool_size`` connections per node; a call goes
-on an idle one, else a new one is opened (up to the bound) while it is pipelined on the
-least busy. A connection whose reply is malformed, or on which a call is cancelled (the
-engine's timeout) before its reply came, is closed: it never serves a later call with the
-rest of an earlier reply. When the server closes a connection, every connection of that
-node opened until then stops taking calls (a restarted server closed them all), and the
-calls it took are tried once more on a fresh connection.
-
-Exceptions, mapped once in ``_Client.call``::
-
-    OSError from connecting (refused, unreachable)    -> TierUnavailable
-    connection closed or reset mid-call (after one    -> TierUnavailable
-    retry on a fresh connection)
-    no connection within _CONNECT_TIMEOUT             -> TierTimeout
-    a reply that is not the protocol's, or an error   -> TierError (connection closed)
-    answer (e.g. "SERVER_ERROR out of memory")
+The client is tiers/pipelined.py's (a pool of pipelined connections, each call a future
+completed from the connection's read callback, a call given up closing its connection, one
+retry on a fresh connection), speaking the text protocol: each call parses its own reply
+(``_Reply``). Its exceptions are all ``TierError``\s (see that module); an error answer
+(e.g. "SERVER_ERROR out of memory") is a malformed reply there: the call fails and its
+connection closes.
 """
 
 from __future__ import annotations
@@ -58,20 +46,19 @@ import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from tiers.base import (
     Tier,
     TierError,
-    TierTimeout,
-    TierUnavailable,
     TierWrite,
     pack_versioned,
     unpack_payload,
     unpack_version,
     url_options,
 )
+from tiers.pipelined import Address, BadReply, Call, Client, Connection
 
 _OPTIONS: dict[str, type] = {"prefix": str, "pool_size": int, "gutter": str, "gutter_ttl": int}
 _DEFAULT_PREFIX = "cachesvc:"
@@ -89,8 +76,6 @@ _MAX_CAS_ROUNDS = 10
 _CONNECT_TIMEOUT = 1.0
 
 _T = TypeVar("_T")
-
-Address = tuple[str, int]
 
 
 class MemcachedTier(Tier):
@@ -196,7 +181,13 @@ class MemcachedNode(Tier):
         self.address = address
         self.prefix = prefix
         self._cap_ttl = cap_ttl
-        self._client = _Client(name, address, pool_size)
+        self._client = Client(
+            f"memcached tier {name!r} ({_address_text(address)})",
+            address,
+            pool_size,
+            _Connection,
+            connect_timeout=_CONNECT_TIMEOUT,
+        )
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -207,9 +198,9 @@ class MemcachedNode(Tier):
 
     async def fetch(self, mkeys: list[bytes]) -> dict[bytes, bytes]:
         """The stored blobs of those of ``mkeys`` (memcached keys, distinct) present."""
-        values, _ = await self._client.call(
-            b"get %s\r\n" % b" ".join(mkeys), lambda: _Values(with_cas=False)
-        )
+        client = self._client
+        request = b"get %s\r\n" % b" ".join(mkeys)
+        values, _ = await client.submit(_Values(client.loop, request, with_cas=False))
         return values
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
@@ -231,7 +222,8 @@ class MemcachedNode(Tier):
             )
 
     async def ping(self) -> None:
-        await self._client.call(b"version\r\n", lambda: _Lines(1, _version_answer))
+        client = self._client
+        await client.submit(_Lines(client.loop, b"version\r\n", 1, _version_answer))
 
     async def close(self) -> None:
         self._client.close()
@@ -240,9 +232,9 @@ class MemcachedNode(Tier):
         self, items: list[tuple[bytes, TierWrite]]
     ) -> list[tuple[bytes, TierWrite]]:
         """One gets + add/cas pass over ``items``; returns those that lost a race."""
-        values, tokens = await self._client.call(
-            b"gets %s\r\n" % b" ".join(mkey for mkey, _ in items), lambda: _Values(with_cas=True)
-        )
+        client = self._client
+        request = b"gets %s\r\n" % b" ".join(mkey for mkey, _ in items)
+        values, tokens = await client.submit(_Values(client.loop, request, with_cas=True))
         todo: list[tuple[bytes, TierWrite]] = []
         stores: list[_Store] = []
         for mkey, write in items:
@@ -277,9 +269,9 @@ class MemcachedNode(Tier):
         the item is too large for it."""
         if not stores:
             return []
-        return await self._client.call(
-            b"".join(map(_store_command, stores)), lambda: _Lines(len(stores), _store_answer)
-        )
+        client = self._client
+        request = b"".join(map(_store_command, stores))
+        return await client.submit(_Lines(client.loop, request, len(stores), _store_answer))
 
 
 class _Store(NamedTuple):
@@ -302,144 +294,23 @@ def _store_command(store: _Store) -> bytes:
     )
 
 
-# -- the client: connections to one server ---------------------------------------------------
+# -- the client: tiers/pipelined.py, with memcached's replies -------------------------------
 
 
-class _ConnectionLost(TierUnavailable):
-    """The connection closed before the call's reply was complete."""
+class _Connection(Connection):
+    """A connection to memcached: each call is the parser of its own reply (``_Reply``),
+    fed the data as it comes."""
 
-
-class _BadReply(TierError):
-    """The server sent something the protocol does not allow there."""
-
-
-class _Client:
-    """Up to ``pool_size`` connections to one memcached, calls pipelined on them."""
-
-    def __init__(self, name: str, address: Address, pool_size: int) -> None:
-        self.where = f"memcached tier {name!r} ({_address_text(address)})"
-        self.address = address
-        self.pool_size = pool_size
-        self._open: list[_Connection] = []  # connected and taking calls
-        self._opening: asyncio.Task[_Connection] | None = None
-        self._closed = False
-
-    async def call(self, request: bytes, reply: Callable[[], _Reply[_T]]) -> _T:
-        """Send ``request`` and return its reply, parsed by a fresh ``reply()``.
-
-        A call whose connection closed before its reply came is tried once more: on a
-        fresh connection when the server closed it (a restart closed all of them), else on
-        any (this side closed it, for another call's sake). Replaying is harmless: a
-        multi-get reads again, and a replayed add/cas is refused or stores the same
-        version again.
-        """
-        try:
-            try:
-                return await (await self._connection()).send(request, reply())
-            except _ConnectionLost:
-                return await (await self._connection()).send(request, reply())
-        except TimeoutError as exc:  # before OSError: TimeoutError is one
-            raise TierTimeout(f"{self.where}: no connection within {_CONNECT_TIMEOUT} s") from exc
-        except OSError as exc:
-            raise TierUnavailable(f"{self.where}: {exc}") from exc
-
-    async def _connection(self) -> _Connection:
-        if self._closed:
-            raise TierError(f"{self.where}: closed")
-        best: _Connection | None = None
-        for conn in self._open:
-            if best is None or len(conn.pending) < len(best.pending):
-                best = conn
-                if not conn.pending:
-                    return conn
-        # All busy (or none): open one more if the bound allows, and meanwhile pipeline on
-        # the least busy rather than wait for the connect.
-        if self._opening is None and len(self._open) < self.pool_size:
-            self._opening = asyncio.get_running_loop().create_task(self._connect())
-            self._opening.add_done_callback(_retrieve)
-        if best is not None:
-            return best
-        assert self._opening is not None
-        # Shielded: a caller that gives up does not cancel the connect for the others.
-        return await asyncio.shield(self._opening)
-
-    async def _connect(self) -> _Connection:
-        host, port = self.address
-        try:
-            async with asyncio.timeout(_CONNECT_TIMEOUT):
-                _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: _Connection(self), host, port
-                )
-        finally:
-            self._opening = None
-        if self._closed:
-            conn.close()
-            raise TierError(f"{self.where}: closed")
-        self._open.append(conn)
-        return conn
-
-    def lost(self, conn: _Connection, by_server: bool) -> None:
-        """``conn`` closed. When the server closed it, no connection opened until now takes
-        another call: they most likely died with it (a restart)."""
-        if conn in self._open:
-            self._open.remove(conn)
-        if by_server:
-            retired, self._open = self._open, []
-            for other in retired:
-                other.retire()
-
-    def close(self) -> None:
-        self._closed = True
-        if self._opening is not None:
-            self._opening.cancel()
-        conns, self._open = self._open, []
-        for conn in conns:
-            conn.close()
-
-
-def _retrieve(task: asyncio.Task[_Connection]) -> None:
-    # A connect nobody waits for any more: its error shows on the next call, not as
-    # "Task exception was never retrieved".
-    if not task.cancelled():
-        task.exception()
-
-
-class _Connection(asyncio.Protocol):
-    """One connection: requests written as they come, replies matched to them in order.
-
-    Flow control is not needed: what is written is bounded by the calls in flight, each
-    under the engine's timeout, and a timed-out call closes its connection.
-    """
-
-    def __init__(self, client: _Client) -> None:
-        self._client = client
-        self.pending: collections.deque[_Reply[Any]] = collections.deque()
-        self._transport: asyncio.Transport | None = None
-        self._closing = False  # closed or being closed by this side
-        self._retired = False  # takes no new call; closes once its replies are in
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
         # An incomplete reply's bytes, kept until ``_need`` bytes are there to parse.
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._need = 0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
-    async def send(self, request: bytes, reply: _Reply[_T]) -> _T:
-        if self._closing or self._transport is None:
-            raise _ConnectionLost(f"{self._client.where}: connection closed")
-        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        reply.future = future
-        self.pending.append(reply)
-        self._transport.write(request)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.cancelled():
-                # Given up before the reply came: the connection would hand the rest of it
-                # to the next call. The other calls pipelined on it are tried again.
-                self._abort(_ConnectionLost(f"{self._client.where}: a call on it was cancelled"))
-            raise
+    def send(self, call: Call[Any]) -> None:
+        cast(_Reply[Any], call).restart()  # a retried call parses its new reply afresh
+        super().send(call)
 
     def data_received(self, data: bytes) -> None:
         if self._chunks:
@@ -449,7 +320,7 @@ class _Connection(asyncio.Protocol):
                 return  # e.g. a large value still coming in: nothing to parse yet
             data = b"".join(self._chunks)
             self._chunks = []
-        pending = self.pending
+        pending = cast(collections.deque[_Reply[Any]], self.pending)
         pos = 0
         try:
             while pending:
@@ -460,74 +331,34 @@ class _Connection(asyncio.Protocol):
                 pending.popleft()
             else:
                 if pos < len(data):
-                    raise _BadReply(f"unexpected data {data[pos : pos + 80]!r}")
-                if self._retired:
-                    self.close()
+                    raise BadReply(f"unexpected data {data[pos : pos + 80]!r}")
+                self.replied()
                 return
-        except (_BadReply, ValueError, IndexError) as exc:  # ValueError: int() of a non-number
-            if pending and not pending[0].future.done():
-                error = _BadReply(f"{self._client.where}: malformed reply: {exc}")
-                pending.popleft().future.set_exception(error)
-            self._abort(_ConnectionLost(f"{self._client.where}: closed after a malformed reply"))
+        except (BadReply, ValueError, IndexError) as exc:  # ValueError: int() of a non-number
+            self.malformed(exc)
             return
         if pos < len(data):
             self._chunks = [data[pos:]]
             self._buffered = len(data) - pos
             self._need = reply.need
 
-    def eof_received(self) -> bool:
-        return False  # close the transport: connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        by_server = not self._closing
-        self._closing = True
-        lost = _ConnectionLost(
-            f"{self._client.where}: connection lost ({exc or 'closed by the server'})"
-        )
-        lost.__cause__ = exc
-        self._fail_pending(lost)
-        self._client.lost(self, by_server=by_server)
-
-    def retire(self) -> None:
-        self._retired = True
-        if not self.pending:
-            self.close()
-
-    def close(self) -> None:
-        self._closing = True
-        self._client.lost(self, by_server=False)
-        if self._transport is not None:
-            self._transport.close()
-
-    def _abort(self, error: TierError) -> None:
-        self._closing = True
-        self._client.lost(self, by_server=False)
-        self._fail_pending(error)
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _fail_pending(self, error: TierError) -> None:
-        pending, self.pending = self.pending, collections.deque()
-        for reply in pending:
-            if not reply.future.done():
-                reply.future.set_exception(error)
-
 
 # -- replies ---------------------------------------------------------------------------------
 
 
-class _Reply(Generic[_T]):
-    """The parser of one command's reply, fed the connection's data as it comes.
+class _Reply(Call[_T]):
+    """A call that parses its own reply, fed the connection's data as it comes.
 
     ``feed(data, pos)`` consumes what it can of ``data[pos:]`` and returns the position
-    after it; then ``need`` is 0 and ``future`` has the result when the reply is complete,
+    after it; then ``need`` is 0 and the call has its result when the reply is complete,
     else how many bytes from that position it needs before it can go on.
     """
 
-    __slots__ = ("future", "need")
+    __slots__ = ("need",)
 
-    future: asyncio.Future[_T]
-    need: int
+    def restart(self) -> None:
+        """Forget a reply parsed in part on a connection that closed."""
+        self.need = 0
 
     def feed(self, data: bytes, pos: int) -> int:
         raise NotImplementedError
@@ -539,8 +370,13 @@ class _Values(_Reply[tuple[dict[bytes, bytes], dict[bytes, int]]]):
 
     __slots__ = ("fields", "tokens", "values")
 
-    def __init__(self, *, with_cas: bool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, *, with_cas: bool) -> None:
+        super().__init__(loop, request)
         self.fields = 5 if with_cas else 4  # of a VALUE line
+        self.restart()
+
+    def restart(self) -> None:
+        super().restart()
         self.values: dict[bytes, bytes] = {}
         self.tokens: dict[bytes, int] = {}
 
@@ -557,32 +393,43 @@ class _Values(_Reply[tuple[dict[bytes, bytes], dict[bytes, int]]]):
                 start = eol + 2
                 end = start + int(line[3])
                 if end < start:
-                    raise _BadReply(f"negative length in {data[pos:eol][:300]!r}")
+                    raise BadReply(f"negative length in {data[pos:eol][:300]!r}")
                 if size < end + 2:
                     self.need = end + 2 - pos
                     return pos
                 if data[end] != 13 or data[end + 1] != 10:
-                    raise _BadReply("value not followed by CRLF")
+                    raise BadReply("value not followed by CRLF")
                 values[line[1]] = data[start:end]
                 if fields == 5:
                     self.tokens[line[1]] = int(line[4])
                 pos = end + 2
             elif line == [b"END"]:
                 self.need = 0
-                self.future.set_result((values, self.tokens))
+                self.set_result((values, self.tokens))
                 return eol + 2
             else:
-                raise _BadReply(f"answered {data[pos:eol][:300]!r}")
+                raise BadReply(f"answered {data[pos:eol][:300]!r}")
 
 
 class _Lines(_Reply[list[_T]]):
-    """``count`` one-line answers, each read by ``parse`` (which raises _BadReply)."""
+    """``count`` one-line answers, each read by ``parse`` (which raises BadReply)."""
 
     __slots__ = ("answers", "count", "parse")
 
-    def __init__(self, count: int, parse: Callable[[bytes], _T]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: bytes,
+        count: int,
+        parse: Callable[[bytes], _T],
+    ) -> None:
+        super().__init__(loop, request)
         self.count = count
         self.parse = parse
+        self.restart()
+
+    def restart(self) -> None:
+        super().restart()
         self.answers: list[_T] = []
 
     def feed(self, data: bytes, pos: int) -> int:
@@ -595,7 +442,7 @@ class _Lines(_Reply[list[_T]]):
             answers.append(self.parse(data[pos:eol]))
             pos = eol + 2
         self.need = 0
-        self.future.set_result(answers)
+        self.set_result(answers)
         return pos
 
 
@@ -606,12 +453,12 @@ def _store_answer(line: bytes) -> bool | None:
         return False  # another writer got there first
     if line.startswith(b"SERVER_ERROR object too large"):
         return None  # memcached skipped the data and goes on
-    raise _BadReply(f"answered {line[:300]!r}")
+    raise BadReply(f"answered {line[:300]!r}")
 
 
 def _version_answer(line: bytes) -> bytes:
     if not line.startswith(b"VERSION "):
-        raise _BadReply(f"answered {line[:300]!r} to version")
+        raise BadReply(f"answered {line[:300]!r} to version")
     return line
 
 

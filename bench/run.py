@@ -376,7 +376,7 @@ def run_scenario(base: str, pid: int, scenario: Scenario, options: Options, side
         measure(base, scenario, options, options.warmup, 0)
     before = scrape(base) if sidecar else {}
     sched_before, wall_before = proc.schedstat(pid), time.monotonic()
-    profiler = start_profile(pid, scenario, options) if options.profile else None
+    profiler = start_profile(pid, scenario, options, options.duration) if options.profile else None
     # Start half-way through the keys: for L2/L3 the keys the warm-up just promoted
     # must not come round again while their promoted copies live.
     numbers = measure(base, scenario, options, options.duration, scenario.keys // 2)
@@ -480,11 +480,16 @@ def fixed_rate_cpu(
         try:
             if warmup > 0:
                 await loadgen.open_loop(call, options.cpu_rate, warmup)
+            profiler = None
+            if options.profile:
+                profiler = start_profile(pid, scenario, options, options.cpu_duration, "cpu")
             cpu, waiting, wall = proc.cpu_seconds(pid), proc.schedstat(pid)[1], time.monotonic()
             # open_loop returns once every answer is in: the server's work is done.
             result = await loadgen.open_loop(call, options.cpu_rate, options.cpu_duration)
             used = proc.cpu_seconds(pid) - cpu
             waited = (proc.schedstat(pid)[1] - waiting) / ((time.monotonic() - wall) * 1e9)
+            if profiler is not None:
+                finish_profile(profiler)
         finally:
             pool.close()
         return result, used, waited
@@ -535,16 +540,18 @@ class Profile:
     path: Path
 
 
-def start_profile(pid: int, scenario: Scenario, options: Options) -> Profile | None:
+def start_profile(
+    pid: int, scenario: Scenario, options: Options, duration: float, name: str = "profile"
+) -> Profile:
     """py-spy on the server (sidecar or peer) for the measured run (``--profile``)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         raise RuntimeError("--profile needs py-spy: pip install py-spy")
     options.results.mkdir(parents=True, exist_ok=True)
-    path = options.results / f"profile-{scenario.key}.txt"
+    path = options.results / f"{name}-{scenario.key}.txt"
     command = [
         py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(path),
-        "--rate", "1000", "--nonblocking", "--duration", str(math.ceil(options.duration)),
+        "--rate", "1000", "--nonblocking", "--duration", str(math.ceil(duration)),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return Profile(process, path)

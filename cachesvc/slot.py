@@ -19,6 +19,7 @@ A ``TierSlot`` wraps a ``tiers.Tier`` with what every backend needs the same way
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -115,6 +116,10 @@ class Batcher(Generic[In, Out]):
     ``max_in_flight`` batches are already under way, new calls wait and leave together
     when one finishes (group commit), so under load batches grow instead of queueing for
     connections.
+
+    ``run`` is a coroutine function, run as a task, or a function returning a future,
+    followed with a callback: no task per batch (the read path of a tier whose client
+    completes futures from its read callback).
     """
 
     def __init__(
@@ -126,7 +131,7 @@ class Batcher(Generic[In, Out]):
         self._scheduled = False
         self._items: list[In] = []
         self._waiters: list[asyncio.Future[Out]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._batches: set[asyncio.Future[Sequence[Out]]] = set()
         # The loop of the first call, kept: asyncio.get_running_loop() checks the process
         # id with a getpid() system call every time.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,32 +153,32 @@ class Batcher(Generic[In, Out]):
         self._scheduled = False
         if not self._items:
             return
-        items, waiters = self._items, self._waiters
-        self._items, self._waiters = [], []
+        waiters = self._waiters
+        items, self._items, self._waiters = self._items, [], []
         self._in_flight += 1
-        task = asyncio.ensure_future(self._settle(items, waiters))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        batch = asyncio.ensure_future(self._run(items))  # a future stays itself
+        self._batches.add(batch)
+        batch.add_done_callback(lambda done: self._settle(done, waiters))
 
-    async def _settle(self, items: list[In], waiters: list[asyncio.Future[Out]]) -> None:
-        try:
-            results = await self._run(items)
-        except BaseException as exc:  # every caller gets the batch's failure
+    def _settle(
+        self, batch: asyncio.Future[Sequence[Out]], waiters: list[asyncio.Future[Out]]
+    ) -> None:
+        self._batches.discard(batch)
+        self._in_flight -= 1
+        if self._items and not self._scheduled:
+            self._scheduled = True
+            batch.get_loop().call_soon(self._flush)
+        if batch.cancelled():
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        failure = batch.exception()
+        if failure is not None:  # every caller gets the batch's failure
             for waiter in waiters:
                 if not waiter.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        waiter.cancel()
-                    else:
-                        waiter.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+                    waiter.set_exception(failure)
             return
-        finally:
-            self._in_flight -= 1
-            if self._items and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        for waiter, result in zip(waiters, results, strict=True):
+        for waiter, result in zip(waiters, batch.result(), strict=True):
             if not waiter.done():
                 waiter.set_result(result)
 
@@ -182,9 +187,58 @@ class Batcher(Generic[In, Out]):
         for waiter in self._waiters:
             waiter.cancel()
         self._items, self._waiters = [], []
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for batch in list(self._batches):
+            batch.cancel()
+        await asyncio.gather(*self._batches, return_exceptions=True)
+
+
+class Deadlines:
+    """The deadlines of a slot's calls under way, kept with one timer: a call not done by
+    its deadline fails with ``TierTimeout`` and what it waits for is cancelled (a
+    pipelined client closes that call's connection). Calls start in order and share one
+    timeout, so their deadlines come in order too."""
+
+    def __init__(self, timeout: float, expired: Callable[[], TierTimeout]) -> None:
+        self.timeout = timeout
+        self._expired = expired
+        self._calls: collections.deque[tuple[float, asyncio.Future[Any], asyncio.Future[Any]]]
+        self._calls = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(
+        self, loop: asyncio.AbstractEventLoop, call: asyncio.Future[Any], inner: asyncio.Future[Any]
+    ) -> None:
+        """Fail ``call`` unless it is done within the timeout; cancel ``inner`` then."""
+        deadline = loop.time() + self.timeout
+        self._calls.append((deadline, call, inner))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire, loop)
+
+    def forget_done(self) -> None:
+        """Drop the calls done from the front (called as each completes): the queue holds
+        the calls under way, not their results."""
+        calls = self._calls
+        while calls and calls[0][1].done():
+            calls.popleft()
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        calls = self._calls
+        while calls:
+            deadline, call, inner = calls[0]
+            if not call.done():
+                if deadline > now:
+                    self._timer = loop.call_at(deadline, self._expire, loop)
+                    return
+                call.set_exception(self._expired())
+                inner.cancel()
+            calls.popleft()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class CircuitBreaker:
@@ -297,6 +351,7 @@ class TierSlot:
         self.missed_changed = False  # not yet recorded in the durable tier
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines = Deadlines(timeout, self._timed_out)
         self._gets = Batcher(self._get_batch)
         self._sets = Batcher(self._set_batch)
 
@@ -335,12 +390,67 @@ class TierSlot:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
         return await self._get_batch(list(keys))
 
-    async def _get_batch(self, keys: list[str]) -> list[bytes | None]:
-        unique = list(dict.fromkeys(keys))  # concurrent gets of one key: one lookup
+    def _get_batch(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:
+        """One ``get_many_soon`` of the tier, under the timeout and breaker, followed with
+        callbacks: no task, no timer of its own (``Deadlines``)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[bytes | None]] = loop.create_future()
+        if not self.breaker.allow():
+            answer.set_exception(self._refused())
+            return answer
+        unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # one lookup per key
         self.metrics.get_batch.observe(len(unique))
-        with self.metrics.get_duration.time():
-            found = dict(zip(unique, await self.call(self.tier.get_many(unique)), strict=True))
-        return [found[key] for key in keys]
+        started = time.perf_counter()
+        try:
+            found = self.tier.get_many_soon(unique)
+        except TierError as exc:  # raised before any I/O (a tier not started)
+            self._failed(exc)
+            answer.set_exception(exc)
+            return answer
+        self._deadlines.watch(loop, answer, found)
+        found.add_done_callback(lambda _: self._got(answer, found, keys, unique, started))
+        return answer
+
+    def _got(
+        self,
+        answer: asyncio.Future[list[bytes | None]],
+        found: asyncio.Future[list[bytes | None]],
+        keys: list[str],
+        unique: list[str],
+        started: float,
+    ) -> None:
+        if answer.done():  # timed out (Deadlines)
+            return
+        if found.cancelled():
+            answer.cancel()
+        elif (failure := found.exception()) is not None:
+            if isinstance(failure, TierError):
+                self._failed(failure)
+            answer.set_exception(failure)
+        else:
+            self.breaker.success()
+            self.metrics.get_duration.observe(time.perf_counter() - started)
+            values = found.result()
+            if unique is not keys:
+                by_key = dict(zip(unique, values, strict=True))
+                values = [by_key[key] for key in keys]
+            answer.set_result(values)
+        self._deadlines.forget_done()
+
+    def _failed(self, failure: TierError) -> None:
+        self.breaker.failure(failure_cause(failure))
+        self.metrics.error("unavailable")
+
+    def _refused(self) -> TierUnavailable:
+        self.metrics.error("open")
+        return TierUnavailable(f"tier {self.name}: circuit breaker open")
+
+    def _timed_out(self) -> TierTimeout:
+        self.breaker.failure(f"no answer within {self.timeout:g} s")
+        self.metrics.error("timeout")
+        return TierTimeout(f"tier {self.name}: no answer within {self.timeout} s")
 
     # -- writes --------------------------------------------------------------------------
 
@@ -402,18 +512,14 @@ class TierSlot:
         if not self.breaker.allow(probe):
             if asyncio.iscoroutine(operation):
                 operation.close()
-            self.metrics.error("open")
-            raise TierUnavailable(f"tier {self.name}: circuit breaker open")
+            raise self._refused()
         try:
             async with asyncio.timeout(self.timeout):
                 result = await operation
         except TimeoutError:
-            self.breaker.failure(f"no answer within {self.timeout:g} s")
-            self.metrics.error("timeout")
-            raise TierTimeout(f"tier {self.name}: no answer within {self.timeout} s") from None
+            raise self._timed_out() from None
         except TierError as exc:
-            self.breaker.failure(failure_cause(exc))
-            self.metrics.error("unavailable")
+            self._failed(exc)
             raise
         self.breaker.success()
         return result
@@ -433,6 +539,7 @@ class TierSlot:
     async def close(self) -> None:
         await self._gets.close()
         await self._sets.close()
+        self._deadlines.cancel()
         await self.tier.close()
 
 

@@ -29,6 +29,7 @@ Exceptions (drivers' own exceptions never leave a tier)::
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
@@ -227,6 +228,12 @@ class Tier(abc.ABC):
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,)))[0]
+
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+        """``get_many`` as a future. A tier whose client completes futures from its
+        connection's read callback returns one of those, so that a read costs the engine
+        no task (the Redis tier's); this default runs ``get_many`` as a task."""
+        return asyncio.ensure_future(self.get_many(keys))
 
     def get_now(self, key: str) -> bytes | None:
         """``get`` of an ``in_process`` tier, answered without waiting: every L1 hit of

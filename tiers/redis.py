@@ -2,6 +2,11 @@
 and ``redis-sentinel://s1:p1,s2:p2/<service name>[/<db>]?prefix=...`` for the master that
 the Sentinels name, followed through a failover (see tiers/redis_clients.py).
 
+A single server is spoken to by the lean pipelined client of tiers/resp.py, whose calls are
+futures completed in the connection's read callback (``get_many_soon``: a read costs the
+engine no task); Sentinel and Cluster URLs by redis-py, which follows failovers and slot
+maps.
+
 Each entry is one string, ``pack_versioned(version, payload)``, under ``prefix + key``, with
 the tier's TTL as a PX expiry, so Redis expires entries by itself. Reads are one MGET per
 batch. A write is a Lua script that compares the 16-hex-digit version header of the stored
@@ -13,8 +18,8 @@ pipeline of EVALSHA calls.
 changes only how a batch is split into commands (``_read``, ``_script_calls``) and what
 ``ping`` asks; the script, the option parsing and the error mapping are this module's.
 
-Query options other than ``prefix`` are redis-py's own (``socket_timeout``,
-``max_connections``, ...) and are passed on to it.
+Query options other than ``prefix`` are the client's: tiers/resp.py names those of a
+single server; Sentinel and Cluster URLs take redis-py's (tiers/redis_clients.py).
 
 Driver exceptions, mapped once in ``mapped_errors``::
 
@@ -28,14 +33,16 @@ Driver exceptions, mapped once in ``mapped_errors``::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 from urllib.parse import SplitResult, parse_qsl
 
 import redis.exceptions
+from redis.asyncio.connection import parse_url
 
 from tiers.base import (
     Marker,
@@ -47,7 +54,8 @@ from tiers.base import (
     pack_versioned,
     unpack_payload,
 )
-from tiers.redis_clients import RedisClient, create_client, parse_redis_url
+from tiers.redis_clients import RedisClient, RedisTarget, create_client, parse_redis_url
+from tiers.resp import OPTIONS, ReplyError, RespClient, check_cert_reqs
 
 _OWN_OPTIONS = ("prefix",)
 _DEFAULT_PREFIX = "cachesvc:"
@@ -96,13 +104,13 @@ class RedisTier(Tier):
     def __init__(self, name: str, url: SplitResult, ttl: float) -> None:
         super().__init__(name, url, ttl)
         self.prefix = self._prefix(url)
-        self._target = parse_redis_url(url.geturl(), _OWN_OPTIONS)
-        self._client: RedisClient | None = None
+        self._target = _target(url)
+        self._client: RedisClient | RespClient | None = None
 
     @classmethod
     def validate_url(cls, url: SplitResult) -> None:
         cls._prefix(url)
-        parse_redis_url(url.geturl(), _OWN_OPTIONS)
+        _target(url)
 
     @staticmethod
     def _prefix(url: SplitResult) -> str:
@@ -114,16 +122,30 @@ class RedisTier(Tier):
     async def start(self) -> None:
         # No I/O here: the client connects on first use, so a Redis that is down does not
         # stop the sidecar from starting, and the tier works as soon as Redis is back.
-        self._client = create_client(self._target)
+        target = self._target
+        if target.kind == "server":
+            host, port = target.nodes[0]
+            where = f"redis tier {self.name!r} ({host}:{port})"
+            self._client = RespClient(where, (host, port), dict(parse_url(target.url)))
+        else:
+            self._client = create_client(target)
+
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+        client = self._started()
+        if not isinstance(client, RespClient):
+            return super().get_many_soon(keys)
+        prefix = self.prefix
+        return client.command("MGET", *[prefix + key for key in keys], convert=_payloads)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
         client = self._started()
+        if isinstance(client, RespClient):
+            return await self.get_many_soon(keys)
         with self.mapped_errors():
             stored = await self._read(client, [self.prefix + key for key in keys])
-        # decode_responses=False: values arrive as bytes, never str.
-        return [unpack_payload(cast(bytes | None, value)) for value in stored]
+        return _payloads(stored)
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         if not writes:
@@ -170,7 +192,7 @@ class RedisTier(Tier):
         return list(await client.mget(keys))
 
     def _script_calls(
-        self, client: RedisClient, writes: Sequence[TierWrite]
+        self, client: RedisClient | RespClient, writes: Sequence[TierWrite]
     ) -> list[Sequence[TierWrite]]:
         """``writes`` cut into the batches of one script call each."""
         return [writes[i : i + KEYS_PER_CALL] for i in range(0, len(writes), KEYS_PER_CALL)]
@@ -178,10 +200,18 @@ class RedisTier(Tier):
     # -- shared ----------------------------------------------------------------------------
 
     async def _run_scripts(
-        self, client: RedisClient, chunks: Sequence[Sequence[TierWrite]]
+        self, client: RedisClient | RespClient, chunks: Sequence[Sequence[TierWrite]]
     ) -> list[Any]:
         """One script call per chunk; what each answered or raised."""
         calls = [self._script_arguments(chunk) for chunk in chunks]
+        if isinstance(client, RespClient):  # its calls are pipelined as they are made
+            return await asyncio.gather(
+                *(
+                    client.evalsha(_CONDITIONAL_SET_SHA, len(chunk), *arguments)
+                    for chunk, arguments in zip(chunks, calls, strict=True)
+                ),
+                return_exceptions=True,
+            )
         if len(calls) == 1:  # the common case: redis-py's pipeline machinery costs more
             try:
                 return [await client.evalsha(_CONDITIONAL_SET_SHA, len(chunks[0]), *calls[0])]
@@ -201,7 +231,7 @@ class RedisTier(Tier):
             arguments.append(max(1, math.ceil(write.ttl * 1000)))
         return arguments
 
-    def _started(self) -> RedisClient:
+    def _started(self) -> RedisClient | RespClient:
         if self._client is None:
             raise TierError(f"redis tier {self.name!r} is not started")
         return self._client
@@ -226,8 +256,16 @@ class RedisTier(Tier):
             raise TierError(f"redis tier {self.name!r}: {exc}") from exc
 
 
+class _MarkerCommands(Protocol):
+    """What the markers need of a client: redis-py's, or tiers/resp.py's."""
+
+    def eval(self, script: str, numkeys: int, *args: str | int) -> Any: ...
+
+    def hgetall(self, key: str) -> Any: ...
+
+
 async def save_markers(
-    client: RedisClient, key: str, markers: Sequence[Marker], ttl: float
+    client: _MarkerCommands, key: str, markers: Sequence[Marker], ttl: float
 ) -> None:
     """Keep ``markers`` in the hash ``key`` (see ``_SAVE_MARKERS``)."""
     arguments: list[str | int] = []
@@ -237,9 +275,9 @@ async def save_markers(
     await client.eval(_SAVE_MARKERS, 1, key, *arguments)
 
 
-async def load_markers(client: RedisClient, key: str) -> list[Marker]:
+async def load_markers(client: _MarkerCommands, key: str) -> list[Marker]:
     """The markers kept in the hash ``key``."""
-    stored = await client.hgetall(key)
+    stored: dict[bytes | str, bytes | str] = await client.hgetall(key)
     return [Marker(_text(name), int(_text(version), 16)) for name, version in stored.items()]
 
 
@@ -248,4 +286,28 @@ def _text(value: bytes | str) -> str:
 
 
 def _no_script(result: object) -> bool:
+    if isinstance(result, ReplyError):
+        return result.reply.startswith("NOSCRIPT")
     return isinstance(result, redis.exceptions.NoScriptError)
+
+
+def _payloads(stored: list[Any]) -> list[bytes | None]:
+    # Values arrive as bytes (decode_responses=False; hiredis gives bytes), never str.
+    return [unpack_payload(cast(bytes | None, value)) for value in stored]
+
+
+def _target(url: SplitResult) -> RedisTarget:
+    """The parsed URL; a single server takes tiers/resp.py's options only."""
+    if url.scheme.lower() in ("redis", "rediss"):
+        for name, value in parse_qsl(url.query):
+            if name == "socket_timeout":
+                raise ValueError(
+                    "option socket_timeout: a call waits as long as the tier's timeout "
+                    "setting lets it ([[tiers]] timeout)"
+                )
+            if name not in OPTIONS and name not in _OWN_OPTIONS:
+                known = ", ".join(sorted({*OPTIONS, *_OWN_OPTIONS}))
+                raise ValueError(f"unknown option {name!r} (known: {known})")
+            if name == "ssl_cert_reqs":
+                check_cert_reqs(value)
+    return parse_redis_url(url.geturl(), _OWN_OPTIONS)

@@ -28,6 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from tiers.base import TierWrite
 from tiers.redis import KEYS_PER_CALL, RedisTier
 from tiers.redis_clients import RedisClient
+from tiers.resp import RespClient
 
 
 class RedisClusterTier(RedisTier):
@@ -38,7 +39,7 @@ class RedisClusterTier(RedisTier):
         return await _cluster(client).mget_nonatomic(keys)
 
     def _script_calls(
-        self, client: RedisClient, writes: Sequence[TierWrite]
+        self, client: RedisClient | RespClient, writes: Sequence[TierWrite]
     ) -> list[Sequence[TierWrite]]:
         by_slot: dict[int, list[TierWrite]] = {}
         for write in writes:
@@ -55,6 +56,6 @@ class RedisClusterTier(RedisTier):
             await client.ping(target_nodes=RedisCluster.PRIMARIES)
 
 
-def _cluster(client: RedisClient) -> RedisCluster:
+def _cluster(client: RedisClient | RespClient) -> RedisCluster:
     assert isinstance(client, RedisCluster), "a redis-cluster:// URL makes a cluster client"
     return client

@@ -326,7 +326,7 @@ def test_registry_resolves_each_scheme(scheme: str, cls: type[Tier]) -> None:
     "url",
     [
         "redis://127.0.0.1:6379/0",
-        "redis://user:secret@cache.internal/3?prefix=app1:&socket_timeout=0.5",
+        "redis://user:secret@cache.internal/3?prefix=app1:&max_connections=2&client_name=a",
         "rediss://127.0.0.1:6380/0?ssl_cert_reqs=none",
         "redis-cluster://10.0.0.1:7000",
         "redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/?prefix=a:&max_connections=8",
@@ -353,6 +353,9 @@ def test_validate_url_accepts(url: str) -> None:
         ("redis://127.0.0.1:99999/0", "out of range"),
         ("redis://127.0.0.1:6379/zero", "database 'zero' is not a number"),
         ("redis://127.0.0.1:6379/0?db=x", "Invalid value for 'db'"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=1", "the tier's timeout setting"),
+        ("redis://127.0.0.1:6379/0?health_check_interval=1", "unknown option"),
+        ("rediss://127.0.0.1:6380/0?ssl_cert_reqs=maybe", "ssl_cert_reqs must be one of"),
         ("redis:///0", "needs a host"),
         ("redis://127.0.0.1/0?prefix=a%20b", "prefix must not contain whitespace"),
         ("redis-cluster://", "needs a list of cluster nodes"),

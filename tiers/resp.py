@@ -1,0 +1,201 @@
+"""The Redis tier's client for one server (``redis://``, ``rediss://``): Redis' protocol
+(RESP2) on tiers/pipelined.py's connections, replies parsed by hiredis (the parser
+redis-py itself uses).
+
+Why not redis-py's asyncio client: a sidecar is called a few thousand times a second, where
+coalescing has nothing to coalesce and every read is a batch of one. redis-py spends a
+task-free but deep stack per command (connection pool checkout, a stream reader, its
+retry wrapper); here a command is one ``hiredis.pack_command``, one ``transport.write`` and
+one future completed in ``data_received``. Sentinel and Cluster URLs keep redis-py, which
+follows failovers and slot maps (tiers/redis_clients.py).
+
+Options (``?name=value``): ``max_connections`` (the pool's bound, default 4: Redis runs one
+command at a time, so more connections than a few only add sockets),
+``socket_connect_timeout`` (seconds, default 1), ``client_name`` (CLIENT SETNAME), and for
+``rediss://`` ``ssl_cert_reqs`` (``none``, ``optional`` or ``required``, the default),
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``. A call waits
+as long as its caller lets it: the engine bounds every tier call with the tier's
+``timeout``, and a call given up closes its connection.
+
+Exceptions: tiers/pipelined.py's (``TierUnavailable``, ``TierTimeout``, ``BadReply``), and
+``ReplyError`` (a ``TierError``) for an error reply (WRONGTYPE, NOSCRIPT, OOM, ...),
+which leaves the connection as it is. A refused AUTH or SELECT is ``TierUnavailable``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import hiredis
+
+from tiers.base import TierError, TierUnavailable
+from tiers.pipelined import BadReply, Call, Client, Connection
+
+__all__ = ["OPTIONS", "ReplyError", "RespClient", "check_cert_reqs"]
+
+_T = TypeVar("_T")
+
+OPTIONS = frozenset(
+    {
+        "db",  # as the URL's path gives it
+        "max_connections",
+        "socket_connect_timeout",
+        "client_name",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+    }
+)
+_DEFAULT_POOL_SIZE = 4
+_DEFAULT_CONNECT_TIMEOUT = 1.0
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+Arg = bytes | str | int | float
+
+
+class ReplyError(TierError):
+    """Redis answered the command with an error; ``reply`` is its text (``NOSCRIPT ...``)."""
+
+    def __init__(self, where: str, reply: str) -> None:
+        super().__init__(f"{where}: {reply}")
+        self.reply = reply
+
+
+class _Command(Call[_T]):
+    """A command; ``convert`` makes its result of the reply, in the read callback."""
+
+    __slots__ = ("convert",)
+
+    def __init__(
+        self, client: RespClient, request: bytes, convert: Callable[[Any], _T] | None
+    ) -> None:
+        super().__init__(client.pool.loop, request)
+        self.convert = convert
+
+    def complete(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            where = self.connection.client.where if self.connection else "redis"
+            self.set_exception(ReplyError(where, str(reply)))
+        elif self.convert is None:
+            self.set_result(reply)
+        else:
+            try:
+                self.set_result(self.convert(reply))
+            except (TypeError, ValueError, AttributeError) as exc:
+                self.set_exception(BadReply(f"unexpected reply {reply!r:.200}: {exc}"))
+
+
+class _RespConnection(Connection):
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self._reader = hiredis.Reader()
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self.pending
+        try:
+            while (reply := reader.gets()) is not False:
+                call = cast(_Command[Any], pending.popleft())
+                if not call.done():
+                    call.complete(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:  # IndexError: a reply unasked
+            self.malformed(exc)
+            return
+        self.replied()
+
+
+class RespClient:
+    """The commands the Redis tier sends, named and answered as redis-py's are, each one
+    returning its ``Call`` (a future)."""
+
+    def __init__(self, where: str, address: tuple[str, int], options: dict[str, Any]) -> None:
+        """``options``: redis-py's ``parse_url`` of the URL (``db``, ``username``,
+        ``password`` and those of ``OPTIONS``)."""
+        self._setup: list[tuple[str, ...]] = []
+        if options.get("password") is not None:
+            user = options.get("username")
+            self._setup.append(
+                ("AUTH", user, options["password"]) if user else ("AUTH", options["password"])
+            )
+        if options.get("db"):
+            self._setup.append(("SELECT", str(int(options["db"]))))
+        if options.get("client_name"):
+            self._setup.append(("CLIENT", "SETNAME", options["client_name"]))
+        self.pool = Client(
+            where,
+            address,
+            int(options.get("max_connections", _DEFAULT_POOL_SIZE)),
+            _RespConnection,
+            connect_timeout=float(options.get("socket_connect_timeout", _DEFAULT_CONNECT_TIMEOUT)),
+            ssl_context=_ssl_context(options) if "connection_class" in options else None,
+            handshake=self._handshake if self._setup else None,
+        )
+
+    def command(self, *args: Arg, convert: Callable[[Any], _T] | None = None) -> Call[_T]:
+        """Send ``args``; the call's result is ``convert(reply)`` (the reply without)."""
+        return self.pool.submit(_Command(self, hiredis.pack_command(cast(Any, args)), convert))
+
+    def mget(self, keys: Sequence[str]) -> Call[list[bytes | None]]:
+        return self.command("MGET", *keys)
+
+    def evalsha(self, sha: str, numkeys: int, *args: Arg) -> Call[Any]:
+        return self.command("EVALSHA", sha, numkeys, *args)
+
+    def eval(self, script: str | bytes, numkeys: int, *args: Arg) -> Call[Any]:
+        return self.command("EVAL", script, numkeys, *args)
+
+    def script_load(self, script: str | bytes) -> Call[Any]:
+        return self.command("SCRIPT", "LOAD", script)
+
+    def ping(self) -> Call[Any]:
+        return self.command("PING")
+
+    def hgetall(self, key: str) -> Call[dict[bytes, bytes]]:
+        return self.command("HGETALL", key, convert=_pairs)
+
+    async def aclose(self) -> None:
+        self.pool.close()
+
+    async def _handshake(self, conn: Connection) -> None:
+        calls: list[_Command[Any]] = [
+            _Command(self, hiredis.pack_command(cast(Any, args)), None) for args in self._setup
+        ]
+        for call in calls:
+            call.tried = True  # never replayed on another connection
+            conn.send(call)
+        for call, args in zip(calls, self._setup, strict=True):
+            try:
+                await call
+            except ReplyError as exc:
+                raise TierUnavailable(f"{exc} (to {args[0]})") from exc
+
+
+def _pairs(reply: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    context.check_hostname = bool(options.get("ssl_check_hostname", True))
+    reqs = check_cert_reqs(str(options.get("ssl_cert_reqs", "required")))
+    if reqs != ssl.CERT_REQUIRED:
+        context.check_hostname = False
+    context.verify_mode = reqs
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return context
+
+
+def check_cert_reqs(value: str) -> ssl.VerifyMode:
+    """The verification that ``ssl_cert_reqs=value`` asks for; ValueError if none."""
+    reqs = _CERT_REQS.get(value.lower())
+    if reqs is None:
+        raise ValueError(
+            f"option ssl_cert_reqs must be one of {', '.join(_CERT_REQS)} (got {value!r})"
+        )
+    return reqs

@@ -453,14 +453,18 @@ class Engine:
     async def _promote(
         self, key: str, payload: bytes, entry: Entry, slots: Sequence[Slot], now: float
     ) -> None:
-        async def fill(slot: Slot, ttl: float) -> None:
+        # The fills as they are (a remote tier's is its batch's future: no task each).
+        fills = [
+            slot.set(TierWrite(key, payload, entry.version, entry.ttl_in(slot.ttl, now)))
+            for slot in slots
+        ]
+        for slot, filled in zip(slots, await _settle(fills), strict=True):
             # A failed fill leaves the tier without the key (or with the same-or-older
             # version a newer write will replace): nothing stale to remember.
-            with contextlib.suppress(TierError):
-                await slot.set(TierWrite(key, payload, entry.version, ttl))
+            if not isinstance(filled, BaseException):
                 slot.metrics.promotions.inc()
-
-        await asyncio.gather(*(fill(slot, entry.ttl_in(slot.ttl, now)) for slot in slots))
+            elif not isinstance(filled, TierError):
+                raise filled
 
     # -- writes --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ rather than zeros that look like a healthy, empty journal.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -54,20 +54,21 @@ class Metrics:
             ["tier", "kind"],
             registry=r,
         )
-        self.tier_duration = Histogram(
+        # Observed once per tier call: plain, as the request series.
+        self.tier_duration = PlainHistograms(
             "cachesvc_tier_call_duration_seconds",
             "Latency of one (batched) tier call.",
-            ["tier", "operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            ("tier", "operation"),
+            _LATENCY_BUCKETS,
         )
-        self.tier_batch_size = Histogram(
+        r.register(self.tier_duration)
+        self.tier_batch_size = PlainHistograms(
             "cachesvc_tier_batch_keys",
             "Keys per coalesced tier call.",
-            ["tier", "operation"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=r,
+            ("tier", "operation"),
+            (1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        r.register(self.tier_batch_size)
         self.promotions = Counter(
             "cachesvc_promotions",
             "Entries copied into a tier from a lower one on read.",
@@ -168,6 +169,54 @@ class JournalMetrics:
         )
 
 
+class Buckets:
+    """One histogram's counts, observed with a plain increment: how many values fell at or
+    below each bound (the last count: above all, +Inf), and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(bound, values at or below it) pairs, as a Prometheus histogram has them."""
+        total = 0
+        pairs: list[tuple[str, float]] = []
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            total += count
+            pairs.append((bound, total))
+        return pairs
+
+
+class PlainHistograms:
+    """A labelled histogram whose children are ``Buckets``: read out at scrape time."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], bounds: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.bounds = bounds
+        self.children: dict[tuple[str, ...], Buckets] = {}
+
+    def child(self, *values: str) -> Buckets:
+        """The histogram of these label values (bind it once, observe it often)."""
+        return self.children.setdefault(values, Buckets(self.bounds))
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, buckets in sorted(self.children.items()):
+            family.add_metric(list(values), buckets.cumulative(), buckets.sum)
+        yield family
+
+
 class RequestStats:
     """``cachesvc_requests_total`` and ``cachesvc_request_duration_seconds`` by namespace
     and operation, and ``cachesvc_hits_total`` / ``cachesvc_misses_total`` (keys read) by
@@ -182,8 +231,12 @@ class RequestStats:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str, int], int] = {}
-        # (namespace, operation) -> [count per bucket (the last one: +Inf)..., seconds]
-        self.latencies: dict[tuple[str, str], list[float]] = {}
+        self.latencies = PlainHistograms(
+            "cachesvc_request_duration_seconds",
+            "HTTP request latency by namespace and operation.",
+            ("namespace", "operation"),
+            _LATENCY_BUCKETS,
+        )
         # namespace -> tier -> count; each namespace counts its hits in its own dict.
         self.hits: dict[str, dict[str, int]] = {}
         self.misses: dict[str, int] = {}
@@ -191,11 +244,10 @@ class RequestStats:
     def record(self, namespace: str, operation: str, status: int, seconds: float) -> None:
         key = (namespace, operation, status)
         self.counts[key] = self.counts.get(key, 0) + 1
-        latency = self.latencies.get((namespace, operation))
+        latency = self.latencies.children.get((namespace, operation))
         if latency is None:
-            latency = self.latencies[namespace, operation] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-        latency[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        latency[-1] += seconds
+            latency = self.latencies.child(namespace, operation)
+        latency.observe(seconds)
 
     def miss(self, namespace: str) -> None:
         self.misses[namespace] = self.misses.get(namespace, 0) + 1
@@ -209,21 +261,7 @@ class RequestStats:
         for (namespace, operation, status), count in sorted(self.counts.items()):
             requests.add_metric([namespace, operation, str(status)], count)
         yield requests
-        durations = HistogramMetricFamily(
-            "cachesvc_request_duration_seconds",
-            "HTTP request latency by namespace and operation.",
-            labels=["namespace", "operation"],
-        )
-        bounds = [*map(str, _LATENCY_BUCKETS), "+Inf"]
-        for (namespace, operation), latency in sorted(self.latencies.items()):
-            *counts, seconds = latency
-            cumulative = 0.0
-            buckets: list[tuple[str, float]] = []
-            for bound, in_bucket in zip(bounds, counts, strict=True):
-                cumulative += in_bucket
-                buckets.append((bound, cumulative))
-            durations.add_metric([namespace, operation], buckets, seconds)
-        yield durations
+        yield from self.latencies.collect()
         hits = CounterMetricFamily(
             "cachesvc_hits",
             "Keys read (GET, bulk get) that a tier held, by namespace and tier.",
@@ -275,10 +313,10 @@ class TierMetrics:
         self.misses = 0
         metrics.tier_reads.tiers.append(self)
         self.promotions = metrics.promotions.labels(tier)
-        self.get_duration = metrics.tier_duration.labels(tier, "get")
-        self.set_duration = metrics.tier_duration.labels(tier, "set")
-        self.get_batch = metrics.tier_batch_size.labels(tier, "get")
-        self.set_batch = metrics.tier_batch_size.labels(tier, "set")
+        self.get_duration = metrics.tier_duration.child(tier, "get")
+        self.set_duration = metrics.tier_duration.child(tier, "set")
+        self.get_batch = metrics.tier_batch_size.child(tier, "get")
+        self.set_batch = metrics.tier_batch_size.child(tier, "set")
         self.missed_keys = metrics.missed_keys.labels(tier)
         self.repaired_keys = metrics.repaired_keys.labels(tier)
         self._errors = metrics.tier_errors

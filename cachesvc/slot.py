@@ -423,6 +423,7 @@ class TierSlot:
     ) -> None:
         if answer.done():  # timed out (Deadlines)
             return
+        self.metrics.get_duration.observe(time.perf_counter() - started)
         if found.cancelled():
             answer.cancel()
         elif (failure := found.exception()) is not None:
@@ -431,7 +432,6 @@ class TierSlot:
             answer.set_exception(failure)
         else:
             self.breaker.success()
-            self.metrics.get_duration.observe(time.perf_counter() - started)
             values = found.result()
             if unique is not keys:
                 by_key = dict(zip(unique, values, strict=True))
@@ -465,8 +465,11 @@ class TierSlot:
 
     async def _set_batch(self, writes: list[TierWrite]) -> list[None]:
         self.metrics.set_batch.observe(len(writes))
-        with self.metrics.set_duration.time():
+        started = time.perf_counter()
+        try:
             await self.call(self.tier.set_many(writes))
+        finally:
+            self.metrics.set_duration.observe(time.perf_counter() - started)
         return [None] * len(writes)
 
     def miss(self, key: str, version: int) -> None:

@@ -124,6 +124,11 @@ class MemcachedTier(Tier):
 
     # -- the whole tier: the same calls, spread over the nodes -----------------------------
 
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+        if len(self._nodes) == 1:
+            return self._nodes[0].get_many_soon(keys)
+        return super().get_many_soon(keys)
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if len(self._nodes) == 1:
             return await self._nodes[0].get_many(keys)
@@ -189,19 +194,26 @@ class MemcachedNode(Tier):
             connect_timeout=_CONNECT_TIMEOUT,
         )
 
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+        mkeys = [_memcached_key(self.prefix, key) for key in keys]
+        client = self._client
+        request = b"get %s\r\n" % b" ".join(dict.fromkeys(mkeys))
+
+        def payloads(found: _Found) -> list[bytes | None]:
+            return [unpack_payload(found[0].get(mkey)) for mkey in mkeys]
+
+        return client.submit(_Values(client.loop, request, payloads, with_cas=False))
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        mkeys = [_memcached_key(self.prefix, key) for key in keys]
-        found = await self.fetch(list(dict.fromkeys(mkeys)))
-        return [unpack_payload(found.get(mkey)) for mkey in mkeys]
+        return await self.get_many_soon(keys)
 
     async def fetch(self, mkeys: list[bytes]) -> dict[bytes, bytes]:
         """The stored blobs of those of ``mkeys`` (memcached keys, distinct) present."""
         client = self._client
         request = b"get %s\r\n" % b" ".join(mkeys)
-        values, _ = await client.submit(_Values(client.loop, request, with_cas=False))
-        return values
+        return await client.submit(_Values(client.loop, request, _values, with_cas=False))
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         # One write per key, the highest version (the last of equal ones) winning.
@@ -234,7 +246,7 @@ class MemcachedNode(Tier):
         """One gets + add/cas pass over ``items``; returns those that lost a race."""
         client = self._client
         request = b"gets %s\r\n" % b" ".join(mkey for mkey, _ in items)
-        values, tokens = await client.submit(_Values(client.loop, request, with_cas=True))
+        values, tokens = await client.submit(_Values(client.loop, request, _found, with_cas=True))
         todo: list[tuple[bytes, TierWrite]] = []
         stores: list[_Store] = []
         for mkey, write in items:
@@ -364,14 +376,33 @@ class _Reply(Call[_T]):
         raise NotImplementedError
 
 
-class _Values(_Reply[tuple[dict[bytes, bytes], dict[bytes, int]]]):
+_Found = tuple[dict[bytes, bytes], dict[bytes, int]]  # the values and CAS tokens by key
+
+
+def _found(found: _Found) -> _Found:
+    return found
+
+
+def _values(found: _Found) -> dict[bytes, bytes]:
+    return found[0]
+
+
+class _Values(_Reply[_T]):
     """The reply to ``get``/``gets``: per value found ``VALUE <key> <flags> <bytes> [<cas>]``
-    and its data on the next line, then ``END``."""
+    and its data on the next line, then ``END``; the call's result is ``convert`` of what
+    was found."""
 
     __slots__ = ("fields", "tokens", "values")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, *, with_cas: bool) -> None:
-        super().__init__(loop, request)
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: bytes,
+        convert: Callable[[_Found], _T],
+        *,
+        with_cas: bool,
+    ) -> None:
+        super().__init__(loop, request, convert)
         self.fields = 5 if with_cas else 4  # of a VALUE line
         self.restart()
 
@@ -405,7 +436,7 @@ class _Values(_Reply[tuple[dict[bytes, bytes], dict[bytes, int]]]):
                 pos = end + 2
             elif line == [b"END"]:
                 self.need = 0
-                self.set_result((values, self.tokens))
+                self.finish((values, self.tokens))
                 return eol + 2
             else:
                 raise BadReply(f"answered {data[pos:eol][:300]!r}")
@@ -442,7 +473,7 @@ class _Lines(_Reply[list[_T]]):
             answers.append(self.parse(data[pos:eol]))
             pos = eol + 2
         self.need = 0
-        self.set_result(answers)
+        self.finish(answers)
         return pos
 
 

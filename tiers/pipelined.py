@@ -65,13 +65,29 @@ class Call(asyncio.Future[_T]):
     on: asyncio cancels the future a task awaits through this method, so no callback per
     call is needed to notice."""
 
-    __slots__ = ("connection", "request", "tried")
+    __slots__ = ("connection", "convert", "request", "tried")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: bytes,
+        convert: Callable[[Any], _T] | None = None,
+    ) -> None:
         super().__init__(loop=loop)
         self.request = request
+        self.convert = convert  # what the result is made of the reply, in the read callback
         self.connection: Connection | None = None
         self.tried = False  # sent once already, on a connection that closed
+
+    def finish(self, reply: Any) -> None:
+        """Complete the call with ``convert(reply)``, or the reply itself without one."""
+        if self.convert is None:
+            self.set_result(reply)
+            return
+        try:
+            self.set_result(self.convert(reply))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            self.set_exception(BadReply(f"unexpected reply {reply!r:.200}: {exc}"))
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 import hiredis
 
 from tiers.base import TierError, TierUnavailable
-from tiers.pipelined import BadReply, Call, Client, Connection
+from tiers.pipelined import Call, Client, Connection
 
 __all__ = ["OPTIONS", "ReplyError", "RespClient", "check_cert_reqs"]
 
@@ -66,27 +66,16 @@ class ReplyError(TierError):
 
 
 class _Command(Call[_T]):
-    """A command; ``convert`` makes its result of the reply, in the read callback."""
+    """A command: its reply, an error reply, or what ``convert`` makes of it."""
 
-    __slots__ = ("convert",)
-
-    def __init__(
-        self, client: RespClient, request: bytes, convert: Callable[[Any], _T] | None
-    ) -> None:
-        super().__init__(client.pool.loop, request)
-        self.convert = convert
+    __slots__ = ()
 
     def complete(self, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
             where = self.connection.client.where if self.connection else "redis"
             self.set_exception(ReplyError(where, str(reply)))
-        elif self.convert is None:
-            self.set_result(reply)
         else:
-            try:
-                self.set_result(self.convert(reply))
-            except (TypeError, ValueError, AttributeError) as exc:
-                self.set_exception(BadReply(f"unexpected reply {reply!r:.200}: {exc}"))
+            self.finish(reply)
 
 
 class _RespConnection(Connection):
@@ -138,7 +127,8 @@ class RespClient:
 
     def command(self, *args: Arg, convert: Callable[[Any], _T] | None = None) -> Call[_T]:
         """Send ``args``; the call's result is ``convert(reply)`` (the reply without)."""
-        return self.pool.submit(_Command(self, hiredis.pack_command(cast(Any, args)), convert))
+        pool = self.pool
+        return pool.submit(_Command(pool.loop, hiredis.pack_command(cast(Any, args)), convert))
 
     def mget(self, keys: Sequence[str]) -> Call[list[bytes | None]]:
         return self.command("MGET", *keys)
@@ -163,7 +153,7 @@ class RespClient:
 
     async def _handshake(self, conn: Connection) -> None:
         calls: list[_Command[Any]] = [
-            _Command(self, hiredis.pack_command(cast(Any, args)), None) for args in self._setup
+            _Command(self.pool.loop, hiredis.pack_command(cast(Any, args))) for args in self._setup
         ]
         for call in calls:
             call.tried = True  # never replayed on another connection

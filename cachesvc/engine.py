@@ -340,15 +340,51 @@ class Engine:
         return self._read_below(key, floor, top_failed=False)
 
     def _read_below(self, key: str, floor: int, top_failed: bool) -> asyncio.Future[Hit | None]:
-        return asyncio.ensure_future(self._get_below(key, floor, top_failed))
-
-    async def _get_below(self, key: str, floor: int, top_failed: bool) -> Hit | None:
-        """The rest of a read the top tier did not answer (or failed, ``top_failed``).
+        """The rest of a read the top tier did not answer (or failed, ``top_failed``): a
+        future of the lookup below, joined by every concurrent read of the key (one task
+        for all of them, none of its own).
 
         ``floor``: the version of an entry a tier above held that an invalidation hid; an
         entry found below that is not newer is an older version of it, so invalidated too,
         whether or not the invalidation names it (a tag the older value did not carry). A
         newer one is not: the tier above missed it (a write that could not reach it)."""
+        top = self.top
+        if len(self.slots) == 1 or self.blind:
+            return asyncio.ensure_future(self._get_below(key, floor, top_failed))
+        overlay = self._overlay(key)
+        if overlay is not None and overlay.entry.version > floor:
+            return asyncio.ensure_future(self._get_below(key, floor, top_failed))
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(
+                self._read_lower(key, self.slots[1:], floor, {top} if top_failed else set())
+            )
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._land(key, done))
+        # Derived, not awaited: one reader giving up cancels its own future, never the
+        # lookup others wait for.
+        return chain(flight, lambda done: self._joined(key, done, floor, top_failed), _itself)
+
+    def _joined(
+        self, key: str, flight: asyncio.Future[Hit | None], floor: int, top_failed: bool
+    ) -> Hit | asyncio.Future[Hit | None] | None:
+        """What a read that joined ``flight`` makes of its hit."""
+        hit = flight.result()  # its failure is the read's
+        if hit is None or hit.entry.version <= floor:
+            return None
+        if self.markers.active and self.markers.hiding(key, hit.entry):
+            # Hidden while the lookup this read joined was under way: invalidated, or
+            # replaced by a write that a tier above missed (a key marker). Only a second
+            # look, past the hidden version, tells which.
+            failed = {self.top} if top_failed else set()
+            return asyncio.ensure_future(
+                self._read_lower(key, self.slots[1:], hit.entry.version, failed)
+            )
+        return hit
+
+    async def _get_below(self, key: str, floor: int, top_failed: bool) -> Hit | None:
+        """``_read_below`` where the lookup is not shared: with a single tier, while
+        ``blind``, or from the overlay of this process's unflushed writes."""
         top = self.top
         if len(self.slots) == 1:
             if top_failed:  # the only tier is the durable one: "not found" would be a guess
@@ -363,25 +399,7 @@ class Engine:
                     await self._promote(key, overlay.payload, overlay.entry, [top], time.time())
                 return Hit(overlay.entry, top.name)
             floor = overlay.entry.version
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = asyncio.ensure_future(
-                self._read_lower(key, self.slots[1:], floor, {top} if top_failed else set())
-            )
-            self._flights[key] = flight
-            flight.add_done_callback(lambda done: self._land(key, done))
-        # Shielded: one reader giving up must not cancel the lookup others wait for.
-        hit = await asyncio.shield(flight)
-        if hit is None or hit.entry.version <= floor:
-            return None
-        if self.markers.active and self.markers.hiding(key, hit.entry):
-            # Hidden while the lookup this read joined was under way: invalidated, or
-            # replaced by a write that a tier above missed (a key marker). Only a second
-            # look, past the hidden version, tells which.
-            return await self._read_lower(
-                key, self.slots[1:], hit.entry.version, {top} if top_failed else set()
-            )
-        return hit
+        return await self._read_below(key, floor, top_failed)
 
     def _land(self, key: str, flight: asyncio.Future[Hit | None]) -> None:
         if self._flights.get(key) is flight:

@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, decode_live
@@ -55,8 +55,62 @@ Result = TypeVar("Result")
 MONITOR_INTERVAL = 0.5
 
 
-def _itself(hit: Hit | None) -> Hit | None:
-    return hit
+def _itself(value: T) -> T:
+    return value
+
+
+def _failed(error: BaseException) -> asyncio.Future[Any]:
+    """A future that failed with ``error`` already."""
+    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    failed.set_exception(error)
+    return failed
+
+
+def _raising(error: BaseException) -> Callable[[object], NoReturn]:
+    """A ``make`` that fails with ``error`` whatever it is given."""
+
+    def fail(_: object) -> NoReturn:
+        raise error
+
+    return fail
+
+
+def _all_settled(calls: Sequence[asyncio.Future[Any]], timeout: float) -> asyncio.Future[list[Any]]:
+    """A future of what each of ``calls`` returned or raised, once all are done; or of
+    TimeoutError after ``timeout`` seconds, those still under way cancelled then. One
+    timer and a callback per call: no task."""
+    loop = asyncio.get_running_loop()
+    settled: asyncio.Future[list[Any]] = loop.create_future()
+    remaining = len(calls)
+    if not calls:
+        settled.set_result([])
+        return settled
+
+    def expire() -> None:
+        if not settled.done():
+            settled.set_exception(TimeoutError())
+            for call in calls:
+                call.cancel()
+
+    timer = loop.call_later(timeout, expire)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0 and not settled.done():
+            timer.cancel()
+            settled.set_result([_outcome(call) for call in calls])
+
+    for call in calls:
+        call.add_done_callback(one_done)
+    return settled
+
+
+def _outcome(call: asyncio.Future[Any]) -> Any:
+    """What a done ``call`` returned, or raised (its exception as a value)."""
+    if call.cancelled():
+        return asyncio.CancelledError()
+    return call.exception() or call.result()
 
 
 async def _false() -> bool:
@@ -513,7 +567,7 @@ class Engine:
         self, values: Sequence[NewValue], entries: Sequence[Entry], strategy: Strategy, now: float
     ) -> asyncio.Future[Any]:
         if strategy == "write-behind" and len(self.slots) > 1:
-            return asyncio.ensure_future(self._write_behind(values, entries, now))
+            return self._write_behind(values, entries, now)
         durable_writes = []
         cache_writes = []
         for new, entry in zip(values, entries, strict=True):
@@ -552,24 +606,24 @@ class Engine:
             )
         return entries
 
-    async def _write_behind(
+    def _write_behind(
         self, values: Sequence[NewValue], entries: Sequence[Entry], now: float
-    ) -> list[int]:
-        """Top tier and journal, concurrently; lower tiers later (``apply_write_behind``)."""
+    ) -> asyncio.Future[list[int]]:
+        """Top tier and journal, concurrently; lower tiers later (``apply_write_behind``).
+        Followed with callbacks: a write-behind write runs no task of its own."""
         journal, top = self.journal, self.top
+        refusal: str | None = None
         if journal is None:
-            raise Unavailable(
-                "write-behind needs a journal: configure a redis:// tier or [write].journal_url",
-                "journal",
+            refusal = (
+                "write-behind needs a journal: configure a redis:// tier or [write].journal_url"
             )
-        if not journal.has_room(len(values)):
-            raise Unavailable(
-                "write-behind journal is full; retry later or write through", "journal"
-            )
-        refusal = journal.refusal()
+        elif not journal.has_room(len(values)):
+            refusal = "write-behind journal is full; retry later or write through"
+        else:
+            refusal = journal.refusal()
         if refusal is not None:
-            raise Unavailable(refusal, "journal")
-
+            return _failed(Unavailable(refusal, "journal"))
+        assert journal is not None
         top_writes = [
             TierWrite(new.key, entry.encode(), entry.version, entry.ttl_in(top.ttl, now))
             for new, entry in zip(values, entries, strict=True)
@@ -577,20 +631,40 @@ class Engine:
         # Visible to reads of this process at once, in version order: set before any await.
         for write, entry in zip(top_writes, entries, strict=True):
             self._unflushed[write.key] = Unflushed(entry, write.payload or b"", now + top.ttl, None)
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                stored, recorded = await asyncio.gather(
-                    _settle([top.set(write) for write in top_writes]),
-                    _settle([journal.append(w.key, w.payload or b"") for w in top_writes]),
-                )
-        except TimeoutError:
+        calls: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(top.set(write)) for write in top_writes
+        ]
+        calls += [journal.append(w.key, w.payload or b"") for w in top_writes]
+        return chain(
+            _all_settled(calls, self.request_timeout),
+            lambda settled: self._written_behind(top_writes, entries, settled),
+            _itself,
+        )
+
+    def _written_behind(
+        self,
+        top_writes: Sequence[TierWrite],
+        entries: Sequence[Entry],
+        settled: asyncio.Future[list[Any]],
+    ) -> list[int] | asyncio.Future[list[int]]:
+        """The versions of a write-behind write once the top tier and the journal both took
+        it; else what each missed is remembered (recorded before the 503)."""
+        top = self.top
+        failure = settled.exception()
+        if isinstance(failure, TimeoutError):
             for write in top_writes:
                 self._forget_unflushed(write.key, write.version)
                 self._miss(top, write.key, write.version)
-            await self._missed_records.submit(None)
-            raise Unavailable(
-                f"the write did not complete within {self.request_timeout} s", top.name
-            ) from None
+            return then(
+                self._missed_records.submit(None),
+                _raising(
+                    Unavailable(
+                        f"the write did not complete within {self.request_timeout} s", top.name
+                    )
+                ),
+            )
+        outcomes = settled.result()  # another failure is the write's
+        stored, recorded = outcomes[: len(top_writes)], outcomes[len(top_writes) :]
         journal_failure: BaseException | None = None
         for write, recorded_result in zip(top_writes, recorded, strict=True):
             if isinstance(recorded_result, BaseException):
@@ -607,15 +681,14 @@ class Engine:
         for write, stored_result in zip(top_writes, stored, strict=True):
             if isinstance(stored_result, BaseException):
                 self._miss(top, write.key, write.version)  # it may hold an older value
-        if missed or journal_failure is not None:
-            await self._missed_records.submit(None)
         if journal_failure is not None:
-            raise Unavailable(
-                f"write-behind journal: {journal_failure}", "journal"
-            ) from journal_failure
-        if missed:
-            raise Unavailable(f"the top tier did not take the write: {missed[0]}", top.name)
-        return [entry.version for entry in entries]
+            error = Unavailable(f"write-behind journal: {journal_failure}", "journal")
+            error.__cause__ = journal_failure
+        elif missed:
+            error = Unavailable(f"the top tier did not take the write: {missed[0]}", top.name)
+        else:
+            return [entry.version for entry in entries]
+        return then(self._missed_records.submit(None), _raising(error))
 
     async def apply_write_behind(self, records: Sequence[Record]) -> None:
         """Apply journal records to the tiers below the top, newest version per key (a

@@ -208,25 +208,37 @@ class Journal:
             found: list[Any] = await pipe.execute()
         return {entry_id for entry_id, entries in zip(entry_ids, found, strict=True) if entries}
 
-    async def append(self, key: str, payload: bytes) -> bytes:
-        """Record a write durably; its entry id. Raises JournalUnavailable."""
+    def append(self, key: str, payload: bytes) -> asyncio.Future[bytes]:
+        """Record a write durably: a future of its entry id, failing with
+        JournalUnavailable. (A future, not a coroutine: appending runs no task.)"""
         if not self.has_room(1):
-            raise JournalUnavailable(f"journal full ({self._depth} pending writes)")
+            full: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            full.set_exception(JournalUnavailable(f"journal full ({self._depth} pending writes)"))
+            return full
         self._appending += 1
-        try:
-            entry_id = await self._appends.submit((key, payload))
-        except (*REDIS_ERRORS, JournalUnavailable) as exc:
-            raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
-        finally:
-            self._appending -= 1
+        recorded = self._appends.submit((key, payload))
+        # Registered first, so it runs before the caller learns of the entry.
+        recorded.add_done_callback(self._recorded)
+        return recorded
+
+    def _recorded(self, recorded: asyncio.Future[bytes]) -> None:
+        self._appending -= 1
+        if recorded.cancelled() or recorded.exception() is not None:
+            return
+        entry_id = recorded.result()
         self._appended_since_count.append(entry_id)
         if _id_after(entry_id, self._counted_up_to):
             self._depth += 1
         if _id_after(entry_id, self._last_appended):
             self._last_appended = entry_id
-        return entry_id
 
     async def _append_batch(self, items: list[tuple[str, bytes]]) -> list[bytes]:
+        try:
+            return await self._append_entries(items)
+        except (*REDIS_ERRORS, JournalUnavailable) as exc:
+            raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
+
+    async def _append_entries(self, items: list[tuple[str, bytes]]) -> list[bytes]:
         await self._ensure_group()
         async with self._client.pipeline(transaction=False) as pipe:
             for key, payload in items:

@@ -47,6 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cachesvc.envelope import Entry, decode_envelope
@@ -54,7 +55,8 @@ from cachesvc.metrics import Metrics
 from cachesvc.slot import Batcher
 from invalidation.base import Backoff
 from tiers.base import TierError, TierTimeout, TierUnavailable
-from tiers.redis_clients import create_client, hash_tag, is_cluster_url
+from tiers.redis_clients import create_client, hash_tag, is_cluster_url, parse_redis_url
+from tiers.resp import RespClient
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ OWN_PENDING_INTERVAL = 1.0
 WAIT_MILLISECONDS = 1000
 # What a Redis or a Redis Cluster client raises (a cluster's own errors are not RedisErrors).
 REDIS_ERRORS = (RedisError, RedisClusterException)
+CALL_TIMEOUT = 2.0  # seconds: the longest a journal call waits for Redis' answer
 ERASE_SCAN_BATCH = 1000
 
 
@@ -121,7 +124,15 @@ class Journal:
         # configured number, or (None) one when the master has a replica at all.
         self.replicas_configured = replicas
         self.replicas = replicas or 0
-        self._client = create_client(url, socket_timeout=2)
+        self._client = create_client(url, socket_timeout=CALL_TIMEOUT)
+        # Appends, the write path's part, go to a single server through tiers/resp.py's
+        # lean pipelined client (the Redis tier's); Sentinel and Cluster through redis-py.
+        self._appender: RespClient | None = None
+        target = parse_redis_url(url)
+        if target.kind == "server":
+            host, port = target.nodes[0]
+            options = dict(parse_url(target.url))
+            self._appender = RespClient(f"journal ({host}:{port})", (host, port), options)
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
         # Back-pressure counts the stream exactly, appends racing a count included: a
         # count (XLEN with the newest ID, atomically) holds every append whose ID is not
@@ -235,18 +246,35 @@ class Journal:
     async def _append_batch(self, items: list[tuple[str, bytes]]) -> list[bytes]:
         try:
             return await self._append_entries(items)
-        except (*REDIS_ERRORS, JournalUnavailable) as exc:
+        except (*REDIS_ERRORS, TierError, JournalUnavailable) as exc:
             raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
 
     async def _append_entries(self, items: list[tuple[str, bytes]]) -> list[bytes]:
         await self._ensure_group()
-        async with self._client.pipeline(transaction=False) as pipe:
-            for key, payload in items:
-                pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
+        results: list[Any]
+        if self._appender is not None:
+            commands: list[tuple[Any, ...]] = [
+                ("XADD", self.stream, "*", "k", key, "p", payload) for key, payload in items
+            ]
             if self.replicas:
-                # WAIT counts the writes of its own connection: in the same pipeline.
-                pipe.execute_command("WAIT", self.replicas, WAIT_MILLISECONDS)
-            results: list[Any] = await pipe.execute()
+                # WAIT counts the writes of its own connection: in the same request.
+                commands.append(("WAIT", self.replicas, WAIT_MILLISECONDS))
+            try:
+                async with asyncio.timeout(CALL_TIMEOUT):
+                    results = await self._appender.pipeline(commands)
+            except TimeoutError:
+                raise TierTimeout(f"no answer within {CALL_TIMEOUT} s") from None
+            for result in results:
+                if isinstance(result, TierError):  # an error reply
+                    raise result
+        else:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, payload in items:
+                    pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
+                if self.replicas:
+                    # WAIT counts the writes of its own connection: in the same pipeline.
+                    pipe.execute_command("WAIT", self.replicas, WAIT_MILLISECONDS)
+                results = await pipe.execute()
         if self.replicas:
             acknowledged = results.pop()
             if acknowledged < self.replicas:
@@ -501,6 +529,8 @@ class Journal:
 
     async def close(self) -> None:
         await self._appends.close()
+        if self._appender is not None:
+            await self._appender.aclose()
         await self._client.aclose()
 
 

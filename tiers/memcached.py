@@ -320,10 +320,6 @@ class _Connection(Connection):
         self._buffered = 0
         self._need = 0
 
-    def send(self, call: Call[Any]) -> None:
-        cast(_Reply[Any], call).restart()  # a retried call parses its new reply afresh
-        super().send(call)
-
     def data_received(self, data: bytes) -> None:
         if self._chunks:
             self._chunks.append(data)
@@ -369,7 +365,6 @@ class _Reply(Call[_T]):
     __slots__ = ("need",)
 
     def restart(self) -> None:
-        """Forget a reply parsed in part on a connection that closed."""
         self.need = 0
 
     def feed(self, data: bytes, pos: int) -> int:

@@ -79,6 +79,10 @@ class Call(asyncio.Future[_T]):
         self.connection: Connection | None = None
         self.tried = False  # sent once already, on a connection that closed
 
+    def restart(self) -> None:
+        """Called as the call goes out: a call retried after a connection closed forgets
+        what it had parsed of its reply there."""
+
     def finish(self, reply: Any) -> None:
         """Complete the call with ``convert(reply)``, or the reply itself without one."""
         if self.convert is None:
@@ -123,6 +127,7 @@ class Connection(asyncio.Protocol):
 
     def send(self, call: Call[Any]) -> None:
         assert self._transport is not None and not self._closing
+        call.restart()
         call.connection = self
         self.pending.append(call)
         self._transport.write(call.request)

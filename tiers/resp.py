@@ -24,6 +24,7 @@ which leaves the connection as it is. A refused AUTH or SELECT is ``TierUnavaila
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
@@ -70,12 +71,42 @@ class _Command(Call[_T]):
 
     __slots__ = ()
 
-    def complete(self, reply: Any) -> None:
+    def take(self, reply: Any) -> bool:
+        """Give the call a reply; True once it has all it waits for."""
+        if not self.done():  # not given up
+            if isinstance(reply, hiredis.ReplyError):
+                self.set_exception(self._error(reply))
+            else:
+                self.finish(reply)
+        return True
+
+    def _error(self, reply: hiredis.ReplyError) -> ReplyError:
+        return ReplyError(self.connection.client.where if self.connection else "redis", str(reply))
+
+
+class _Pipeline(_Command[list[Any]]):
+    """Commands sent as one request: its result is their replies, an error reply as a
+    ReplyError in its place."""
+
+    __slots__ = ("commands", "replies")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, commands: int) -> None:
+        super().__init__(loop, request)
+        self.commands = commands
+        self.replies: list[Any] = []
+
+    def restart(self) -> None:
+        self.replies = []
+
+    def take(self, reply: Any) -> bool:
         if isinstance(reply, hiredis.ReplyError):
-            where = self.connection.client.where if self.connection else "redis"
-            self.set_exception(ReplyError(where, str(reply)))
-        else:
-            self.finish(reply)
+            reply = self._error(reply)
+        self.replies.append(reply)
+        if len(self.replies) < self.commands:
+            return False
+        if not self.done():
+            self.finish(self.replies)
+        return True
 
 
 class _RespConnection(Connection):
@@ -89,10 +120,9 @@ class _RespConnection(Connection):
         pending = self.pending
         try:
             while (reply := reader.gets()) is not False:
-                call = cast(_Command[Any], pending.popleft())
-                if not call.done():
-                    call.complete(reply)
-        except (hiredis.ProtocolError, IndexError) as exc:  # IndexError: a reply unasked
+                if cast(_Command[Any], pending[0]).take(reply):  # IndexError: a reply unasked
+                    pending.popleft()
+        except (hiredis.ProtocolError, IndexError) as exc:
             self.malformed(exc)
             return
         self.replied()
@@ -129,6 +159,13 @@ class RespClient:
         """Send ``args``; the call's result is ``convert(reply)`` (the reply without)."""
         pool = self.pool
         return pool.submit(_Command(pool.loop, hiredis.pack_command(cast(Any, args)), convert))
+
+    def pipeline(self, commands: Sequence[Sequence[Arg]]) -> Call[list[Any]]:
+        """``commands`` as one request, on one connection (so that a WAIT among them
+        counts the writes before it): a call of their replies."""
+        pool = self.pool
+        request = b"".join(hiredis.pack_command(cast(Any, tuple(c))) for c in commands)
+        return pool.submit(_Pipeline(pool.loop, request, len(commands)))
 
     def mget(self, keys: Sequence[str]) -> Call[list[bytes | None]]:
         return self.command("MGET", *keys)

@@ -1,0 +1,111 @@
+"""The Redis tier's own client (tiers/resp.py) against a real redis-server: what it sets up
+on each connection (AUTH, SELECT, CLIENT SETNAME), error replies in and out of a
+pipeline, a call given up on a hung server, and the Redis tier reloading its script after
+the server forgot it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from tests.servers import RedisServer
+from tiers.base import TierUnavailable, TierWrite
+from tiers.redis import RedisTier
+from tiers.resp import ReplyError, RespClient
+
+V = 1_700_000_000_000_000
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    with redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2) as client:
+        yield client
+
+
+def client_for(server: RedisServer, **options: object) -> RespClient:
+    return RespClient("test", ("127.0.0.1", server.port), dict(options))
+
+
+async def test_each_connection_is_authenticated_on_its_database_under_its_name(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    raw.config_set("requirepass", "s3cret")
+    try:
+        client = client_for(redis_server, password="s3cret", db=3, client_name="sidecar-7")
+        await client.command("SET", "k", "in db 3")
+        with redis.Redis("127.0.0.1", redis_server.port, password="s3cret", db=3) as db3:
+            assert db3.get("k") == b"in db 3"
+            assert "sidecar-7" in [c["name"] for c in db3.client_list()]
+        await client.aclose()
+    finally:
+        with redis.Redis("127.0.0.1", redis_server.port, password="s3cret") as admin:
+            admin.config_set("requirepass", "")
+
+
+async def test_a_refused_password_is_unavailable_and_says_so(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    raw.config_set("requirepass", "s3cret")
+    try:
+        client = client_for(redis_server, password="wrong")
+        with pytest.raises(TierUnavailable, match=r"WRONGPASS.*\(to AUTH\)"):
+            await client.ping()
+        await client.aclose()
+    finally:
+        with redis.Redis("127.0.0.1", redis_server.port, password="s3cret") as admin:
+            admin.config_set("requirepass", "")
+
+
+async def test_error_replies_fail_their_call_or_take_their_place_in_a_pipeline(
+    redis_server: RedisServer,
+) -> None:
+    client = client_for(redis_server)
+    await client.command("SET", "text", "not a hash")
+    with pytest.raises(ReplyError, match="WRONGTYPE") as failed:
+        await client.hgetall("text")
+    assert failed.value.reply.startswith("WRONGTYPE")
+    first, second, third = await client.pipeline(
+        [("SET", "a", "1"), ("HGETALL", "text"), ("GET", "a")]
+    )
+    assert (first, third) == (b"OK", b"1")
+    assert isinstance(second, ReplyError)
+    assert await client.ping() == b"PONG"  # the connection goes on after error replies
+    await client.aclose()
+
+
+async def test_a_call_given_up_on_a_hung_server_does_not_hold_up_the_next(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    client = client_for(redis_server, max_connections=1)
+    await client.command("SET", "k", "v")
+    accepted = int(raw.info("stats")["total_connections_received"])
+    redis_server.hang()
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await client.command("GET", "k")
+    finally:
+        redis_server.resume()
+    # Its connection was closed when the call was given up: the next call gets a fresh
+    # one, and its own reply (not the late one of the call given up).
+    assert await client.command("GET", "k") == b"v"
+    assert int(raw.info("stats")["total_connections_received"]) > accepted
+    await client.aclose()
+
+
+async def test_the_tier_loads_its_script_again_once_the_server_forgot_it(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    tier = RedisTier("l1", urlsplit(redis_server.url), 60)
+    await tier.start()
+    try:
+        await tier.set_many([TierWrite("k", b"one", V, 60)])
+        raw.script_flush()
+        await tier.set_many([TierWrite("k", b"two", V + 1, 60)])
+        assert await tier.get_many(["k"]) == [b"two"]
+    finally:
+        await tier.close()

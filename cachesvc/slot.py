@@ -119,13 +119,20 @@ class Batcher(Generic[In, Out]):
 
     ``run`` is a coroutine function, run as a task, or a function returning a future,
     followed with a callback: no task per batch (the read path of a tier whose client
-    completes futures from its read callback).
+    completes futures from its read callback). ``finish(items, batch)``, called in that
+    callback once the batch is done, makes the callers' results of it (by default its
+    result) or raises what they all get: a caller's result is one callback away from the
+    server's reply, whatever the batch's own accounting.
     """
 
     def __init__(
-        self, run: Callable[[list[In]], Awaitable[Sequence[Out]]], max_in_flight: int = 4
+        self,
+        run: Callable[[list[In]], Awaitable[Any]],
+        max_in_flight: int = 4,
+        finish: Callable[[list[In], asyncio.Future[Any]], Sequence[Out]] | None = None,
     ) -> None:
         self._run = run
+        self._finish = finish or _result
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._scheduled = False
@@ -158,27 +165,28 @@ class Batcher(Generic[In, Out]):
         self._in_flight += 1
         batch = asyncio.ensure_future(self._run(items))  # a future stays itself
         self._batches.add(batch)
-        batch.add_done_callback(lambda done: self._settle(done, waiters))
+        batch.add_done_callback(lambda done: self._settle(done, items, waiters))
 
     def _settle(
-        self, batch: asyncio.Future[Sequence[Out]], waiters: list[asyncio.Future[Out]]
+        self, batch: asyncio.Future[Any], items: list[In], waiters: list[asyncio.Future[Out]]
     ) -> None:
         self._batches.discard(batch)
         self._in_flight -= 1
         if self._items and not self._scheduled:
             self._scheduled = True
             batch.get_loop().call_soon(self._flush)
-        if batch.cancelled():
+        try:
+            results = self._finish(items, batch)
+        except asyncio.CancelledError:
             for waiter in waiters:
                 waiter.cancel()
             return
-        failure = batch.exception()
-        if failure is not None:  # every caller gets the batch's failure
+        except Exception as failure:  # every caller gets the batch's failure
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
             return
-        for waiter, result in zip(waiters, batch.result(), strict=True):
+        for waiter, result in zip(waiters, results, strict=True):
             if not waiter.done():
                 waiter.set_result(result)
 
@@ -192,48 +200,51 @@ class Batcher(Generic[In, Out]):
         await asyncio.gather(*self._batches, return_exceptions=True)
 
 
+def _result(items: object, batch: asyncio.Future[Any]) -> Any:
+    return batch.result()
+
+
 class Deadlines:
-    """The deadlines of a slot's calls under way, kept with one timer: a call not done by
-    its deadline fails with ``TierTimeout`` and what it waits for is cancelled (a
-    pipelined client closes that call's connection). Calls start in order and share one
-    timeout, so their deadlines come in order too."""
+    """The calls of a slot under way, with when each started, kept with one timer: a call
+    not done within ``timeout`` is cancelled (a pipelined client closes that call's
+    connection) and ``expired()`` makes the error it fails with. Calls start in order and
+    share one timeout, so their deadlines come in order too."""
 
     def __init__(self, timeout: float, expired: Callable[[], TierTimeout]) -> None:
         self.timeout = timeout
-        self._expired = expired
-        self._calls: collections.deque[tuple[float, asyncio.Future[Any], asyncio.Future[Any]]]
-        self._calls = collections.deque()
+        self._make_error = expired
+        self._started: collections.OrderedDict[asyncio.Future[Any], float] = (
+            collections.OrderedDict()
+        )
+        self._expired: dict[asyncio.Future[Any], TierTimeout] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def watch(
-        self, loop: asyncio.AbstractEventLoop, call: asyncio.Future[Any], inner: asyncio.Future[Any]
-    ) -> None:
-        """Fail ``call`` unless it is done within the timeout; cancel ``inner`` then."""
-        deadline = loop.time() + self.timeout
-        self._calls.append((deadline, call, inner))
+    def watch(self, loop: asyncio.AbstractEventLoop, call: asyncio.Future[Any]) -> None:
+        started = self._started[call] = loop.time()
         if self._timer is None:
-            self._timer = loop.call_at(deadline, self._expire, loop)
+            self._timer = loop.call_at(started + self.timeout, self._expire, loop)
 
-    def forget_done(self) -> None:
-        """Drop the calls done from the front (called as each completes): the queue holds
-        the calls under way, not their results."""
-        calls = self._calls
-        while calls and calls[0][1].done():
-            calls.popleft()
+    def done(self, call: asyncio.Future[Any]) -> float | None:
+        """Forget ``call``, done: how long it took (None if it was never watched). Raises
+        its ``TierTimeout`` if it was cancelled for its deadline."""
+        expired = self._expired.pop(call, None)
+        if expired is not None:
+            raise expired
+        started = self._started.pop(call, None)
+        return None if started is None else call.get_loop().time() - started
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         now = loop.time()
-        calls = self._calls
-        while calls:
-            deadline, call, inner = calls[0]
-            if not call.done():
-                if deadline > now:
-                    self._timer = loop.call_at(deadline, self._expire, loop)
-                    return
-                call.set_exception(self._expired())
-                inner.cancel()
-            calls.popleft()
+        started = self._started
+        while started:
+            call, since = next(iter(started.items()))
+            if since + self.timeout > now:
+                self._timer = loop.call_at(since + self.timeout, self._expire, loop)
+                return
+            del started[call]
+            self._expired[call] = self._make_error()
+            call.cancel()
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -352,8 +363,8 @@ class TierSlot:
         self._blind_until = 0.0  # monotonic; while in the future, the tier is not read
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines = Deadlines(timeout, self._timed_out)
-        self._gets = Batcher(self._get_batch)
-        self._sets = Batcher(self._set_batch)
+        self._gets = Batcher(self._get_batch, finish=self._got_batch)
+        self._sets: Batcher[TierWrite, None] = Batcher(self._set_batch)
 
     @property
     def parts(self) -> Sequence[TierSlot]:
@@ -388,56 +399,52 @@ class TierSlot:
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
-        return await self._get_batch(list(keys))
+        batch = list(keys)
+        found = self._get_batch(batch)
+        await asyncio.wait((found,))  # its failure comes out of _got_batch
+        return self._got_batch(batch, found)
 
     def _get_batch(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:
-        """One ``get_many_soon`` of the tier, under the timeout and breaker, followed with
-        callbacks: no task, no timer of its own (``Deadlines``)."""
+        """One ``get_many_soon`` of the tier, under the breaker and the deadline
+        (``Deadlines``): no task, no timer of its own. ``_got_batch`` makes the result."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[bytes | None]] = loop.create_future()
         if not self.breaker.allow():
-            answer.set_exception(self._refused())
-            return answer
+            refused: asyncio.Future[list[bytes | None]] = loop.create_future()
+            refused.set_exception(self._refused())
+            return refused
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # one lookup per key
         self.metrics.get_batch.observe(len(unique))
-        started = time.perf_counter()
         try:
             found = self.tier.get_many_soon(unique)
         except TierError as exc:  # raised before any I/O (a tier not started)
             self._failed(exc)
-            answer.set_exception(exc)
-            return answer
-        self._deadlines.watch(loop, answer, found)
-        found.add_done_callback(lambda _: self._got(answer, found, keys, unique, started))
-        return answer
+            found = loop.create_future()
+            found.set_exception(exc)
+            return found
+        self._deadlines.watch(loop, found)
+        return found
 
-    def _got(
-        self,
-        answer: asyncio.Future[list[bytes | None]],
-        found: asyncio.Future[list[bytes | None]],
-        keys: list[str],
-        unique: list[str],
-        started: float,
-    ) -> None:
-        if answer.done():  # timed out (Deadlines)
-            return
-        self.metrics.get_duration.observe(time.perf_counter() - started)
-        if found.cancelled():
-            answer.cancel()
-        elif (failure := found.exception()) is not None:
-            if isinstance(failure, TierError):
-                self._failed(failure)
-            answer.set_exception(failure)
-        else:
-            self.breaker.success()
+    def _got_batch(
+        self, keys: list[str], found: asyncio.Future[list[bytes | None]]
+    ) -> list[bytes | None]:
+        """The payloads of ``keys`` from the tier's answer ``found`` (done), its failure
+        counted by the breaker."""
+        took = self._deadlines.done(found)  # raises the TierTimeout of a call timed out
+        if took is not None:
+            self.metrics.get_duration.observe(took)
+        try:
             values = found.result()
-            if unique is not keys:
-                by_key = dict(zip(unique, values, strict=True))
-                values = [by_key[key] for key in keys]
-            answer.set_result(values)
-        self._deadlines.forget_done()
+        except TierError as exc:
+            if took is not None:  # (one that failed before any I/O is counted already)
+                self._failed(exc)
+            raise
+        self.breaker.success()
+        if len(keys) > 1:
+            by_key = dict(zip(dict.fromkeys(keys), values, strict=True))
+            values = [by_key[key] for key in keys]
+        return values
 
     def _failed(self, failure: TierError) -> None:
         self.breaker.failure(failure_cause(failure))

@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
 import os
 import re
 import time
+import types
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, unquote_to_bytes
@@ -742,14 +744,8 @@ class Api:
                 _check_value_size(namespace, int(length))
 
     @staticmethod
-    def _query(call: Call, allowed: frozenset[str]) -> dict[str, str]:
-        query: dict[str, str] = {}
-        for name, value in parse_qsl(call.query, keep_blank_values=True):
-            query.setdefault(name, value)
-        unknown = set(query) - allowed
-        if unknown:
-            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
-        return query
+    def _query(call: Call, allowed: frozenset[str]) -> Mapping[str, str]:
+        return _parsed_query(call.query, allowed)
 
     def _finish(self, call: Call, reply: Reply) -> Reply:
         elapsed = time.perf_counter() - call.started
@@ -792,6 +788,20 @@ def _in(call: Call) -> Namespace:
     namespace = call.namespace
     assert namespace is not None
     return namespace
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_query(raw: str, allowed: frozenset[str]) -> Mapping[str, str]:
+    """The first value of each parameter of the query string ``raw``, all of them
+    ``allowed``. Remembered: clients send the same few query strings again and again, and
+    parse_qsl costs a few microseconds (3 % of a PUT's time). A refusal is not remembered."""
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(raw, keep_blank_values=True):
+        query.setdefault(name, value)
+    unknown = set(query) - allowed
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+    return types.MappingProxyType(query)
 
 
 def _check_value_size(namespace: Namespace, size: int, key: str | None = None) -> None:

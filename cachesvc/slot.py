@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -237,8 +238,9 @@ class Deadlines:
         self._timer = None
         now = loop.time()
         started = self._started
-        while started:
-            call, since = next(iter(started.items()))
+        for call, since in list(started.items()):  # a few: the batches under way
+            if call.done():  # answered, its callback not run yet: it did not time out
+                continue
             if since + self.timeout > now:
                 self._timer = loop.call_at(since + self.timeout, self._expire, loop)
                 return
@@ -401,7 +403,13 @@ class TierSlot:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
         batch = list(keys)
         found = self._get_batch(batch)
-        await asyncio.wait((found,))  # its failure comes out of _got_batch
+        try:
+            await asyncio.wait((found,))  # its failure comes out of _got_batch
+        except asyncio.CancelledError:  # the caller gave up: so does the call
+            found.cancel()
+            with contextlib.suppress(TierError):
+                self._deadlines.done(found)
+            raise
         return self._got_batch(batch, found)
 
     def _get_batch(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:

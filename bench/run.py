@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -137,6 +138,19 @@ SCENARIOS = [
              query="strategy=write-through"),
 ]  # fmt: skip
 BY_KEY = {s.key: s for s in SCENARIOS}
+# Bytes of values one scenario's key set may hold: with large values (--value-size 1000000)
+# the key sets shrink to fit, so that Redis, memcached and Postgres are not filled with
+# gigabytes. Reads still go round the whole set (which tier served them is measured).
+FILL_BUDGET = 256 * 1024 * 1024
+MIN_KEYS = 64
+
+
+def within_budget(scenario: Scenario, value_size: int) -> Scenario:
+    """``scenario`` with as many keys as ``FILL_BUDGET`` holds at ``value_size``."""
+    keys = max(MIN_KEYS, min(scenario.keys, FILL_BUDGET // max(1, value_size)))
+    return dataclasses.replace(scenario, keys=keys) if keys != scenario.keys else scenario
+
+
 # What the fixed-rate CPU measurement runs by default: the floor, the peers and an L1 hit.
 CPU_SCENARIOS = ("minimal", "naive", "webdis", "l1", "l1-memory")
 
@@ -190,9 +204,12 @@ def fill_sidecar(url: str, path: str, keys: int, value: bytes, header: str = "")
     namespace of ``path`` (``/v1/cache/<prefix>`` or ``/v1/ns/<namespace>/cache/<prefix>``)."""
     base, _, prefix = path.rpartition("/cache/")
     text = value.decode()
-    for start in range(0, keys, BULK):
+    # Within the sidecar's 1 MiB request bodies: large values go a few per request.
+    per_request = max(1, min(BULK, 512 * 1024 // max(1, len(value))))
+    for start in range(0, keys, per_request):
         entries = [
-            {"key": f"{prefix}{i}", "value": text} for i in range(start, min(keys, start + BULK))
+            {"key": f"{prefix}{i}", "value": text}
+            for i in range(start, min(keys, start + per_request))
         ]
         bulk_set(url + base, entries, header)
 
@@ -877,7 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_duration=args.cpu_duration,
         cpu_scenarios=tuple(args.cpu_scenarios.split(",")),
     )
-    chosen = [s for s in SCENARIOS if s.key in set(args.scenarios.split(","))]
+    scenarios = [within_budget(s, options.value_size) for s in SCENARIOS]
+    by_key = {s.key: s for s in scenarios}
+    chosen = [s for s in scenarios if s.key in set(args.scenarios.split(","))]
     if Webdis.available() is None and "webdis" in {s.key for s in chosen}:
         print("webdis is not installed (scripts/install-system-deps.sh installs it from "
               "Debian's packages): its rows are skipped", flush=True)  # fmt: skip
@@ -921,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         needed = {s.target for s in chosen}
         if {"naive", "webdis"} & needed or options.latency_duration > 0:
-            fill_redis(naive_redis, "naive:", BY_KEY["naive"].keys, value)
+            fill_redis(naive_redis, "naive:", by_key["naive"].keys, value)
         if options.latency_duration > 0:
             needed |= {"minimal", "three-tier"}
         if "minimal" in needed:
@@ -943,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # One at a time: each creates the Postgres schema on its first write.
             sidecar = stack.enter_context(Sidecar(config, SIDECAR_ENV))
             targets[name] = (sidecar.url, sidecar.pid)
-            for scenario in SCENARIOS:
+            for scenario in scenarios:
                 if scenario.target == name and scenario.method == "GET":
                     print(f"filling {name}: {scenario.keys} keys {scenario.path}*", flush=True)
                     fill_sidecar(sidecar.url, scenario.path, scenario.keys, value, scenario.header)
@@ -996,7 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     targets["three-tier"][0],
                     targets["minimal"][0],
                     naive_redis,
-                    BY_KEY["l1"].keys,
+                    by_key["l1"].keys,
                     options.rate,
                     options.latency_duration,
                 )

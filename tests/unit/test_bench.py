@@ -611,3 +611,12 @@ def test_bench_run_end_to_end_at_tiny_scale(tmp_path: Path) -> None:
     assert all(row["cpu_per_1k"] >= 0 for row in cpu.values())
     (markdown,) = tmp_path.glob("bench-*.md")
     assert "CPU-seconds per 1,000 requests" in markdown.read_text()
+
+
+def test_key_sets_shrink_to_the_fill_budget_with_large_values() -> None:
+    l1 = run.BY_KEY["l1"]
+    assert run.within_budget(l1, 256) is l1  # 10,000 keys of 256 bytes fit
+    large = run.within_budget(l1, 1_000_000)
+    assert large.keys * 1_000_000 <= run.FILL_BUDGET < (large.keys + 1) * 1_000_000
+    assert large.path == l1.path and large.tier == l1.tier
+    assert run.within_budget(l1, 100 * 1024 * 1024).keys == run.MIN_KEYS

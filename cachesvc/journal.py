@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -70,6 +71,7 @@ WAIT_MILLISECONDS = 1000
 # What a Redis or a Redis Cluster client raises (a cluster's own errors are not RedisErrors).
 REDIS_ERRORS = (RedisError, RedisClusterException)
 CALL_TIMEOUT = 2.0  # seconds: the longest a journal call waits for Redis' answer
+TRIM_INTERVAL = 5.0  # seconds: the least time between two gives of free memory back
 ERASE_SCAN_BATCH = 1000
 
 
@@ -300,7 +302,8 @@ class Journal:
         """Flush until ``stop`` is set and nothing of ours is pending (or cancelled)."""
         backoff = Backoff()
         own_pending = True  # first our own unacknowledged entries (after a crash or retry)
-        last_reclaim = last_own = 0.0
+        last_reclaim = last_own = last_trim = 0.0
+        flushed = False  # since the memory was last given back
         while True:
             try:
                 await self._ensure_group()
@@ -324,6 +327,9 @@ class Journal:
                     records = await self._read(">", block=None if stop.is_set() else 200)
                     if not records and stop.is_set():
                         await asyncio.sleep(0.05)  # what is left is a peer's to apply
+                    if not records and flushed and now - last_trim > TRIM_INTERVAL:
+                        flushed, last_trim = False, now
+                        _release_free_memory()
             except REDIS_ERRORS as exc:
                 if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
                     self._group_ready = False  # created again on the next round
@@ -358,6 +364,7 @@ class Journal:
                 await backoff.sleep()
             else:
                 backoff.reset()
+                flushed = True
 
     def drained(self) -> bool:
         """Whether everything this process appended has been applied (by anyone)."""
@@ -532,6 +539,29 @@ class Journal:
         if self._appender is not None:
             await self._appender.aclose()
         await self._client.aclose()
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to give back this way
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    A burst of write-behind writes holds many payloads of a few KiB at once (requests,
+    journal batches, the overlay); once applied they are freed, but glibc keeps the pages
+    of its heap that live objects are scattered over, so the process stays at its peak
+    size (16 KiB bodies at 256 connections: 73 MiB before, 560 MiB after the journal
+    drained, 90 MiB after a trim). Called when the flusher goes idle after flushing."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _tagged(payload: bytes | None, tags: set[str]) -> bool:

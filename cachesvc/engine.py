@@ -39,6 +39,7 @@ from cachesvc.slot import (
     TOMBSTONE_TTL,
     Batcher,
     Slot,
+    failed_future,
     missed_writes,
     restore_missed,
     save_missed,
@@ -59,13 +60,6 @@ def _itself(value: T) -> T:
     return value
 
 
-def _failed(error: BaseException) -> asyncio.Future[Any]:
-    """A future that failed with ``error`` already."""
-    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    failed.set_exception(error)
-    return failed
-
-
 def _raising(error: BaseException) -> Callable[[object], NoReturn]:
     """A ``make`` that fails with ``error`` whatever it is given."""
 
@@ -75,10 +69,12 @@ def _raising(error: BaseException) -> Callable[[object], NoReturn]:
     return fail
 
 
-def _all_settled(calls: Sequence[asyncio.Future[Any]], timeout: float) -> asyncio.Future[list[Any]]:
+def _all_settled(
+    calls: Sequence[asyncio.Future[Any]], timeout: float | None = None
+) -> asyncio.Future[list[Any]]:
     """A future of what each of ``calls`` returned or raised, once all are done; or of
-    TimeoutError after ``timeout`` seconds, those still under way cancelled then. One
-    timer and a callback per call: no task."""
+    TimeoutError after ``timeout`` seconds (if given), those still under way cancelled
+    then. At most one timer and a callback per call: no task."""
     loop = asyncio.get_running_loop()
     settled: asyncio.Future[list[Any]] = loop.create_future()
     remaining = len(calls)
@@ -92,13 +88,14 @@ def _all_settled(calls: Sequence[asyncio.Future[Any]], timeout: float) -> asynci
             for call in calls:
                 call.cancel()
 
-    timer = loop.call_later(timeout, expire)
+    timer = None if timeout is None else loop.call_later(timeout, expire)
 
     def one_done(_: asyncio.Future[Any]) -> None:
         nonlocal remaining
         remaining -= 1
         if remaining == 0 and not settled.done():
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             settled.set_result([_outcome(call) for call in calls])
 
     for call in calls:
@@ -115,17 +112,6 @@ def _outcome(call: asyncio.Future[Any]) -> Any:
 
 async def _false() -> bool:
     return False
-
-
-async def _settle(calls: Sequence[Awaitable[T]]) -> list[T | BaseException]:
-    """Await every call; what each returned or raised. (One call, the common case, is
-    awaited directly: gather would wrap it in a task of its own.)"""
-    if len(calls) == 1:
-        try:
-            return [await calls[0]]
-        except Exception as exc:
-            return [exc]
-    return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
 # Futures made from futures, completed from their callbacks: a read or write that needs no
@@ -527,10 +513,12 @@ class Engine:
     ) -> None:
         # The fills as they are (a remote tier's is its batch's future: no task each).
         fills = [
-            slot.set(TierWrite(key, payload, entry.version, entry.ttl_in(slot.ttl, now)))
+            asyncio.ensure_future(
+                slot.set(TierWrite(key, payload, entry.version, entry.ttl_in(slot.ttl, now)))
+            )
             for slot in slots
         ]
-        for slot, filled in zip(slots, await _settle(fills), strict=True):
+        for slot, filled in zip(slots, await _all_settled(fills), strict=True):
             # A failed fill leaves the tier without the key (or with the same-or-older
             # version a newer write will replace): nothing stale to remember.
             if not isinstance(filled, BaseException):
@@ -622,7 +610,7 @@ class Engine:
         else:
             refusal = journal.refusal()
         if refusal is not None:
-            return _failed(Unavailable(refusal, "journal"))
+            return failed_future(Unavailable(refusal, "journal"))
         assert journal is not None
         top_writes = [
             TierWrite(new.key, entry.encode(), entry.version, entry.ttl_in(top.ttl, now))

@@ -53,7 +53,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cachesvc.envelope import Entry, decode_envelope
 from cachesvc.metrics import Metrics
-from cachesvc.slot import Batcher
+from cachesvc.slot import Batcher, failed_future
 from invalidation.base import Backoff
 from tiers.base import TierError, TierTimeout, TierUnavailable
 from tiers.redis_clients import create_client, hash_tag, is_cluster_url, parse_redis_url
@@ -225,9 +225,7 @@ class Journal:
         """Record a write durably: a future of its entry id, failing with
         JournalUnavailable. (A future, not a coroutine: appending runs no task.)"""
         if not self.has_room(1):
-            full: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            full.set_exception(JournalUnavailable(f"journal full ({self._depth} pending writes)"))
-            return full
+            return failed_future(JournalUnavailable(f"journal full ({self._depth} pending writes)"))
         self._appending += 1
         recorded = self._appends.submit((key, payload))
         # Registered first, so it runs before the caller learns of the entry.

@@ -47,6 +47,15 @@ STILL_DOWN_LOG_INTERVAL = 60.0
 ``breaker_reset`` seconds): that is logged at debug level, with a warning this often."""
 
 
+def failed_future(
+    error: BaseException, loop: asyncio.AbstractEventLoop | None = None
+) -> asyncio.Future[Any]:
+    """A future that failed with ``error`` already."""
+    failed: asyncio.Future[Any] = (loop or asyncio.get_running_loop()).create_future()
+    failed.set_exception(error)
+    return failed
+
+
 def failure_cause(exc: BaseException) -> str:
     """What went wrong, for a log line that already names the tier: the driver's own
     message (tiers raise their errors ``from`` it), else the error's."""
@@ -419,18 +428,14 @@ class TierSlot:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         if not self.breaker.allow():
-            refused: asyncio.Future[list[bytes | None]] = loop.create_future()
-            refused.set_exception(self._refused())
-            return refused
+            return failed_future(self._refused(), loop)
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # one lookup per key
         self.metrics.get_batch.observe(len(unique))
         try:
             found = self.tier.get_many_soon(unique)
         except TierError as exc:  # raised before any I/O (a tier not started)
             self._failed(exc)
-            found = loop.create_future()
-            found.set_exception(exc)
-            return found
+            return failed_future(exc, loop)
         self._deadlines.watch(loop, found)
         return found
 
@@ -449,7 +454,7 @@ class TierSlot:
                 self._failed(exc)
             raise
         self.breaker.success()
-        if len(keys) > 1:
+        if len(values) < len(keys):  # concurrent gets of one key were asked once
             by_key = dict(zip(dict.fromkeys(keys), values, strict=True))
             values = [by_key[key] for key in keys]
         return values

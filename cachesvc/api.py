@@ -479,7 +479,7 @@ class Api:
     def put_entry(self, call: Call, body: bytes) -> Outcome:
         namespace = _in(call)
         _check_value_size(namespace, len(body))
-        query = self._query(call, _PUT_PARAMS)
+        query = _parsed_query(call.query, _PUT_PARAMS)
         headers = call.headers
         strategy = parse_strategy(
             query.get("strategy") or headers.get("x-cache-strategy"), namespace.strategy
@@ -742,10 +742,6 @@ class Api:
                 raise PayloadTooLarge(f"body of {length} bytes exceeds {self.max_body_bytes}")
             if route.name == "put":
                 _check_value_size(namespace, int(length))
-
-    @staticmethod
-    def _query(call: Call, allowed: frozenset[str]) -> Mapping[str, str]:
-        return _parsed_query(call.query, allowed)
 
     def _finish(self, call: Call, reply: Reply) -> Reply:
         elapsed = time.perf_counter() - call.started

@@ -48,7 +48,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cachesvc.envelope import Entry, decode_envelope
@@ -132,9 +131,7 @@ class Journal:
         self._appender: RespClient | None = None
         target = parse_redis_url(url)
         if target.kind == "server":
-            host, port = target.nodes[0]
-            options = dict(parse_url(target.url))
-            self._appender = RespClient(f"journal ({host}:{port})", (host, port), options)
+            self._appender = RespClient.for_server(target, "journal")
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
         # Back-pressure counts the stream exactly, appends racing a count included: a
         # count (XLEN with the newest ID, atomically) holds every append whose ID is not

@@ -208,7 +208,10 @@ class PlainHistograms:
 
     def child(self, *values: str) -> Buckets:
         """The histogram of these label values (bind it once, observe it often)."""
-        return self.children.setdefault(values, Buckets(self.bounds))
+        buckets = self.children.get(values)
+        if buckets is None:
+            buckets = self.children[values] = Buckets(self.bounds)
+        return buckets
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
@@ -244,10 +247,7 @@ class RequestStats:
     def record(self, namespace: str, operation: str, status: int, seconds: float) -> None:
         key = (namespace, operation, status)
         self.counts[key] = self.counts.get(key, 0) + 1
-        latency = self.latencies.children.get((namespace, operation))
-        if latency is None:
-            latency = self.latencies.child(namespace, operation)
-        latency.observe(seconds)
+        self.latencies.child(namespace, operation).observe(seconds)
 
     def miss(self, namespace: str) -> None:
         self.misses[namespace] = self.misses.get(namespace, 0) + 1

@@ -42,7 +42,6 @@ from typing import Any, ClassVar, Protocol, cast
 from urllib.parse import SplitResult, parse_qsl
 
 import redis.exceptions
-from redis.asyncio.connection import parse_url
 
 from tiers.base import (
     Marker,
@@ -124,9 +123,7 @@ class RedisTier(Tier):
         # stop the sidecar from starting, and the tier works as soon as Redis is back.
         target = self._target
         if target.kind == "server":
-            host, port = target.nodes[0]
-            where = f"redis tier {self.name!r} ({host}:{port})"
-            self._client = RespClient(where, (host, port), dict(parse_url(target.url)))
+            self._client = RespClient.for_server(target, f"redis tier {self.name!r}")
         else:
             self._client = create_client(target)
 

@@ -30,9 +30,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import hiredis
+from redis.asyncio.connection import parse_url
 
 from tiers.base import TierError, TierUnavailable
 from tiers.pipelined import Call, Client, Connection
+from tiers.redis_clients import RedisTarget
 
 __all__ = ["OPTIONS", "ReplyError", "RespClient", "check_cert_reqs"]
 
@@ -154,6 +156,13 @@ class RespClient:
             ssl_context=_ssl_context(options) if "connection_class" in options else None,
             handshake=self._handshake if self._setup else None,
         )
+
+    @classmethod
+    def for_server(cls, target: RedisTarget, what: str) -> RespClient:
+        """A client for the single server ``target`` (a ``redis://`` or ``rediss://`` URL,
+        parsed) names, its options and credentials included; ``what`` names it in errors."""
+        host, port = target.nodes[0]
+        return cls(f"{what} ({host}:{port})", (host, port), dict(parse_url(target.url)))
 
     def command(self, *args: Arg, convert: Callable[[Any], _T] | None = None) -> Call[_T]:
         """Send ``args``; the call's result is ``convert(reply)`` (the reply without)."""

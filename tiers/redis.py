@@ -295,16 +295,13 @@ def _payloads(stored: list[Any]) -> list[bytes | None]:
 
 def _target(url: SplitResult) -> RedisTarget:
     """The parsed URL; a single server takes tiers/resp.py's options only."""
-    if url.scheme.lower() in ("redis", "rediss"):
-        for name, value in parse_qsl(url.query):
-            if name == "socket_timeout":
-                raise ValueError(
-                    "option socket_timeout: a call waits as long as the tier's timeout "
-                    "setting lets it ([[tiers]] timeout)"
-                )
-            if name not in OPTIONS and name not in _OWN_OPTIONS:
-                known = ", ".join(sorted({*OPTIONS, *_OWN_OPTIONS}))
-                raise ValueError(f"unknown option {name!r} (known: {known})")
-            if name == "ssl_cert_reqs":
-                check_cert_reqs(value)
-    return parse_redis_url(url.geturl(), _OWN_OPTIONS)
+    query = dict(parse_qsl(url.query))
+    if "socket_timeout" in query and url.scheme.lower() in ("redis", "rediss"):
+        raise ValueError(
+            "option socket_timeout: a call waits as long as the tier's timeout "
+            "setting lets it ([[tiers]] timeout)"
+        )
+    target = parse_redis_url(url.geturl(), _OWN_OPTIONS, server_options=OPTIONS)
+    if target.kind == "server" and "ssl_cert_reqs" in query:
+        check_cert_reqs(query["ssl_cert_reqs"])
+    return target

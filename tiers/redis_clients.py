@@ -141,8 +141,12 @@ def validate_redis_url(url: str, own_options: Collection[str] = ()) -> None:
     parse_redis_url(url, own_options)
 
 
-def parse_redis_url(url: str, own_options: Collection[str] = ()) -> RedisTarget:
-    """Parse and check ``url``; ``own_options`` are the caller's and are left out."""
+def parse_redis_url(
+    url: str, own_options: Collection[str] = (), server_options: frozenset[str] | None = None
+) -> RedisTarget:
+    """Parse and check ``url``; ``own_options`` are the caller's and are left out.
+    ``server_options``: what a ``redis://`` URL may set, when the caller's client takes
+    fewer than redis-py's."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
@@ -151,7 +155,7 @@ def parse_redis_url(url: str, own_options: Collection[str] = ()) -> RedisTarget:
     query = [(name, value) for name, value in parse_qsl(parts.query) if name not in own_options]
     driver_url = urlunsplit(parts._replace(query=urlencode(query), fragment=""))
     if scheme in ("redis", "rediss"):
-        return _server_target(driver_url, own_options)
+        return _server_target(driver_url, own_options, server_options or _SERVER_OPTIONS)
     options = _options(query, _SHARED_OPTIONS, own_options)
     userinfo, _, hosts = parts.netloc.rpartition("@")
     user, _, secret = userinfo.partition(":")
@@ -318,10 +322,12 @@ class SentinelMasterClient(redis.asyncio.Redis):
 # -- parsing -----------------------------------------------------------------------------------
 
 
-def _server_target(driver_url: str, own_options: Collection[str]) -> RedisTarget:
+def _server_target(
+    driver_url: str, own_options: Collection[str], allowed: frozenset[str]
+) -> RedisTarget:
     parts = urlsplit(driver_url)
     scheme = parts.scheme.lower()
-    _options(parse_qsl(parts.query), _SERVER_OPTIONS, own_options)
+    _options(parse_qsl(parts.query), allowed, own_options)
     if not parts.hostname:
         raise ValueError(f"{scheme}:// needs a host, e.g. {_EXAMPLES[scheme]}")
     port = parts.port or 6379  # raises ValueError for a port that is not a number in range

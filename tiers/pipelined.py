@@ -164,20 +164,22 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self._transport is not None:
-            self._transport.close()
-        lost = ConnectionLost(f"{self.client.where}: connection closed")
-        self.client.lost(self, False, self._take_pending(), lost)
+        """Close once what was written is sent; calls still waiting are tried again."""
+        self._end(ConnectionLost(f"{self.client.where}: connection closed"), at_once=False)
 
     def abort(self, error: TierError) -> None:
+        """Drop the connection now; calls still waiting are tried again, or get ``error``."""
+        self._end(error, at_once=True)
+
+    def _end(self, error: TierError, *, at_once: bool) -> None:
         if self._closing:
             return
         self._closing = True
         if self._transport is not None:
-            self._transport.abort()
+            if at_once:
+                self._transport.abort()
+            else:
+                self._transport.close()
         self.client.lost(self, False, self._take_pending(), error)
 
     def _take_pending(self) -> list[Call[Any]]:

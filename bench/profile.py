@@ -51,11 +51,14 @@ def _package(frame: str) -> str:
 
 def parse(lines: Iterable[str]) -> list[tuple[list[str], int]]:
     stacks = []
+    pending = ""  # a frame name py-spy printed with a newline in it continues a line
     for line in lines:
-        line = line.rstrip("\n")
-        if not line:
-            continue
+        line = pending + line.rstrip("\n")
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            pending = line
+            continue
+        pending = ""
         stacks.append((stack.split(";"), int(count)))
     return stacks
 

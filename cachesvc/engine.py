@@ -472,7 +472,8 @@ class Engine:
             markers_before = self.markers.changes
             try:
                 payload = await slot.get(key)
-                entry = decode_live(payload, time.time())
+                now = time.time()
+                entry = decode_live(payload, now)
                 if (
                     slot is self.durable
                     and entry is not None
@@ -483,11 +484,11 @@ class Engine:
                     # marker of a write a tier above missed, acknowledged meanwhile, whose
                     # value the durable tier holds now. Only another read sees it.
                     payload = await slot.get(key)
+                    now = time.time()
+                    entry = decode_live(payload, now)
             except TierError:
                 failed.add(slot)
                 continue
-            now = time.time()
-            entry = decode_live(payload, now)
             if entry is not None and entry.version > floor:
                 if not (self.markers.active and self.markers.hiding(key, entry)):
                     slot.metrics.hits += 1

@@ -37,7 +37,9 @@ the minimal handler's.
 
 Then, at a fixed 1,000 requests/s (open loop, latency from the due time), the p99 of an
 L1 hit through the sidecar against a redis-py GET of the same Redis: what the sidecar
-adds. Last, each sidecar's peak RSS (VmHWM).
+adds. Then the RSS check of write-behind: a burst of 16 KiB write-behind PUTs at 256
+connections, and the three-tier sidecar's RSS once the journal drained against before.
+Last, each sidecar's peak RSS (VmHWM).
 
 On two or more CPUs the server under test is pinned to the last CPU and everything else
 (load generator, Redis, memcached, Postgres) to the others: the sidecar is measured on
@@ -73,6 +75,7 @@ import redis
 
 from bench import loadgen, proc, wrk
 from bench.proc import Webdis
+from cachesvc.journal import TRIM_INTERVAL
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
 
@@ -296,6 +299,80 @@ def wait_journal_drained(url: str, timeout: float) -> float | None:
     return None
 
 
+# -- RSS after a write-behind burst ---------------------------------------------------------
+
+# What a burst of large write-behind PUTs may leave behind once the journal drained: the
+# sidecar's resident memory back within 20 % of where it was before (issue 17).
+RSS_BURST_BODY = 16 * 1024
+RSS_BURST_CONNECTIONS = 256
+RSS_BURST_KEYS = 10_000
+RSS_WITHIN = 1.2
+# After the drain the journal's flusher gives the C heap's free pages back when it goes
+# idle (at most every TRIM_INTERVAL): waited for at most twice that.
+RSS_SETTLE = 2 * TRIM_INTERVAL
+
+
+def rss_after_write_behind(base: str, pid: int, seconds: float) -> dict[str, Any]:
+    """RSS before a ``seconds`` burst of 16 KiB write-behind PUTs at 256 connections,
+    at its end, and once the journal drained and the sidecar went idle (polled until
+    within ``RSS_WITHIN`` of the start, at most ``RSS_SETTLE`` seconds)."""
+    before = proc.rss_bytes(pid)
+    counted = scrape(base)
+    result = wrk.run(
+        base,
+        "/v1/cache/rss:",
+        RSS_BURST_KEYS,
+        duration=seconds,
+        connections=RSS_BURST_CONNECTIONS,
+        method="PUT",
+        body_size=RSS_BURST_BODY,
+        query="strategy=write-behind",
+    ).summary()
+    at_end = proc.rss_bytes(pid)
+    refused = _delta(
+        counted, scrape(base), "cachesvc_requests_total", operation="put", status="503"
+    )
+    drained = wait_journal_drained(base, timeout=120)
+    settled_at = time.monotonic() + RSS_SETTLE
+    after = proc.rss_bytes(pid)
+    while after > RSS_WITHIN * before and time.monotonic() < settled_at:
+        time.sleep(0.2)
+        after = proc.rss_bytes(pid)
+    return {
+        "seconds": seconds,
+        "requests": int(result["requests"]),
+        "errors": int(result["errors"]),
+        "answered_503": int(refused),
+        "rps": result["rps"],
+        "drained_after_s": drained,
+        "rss_before": before,
+        "rss_at_end": at_end,
+        "rss_after": after,
+        "ratio": after / before,
+    }
+
+
+def describe_rss(check: dict[str, Any]) -> str:
+    mib = 2**20
+    drained = check["drained_after_s"]
+    burst = (
+        f"{check['seconds']:g} s of {RSS_BURST_BODY // 1024} KiB write-behind PUTs at "
+        f"c{RSS_BURST_CONNECTIONS} ({check['requests']:,} requests, {check['errors']:,} errors, "
+        f"{check['answered_503']:,} of them 503)"
+    )
+    when = (
+        "(journal NOT drained within 120 s)"
+        if drained is None
+        else f"once the journal drained ({drained:.1f} s)"
+    )
+    verdict = "meets" if check["ratio"] <= RSS_WITHIN and drained is not None else "BELOW"
+    return (
+        f"RSS after {burst}: {check['rss_before'] / mib:.1f} MiB before, "
+        f"{check['rss_at_end'] / mib:.1f} MiB at its end, {check['rss_after'] / mib:.1f} MiB "
+        f"{when}: {check['ratio']:.2f}x (target <= {RSS_WITHIN}x): {verdict}"
+    )
+
+
 # -- measuring ------------------------------------------------------------------------------
 
 
@@ -315,6 +392,7 @@ class Options:
     cpu_rate: float = 2000.0
     cpu_duration: float = 10.0  # 0: no fixed-rate CPU measurement
     cpu_scenarios: tuple[str, ...] = CPU_SCENARIOS
+    rss_burst: float = 10.0  # 0: no write-behind RSS check
 
 
 @dataclass
@@ -862,6 +940,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(CPU_SCENARIOS),
         help="which of the --scenarios get the fixed-rate CPU run (comma-separated)",
     )
+    parser.add_argument(
+        "--rss-burst",
+        type=float,
+        default=10.0,
+        help="seconds of 16 KiB write-behind PUTs at c256, then RSS once drained (0: skip)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for option in ("scenarios", "cpu_scenarios"):
@@ -893,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_rate=args.cpu_rate,
         cpu_duration=args.cpu_duration,
         cpu_scenarios=tuple(args.cpu_scenarios.split(",")),
+        rss_burst=args.rss_burst,
     )
     scenarios = [within_budget(s, options.value_size) for s in SCENARIOS]
     by_key = {s.key: s for s in scenarios}
@@ -929,6 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu_rows: list[CpuRow] = []
     load_before = proc.load_average()
     latency: dict[str, Any] | None = None
+    rss_check: dict[str, Any] | None = None
     peak_rss: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         move_to_server_cpu = stack.enter_context(pinned(cpus))
@@ -943,6 +1029,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fill_redis(naive_redis, "naive:", by_key["naive"].keys, value)
         if options.latency_duration > 0:
             needed |= {"minimal", "three-tier"}
+        if options.rss_burst > 0 and options.loadgen == "wrk":
+            needed.add("three-tier")
         if "minimal" in needed:
             peer = stack.enter_context(
                 proc.Peer("minimal", "--value-size", str(options.value_size))
@@ -1007,6 +1095,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [combine(measured[s.key]) for s in chosen if measured[s.key]]
         cpu_rows = [combine_cpu(measured_cpu[s.key]) for s in cpu_chosen]
 
+        if options.rss_burst > 0 and options.loadgen != "wrk":
+            print("the write-behind RSS check needs wrk: skipped", flush=True)
+        elif options.rss_burst > 0:
+            print("RSS of a write-behind burst ...", flush=True)
+            rss_check = rss_after_write_behind(*targets["three-tier"], options.rss_burst)
+            print("  " + describe_rss(rss_check), flush=True)
         if options.latency_duration > 0:
             print(f"open loop at {options.rate:g} req/s: cachesvc L1 hit vs redis-py GET ...",
                   flush=True)  # fmt: skip
@@ -1023,12 +1117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, (_, pid) in targets.items():
             peak_rss[name] = proc.peak_rss_bytes(pid)
 
-    by_key = {row.scenario: row for row in rows}
+    rows_by_key = {row.scenario: row for row in rows}
     for row in rows:
-        if "minimal" in by_key:
-            row.ratio_minimal = row.rps / by_key["minimal"].rps
-        if "naive" in by_key:
-            row.ratio_naive = row.rps / by_key["naive"].rps
+        if "minimal" in rows_by_key:
+            row.ratio_minimal = row.rps / rows_by_key["minimal"].rps
+        if "naive" in rows_by_key:
+            row.ratio_naive = row.rps / rows_by_key["naive"].rps
     cpu_minimal = next((r.cpu_per_1k for r in cpu_rows if r.scenario == "minimal"), None)
     for cpu_row in cpu_rows:
         if cpu_minimal:
@@ -1067,6 +1161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if latency is not None:
         extras += ["", *describe_latency(latency)]
+    if rss_check is not None:
+        extras += ["", describe_rss(rss_check)]
     if peak_rss:
         extras += ["", "peak RSS (VmHWM): " + ", ".join(
             f"{name} {size / 2**20:.1f} MiB" for name, size in peak_rss.items())]  # fmt: skip
@@ -1093,6 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fixed_rate_cpu": [asdict(row) for row in cpu_rows],
         "targets": verdicts(rows, cpu_rows),
         "added_latency": latency,
+        "rss_after_write_behind": rss_check,
         "peak_rss_bytes": peak_rss,
     }
     base.with_suffix(".json").write_text(json.dumps(_finite(document), indent=2) + "\n")

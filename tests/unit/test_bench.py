@@ -574,6 +574,27 @@ def test_cpu_seconds_counts_children_alive_and_reaped() -> None:
             parent.kill()
 
 
+@pytest.mark.skipif(wrk.available() is None, reason="wrk is not installed")
+def test_bench_run_measures_rss_after_a_write_behind_burst(tmp_path: Path) -> None:
+    """The RSS check alone: a one-second burst of 16 KiB write-behind PUTs, the journal
+    drained, the sidecar's RSS before and after reported."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--scenarios", "minimal", "--duration", "0",
+            "--latency-duration", "0", "--cpu-duration", "0", "--rss-burst", "1",
+            "--results", str(tmp_path),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = tmp_path.glob("bench-*.json")
+    check = json.loads(report.read_text())["rss_after_write_behind"]
+    assert check["requests"] > 0 and check["drained_after_s"] is not None
+    assert check["rss_before"] > 0 and check["rss_at_end"] > 0 and check["rss_after"] > 0
+    assert check["ratio"] == check["rss_after"] / check["rss_before"]
+    assert "write-behind PUTs at c256" in done.stdout
+
+
 def test_process_readings() -> None:
     pid = os.getpid()
     assert proc.rss_bytes(pid) > 0

@@ -46,7 +46,7 @@ from cachesvc import audit
 from cachesvc.access import Grant, TokenRequests, build_access
 from cachesvc.audit import AuditTrail, AuditUnavailable
 from cachesvc.config import STRATEGIES, Settings, Strategy
-from cachesvc.engine import Engine, Hit, NewValue, then
+from cachesvc.engine import Engine, Hit, NewValue
 from cachesvc.envelope import DEFAULT_CONTENT_TYPE
 from cachesvc.errors import (
     BadRequest,
@@ -158,6 +158,7 @@ def parse_strategy(raw: str | None, default: Strategy) -> Strategy:
     return raw
 
 
+@functools.lru_cache(maxsize=256)  # a service sends a few content types, over and over
 def validate_content_type(content_type: str) -> str:
     if len(content_type) > 255 or not _MEDIA_TYPE.fullmatch(content_type):
         raise BadRequest(
@@ -492,8 +493,9 @@ class Api:
             namespace.lifetime(parse_ttl(query.get("ttl"))),
             namespace.held(parse_tags(raw_tags.split(","))) if raw_tags else (),
         )
-        written = namespace.engine.write([namespace.sealed(new)], strategy)
-        return then(written, lambda v: put_reply(v[0], strategy))
+        return namespace.engine.write(
+            [namespace.sealed(new)], strategy, lambda versions: put_reply(versions[0], strategy)
+        )
 
     async def delete_entry(self, call: Call, body: bytes) -> Reply:
         namespace = _in(call)

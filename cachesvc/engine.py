@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar, overload
 
 from cachesvc.config import Strategy
 from cachesvc.envelope import Entry, decode_live
@@ -529,15 +529,30 @@ class Engine:
 
     # -- writes --------------------------------------------------------------------------
 
-    def write(self, values: Sequence[NewValue], strategy: Strategy) -> asyncio.Future[list[int]]:
-        """Store ``values``: a future of their versions, done once the strategy's promise
-        holds (without a task for write-through and cache-aside: the caller answers from
-        the future's callback)."""
+    @overload
+    def write(
+        self, values: Sequence[NewValue], strategy: Strategy
+    ) -> asyncio.Future[list[int]]: ...
+
+    @overload
+    def write(
+        self, values: Sequence[NewValue], strategy: Strategy, make: Callable[[list[int]], Result]
+    ) -> asyncio.Future[Result]: ...
+
+    def write(
+        self,
+        values: Sequence[NewValue],
+        strategy: Strategy,
+        make: Callable[[list[int]], Any] = _itself,
+    ) -> asyncio.Future[Any]:
+        """Store ``values``: a future of their versions (or of ``make`` of them: the
+        caller's answer in the same future), done once the strategy's promise holds
+        (without a task: the caller answers from the future's callback)."""
         now = time.time()
         entries = self._new_entries(values, now)
         versions = [entry.version for entry in entries]
         if self.announce is None:
-            return then(self._write(values, entries, strategy, now), lambda _: versions)
+            return then(self._write(values, entries, strategy, now), lambda _: make(versions))
         # The peers' in-process tiers drop their older copies first, and the write happens
         # only once they were told: a write the peers cannot learn of (the channel cut off)
         # is refused, not made behind their backs. A peer that reads the shared tiers
@@ -550,7 +565,7 @@ class Engine:
             told.result()  # raises Unavailable: not announced, so not written
             return self._write(values, entries, strategy, now)
 
-        return chain(announced, write_once_told, lambda _: versions)
+        return chain(announced, write_once_told, lambda _: make(versions))
 
     def _write(
         self, values: Sequence[NewValue], entries: Sequence[Entry], strategy: Strategy, now: float

@@ -109,3 +109,26 @@ async def test_the_tier_loads_its_script_again_once_the_server_forgot_it(
         assert await tier.get_many(["k"]) == [b"two"]
     finally:
         await tier.close()
+
+
+async def test_the_conditional_set_compares_headers_and_replaces_what_is_not_ours(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    """The script reads only a stored value's 16-character version header: another
+    program's value under the key (no header, a short one, an empty one) is replaced, a
+    newer version of ours is kept however large the values."""
+    tier = RedisTier("l1", urlsplit(redis_server.url), 60)
+    await tier.start()
+    big = b"x" * 300_000
+    try:
+        for foreign in (b"hello", b"abc", b"0123456789abcde", b""):
+            raw.set("cachesvc:foreign", foreign)
+            await tier.set_many([TierWrite("foreign", b"ours", V, 60)])
+            assert await tier.get_many(["foreign"]) == [b"ours"], foreign
+        await tier.set_many([TierWrite("big", big, V + 5, 60)])
+        await tier.set_many([TierWrite("big", b"older", V + 4, 60)])
+        assert await tier.get_many(["big"]) == [big]
+        await tier.set_many([TierWrite("big", big + b"!", V + 6, 60)])
+        assert await tier.get_many(["big"]) == [big + b"!"]
+    finally:
+        await tier.close()

@@ -95,6 +95,7 @@ def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal 
         write.journal_stream,
         max_pending=write.journal_max_pending,
         batch=write.flush_batch,
+        interval=write.flush_interval,
         reclaim_after=write.reclaim_after,
         max_attempts=write.max_attempts,
         metrics=metrics,

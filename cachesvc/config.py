@@ -128,6 +128,10 @@ class WriteSettings(_Section):
     # Back-pressure: past this many pending writes, write-behind answers 503.
     journal_max_pending: int = Field(100_000, ge=1)
     flush_batch: int = Field(500, ge=1, le=10_000)
+    # After a round that took what the journal held (fewer than flush_batch), the flusher
+    # waits this long before the next: writes gather into batches, repeats of a key
+    # coalesce, instead of a round (a commit below) per write at a steady rate.
+    flush_interval: float = Field(0.05, ge=0, le=60)
     # SIGTERM waits this long for the journal to drain what this sidecar wrote.
     drain_timeout: float = Field(10.0, ge=0)
     # A peer's unacknowledged entries are claimed after this much idleness.

@@ -102,6 +102,7 @@ class Journal:
         max_pending: int,
         batch: int,
         reclaim_after: float,
+        interval: float = 0.0,
         max_attempts: int,
         metrics: Metrics,
         consumer: str,
@@ -114,6 +115,7 @@ class Journal:
         self.dead_stream = f"{self.stream}:dead"
         self.max_pending = max_pending
         self.batch = batch
+        self.interval = interval
         self.reclaim_after = reclaim_after
         self.max_attempts = max_attempts
         self.consumer = consumer
@@ -360,6 +362,16 @@ class Journal:
             else:
                 backoff.reset()
                 flushed = True
+                if len(records) < self.batch and not stop.is_set():
+                    await self._gather(stop)
+
+    async def _gather(self, stop: asyncio.Event) -> None:
+        """Let writes gather for ``interval`` after a round that took all there was (or
+        until ``stop``: the drain does not wait)."""
+        if self.interval > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await stop.wait()
 
     def drained(self) -> bool:
         """Whether everything this process appended has been applied (by anyone)."""

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -574,25 +575,36 @@ def test_cpu_seconds_counts_children_alive_and_reaped() -> None:
             parent.kill()
 
 
+def run_bench(tmp_path: Path, *arguments: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    """``python -m bench.run`` with ``arguments``, its results in ``tmp_path``: what it
+    printed and its JSON report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", *arguments, "--results", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = tmp_path.glob("bench-*.json")
+    return done.stdout, json.loads(report.read_text())
+
+
 @pytest.mark.skipif(wrk.available() is None, reason="wrk is not installed")
 def test_bench_run_measures_rss_after_a_write_behind_burst(tmp_path: Path) -> None:
     """The RSS check alone: a one-second burst of 16 KiB write-behind PUTs, the journal
     drained, the sidecar's RSS before and after reported."""
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "bench.run", "--scenarios", "minimal", "--duration", "0",
-            "--latency-duration", "0", "--cpu-duration", "0", "--rss-burst", "1",
-            "--results", str(tmp_path),
-        ],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    (report,) = tmp_path.glob("bench-*.json")
-    check = json.loads(report.read_text())["rss_after_write_behind"]
+    output, document = run_bench(
+        tmp_path,
+        *("--scenarios", "minimal", "--duration", "0", "--latency-duration", "0"),
+        *("--cpu-duration", "0", "--rss-burst", "1"),
+        timeout=180,
+    )
+    check = document["rss_after_write_behind"]
     assert check["requests"] > 0 and check["drained_after_s"] is not None
     assert check["rss_before"] > 0 and check["rss_at_end"] > 0 and check["rss_after"] > 0
     assert check["ratio"] == check["rss_after"] / check["rss_before"]
-    assert "write-behind PUTs at c256" in done.stdout
+    assert "write-behind PUTs at c256" in output
 
 
 def test_process_readings() -> None:
@@ -607,19 +619,13 @@ def test_process_readings() -> None:
 
 def test_bench_run_end_to_end_at_tiny_scale(tmp_path: Path) -> None:
     """The whole orchestration, two scenarios, a second each, the Python load generator."""
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "bench.run", "--scenarios", "minimal,l1",
-            "--duration", "1", "--warmup", "0", "--connections", "4",
-            "--latency-duration", "0.3", "--rate", "100", "--loadgen", "python",
-            "--cpu-duration", "0.5", "--cpu-rate", "200", "--cpu-scenarios", "minimal,l1",
-            "--results", str(tmp_path),
-        ],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    (report,) = tmp_path.glob("bench-*.json")
-    document = json.loads(report.read_text())
+    _, document = run_bench(
+        tmp_path,
+        *("--scenarios", "minimal,l1", "--duration", "1", "--warmup", "0", "--connections", "4"),
+        *("--latency-duration", "0.3", "--rate", "100", "--loadgen", "python"),
+        *("--cpu-duration", "0.5", "--cpu-rate", "200", "--cpu-scenarios", "minimal,l1"),
+        timeout=120,
+    )
     by_key = {s["scenario"]: s for s in document["scenarios"]}
     assert by_key["minimal"]["requests"] > 0
     assert by_key["l1"]["errors"] == 0

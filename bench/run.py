@@ -37,9 +37,9 @@ the minimal handler's.
 
 Then, at a fixed 1,000 requests/s (open loop, latency from the due time), the p99 of an
 L1 hit through the sidecar against a redis-py GET of the same Redis: what the sidecar
-adds. Then the RSS check of write-behind: a burst of 16 KiB write-behind PUTs at 256
-connections, and the three-tier sidecar's RSS once the journal drained against before.
-Last, each sidecar's peak RSS (VmHWM).
+adds. Then each sidecar's peak RSS (VmHWM). Last, the RSS check of write-behind: a burst
+of 16 KiB write-behind PUTs at 256 connections, and the three-tier sidecar's RSS once the
+journal drained against before.
 
 On two or more CPUs the server under test is pinned to the last CPU and everything else
 (load generator, Redis, memcached, Postgres) to the others: the sidecar is measured on
@@ -1095,12 +1095,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [combine(measured[s.key]) for s in chosen if measured[s.key]]
         cpu_rows = [combine_cpu(measured_cpu[s.key]) for s in cpu_chosen]
 
-        if options.rss_burst > 0 and options.loadgen != "wrk":
-            print("the write-behind RSS check needs wrk: skipped", flush=True)
-        elif options.rss_burst > 0:
-            print("RSS of a write-behind burst ...", flush=True)
-            rss_check = rss_after_write_behind(*targets["three-tier"], options.rss_burst)
-            print("  " + describe_rss(rss_check), flush=True)
         if options.latency_duration > 0:
             print(f"open loop at {options.rate:g} req/s: cachesvc L1 hit vs redis-py GET ...",
                   flush=True)  # fmt: skip
@@ -1116,6 +1110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for name, (_, pid) in targets.items():
             peak_rss[name] = proc.peak_rss_bytes(pid)
+        # Last: its keys and its peak would weigh on everything measured after it.
+        if options.rss_burst > 0 and options.loadgen != "wrk":
+            print("the write-behind RSS check needs wrk: skipped", flush=True)
+        elif options.rss_burst > 0:
+            print("RSS of a write-behind burst ...", flush=True)
+            rss_check = rss_after_write_behind(*targets["three-tier"], options.rss_burst)
+            print("  " + describe_rss(rss_check), flush=True)
 
     rows_by_key = {row.scenario: row for row in rows}
     for row in rows:

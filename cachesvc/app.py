@@ -90,12 +90,15 @@ def build_journal(settings: Settings, metrics: Metrics, worker: int) -> Journal 
     write = settings.write
     if write.journal_url is None:
         return None
+    # Peers of an in-process top tier read a write-behind write from the tiers below once
+    # their copy is dropped: those get every write as soon as it can be read.
+    shared_top = not settings.tiers[0].is_in_process
     return Journal(
         write.journal_url,
         write.journal_stream,
         max_pending=write.journal_max_pending,
         batch=write.flush_batch,
-        interval=write.flush_interval,
+        interval=write.flush_interval if shared_top else 0.0,
         reclaim_after=write.reclaim_after,
         max_attempts=write.max_attempts,
         metrics=metrics,

@@ -116,6 +116,9 @@ class Journal:
         self.max_pending = max_pending
         self.batch = batch
         self.interval = interval
+        # Whether the last read took every entry there was (fewer than ``batch``, counted
+        # before deleted or undecodable ones are dropped): then writes may gather.
+        self._took_all = True
         self.reclaim_after = reclaim_after
         self.max_attempts = max_attempts
         self.consumer = consumer
@@ -362,12 +365,12 @@ class Journal:
             else:
                 backoff.reset()
                 flushed = True
-                if len(records) < self.batch and not stop.is_set():
+                if self._took_all and not stop.is_set():
                     await self._gather(stop)
 
     async def _gather(self, stop: asyncio.Event) -> None:
-        """Let writes gather for ``interval`` after a round that took all there was (or
-        until ``stop``: the drain does not wait)."""
+        """Let writes gather for ``interval`` after a round that took all there was, or
+        until ``stop`` (the drain does not wait)."""
         if self.interval > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
@@ -403,6 +406,7 @@ class Journal:
             GROUP, self.consumer, {self.stream: start}, count=self.batch, block=block
         )
         entries = reply[0][1] if reply else []
+        self._took_all = len(entries) < self.batch
         return await self._decode(entries)
 
     async def _reclaim(self) -> list[Record]:
@@ -410,6 +414,7 @@ class Journal:
         reply = await self._client.xautoclaim(
             self.stream, GROUP, self.consumer, int(self.reclaim_after * 1000), count=self.batch
         )
+        self._took_all = len(reply[1]) < self.batch
         records = await self._decode(reply[1])
         if records:
             log.info("reclaimed %d write-behind entries from idle consumers", len(records))

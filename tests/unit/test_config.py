@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from cachesvc.app import build_journal
 from cachesvc.config import ConfigError, load_settings
+from cachesvc.metrics import Metrics
 
 
 @pytest.fixture
@@ -69,6 +71,24 @@ def test_journal_defaults_to_the_first_redis_tier() -> None:
         },
     )
     assert settings.write.journal_url == "redis://127.0.0.1:1/3"
+
+
+@pytest.mark.parametrize(("top", "interval"), [("redis://127.0.0.1:1/2", 0.05), ("memory://", 0.0)])
+def test_write_behind_gathers_writes_only_behind_a_shared_top_tier(
+    top: str, interval: float
+) -> None:
+    """Peers of an in-process top tier read the tiers below: no wait before they get
+    a write."""
+    settings = load_settings(
+        None,
+        {
+            "CACHESVC_TIERS": f'[{{"url": "{top}"}}, {{"url": "redis://127.0.0.1:1/3"}}]',
+            "CACHESVC_INVALIDATION__URL": "redis://127.0.0.1:1/0",
+        },
+    )
+    assert settings.write.flush_interval == 0.05
+    journal = build_journal(settings, Metrics(), worker=0)
+    assert journal is not None and journal.interval == interval
 
 
 def test_an_in_process_tier_over_shared_ones_needs_the_channel() -> None:

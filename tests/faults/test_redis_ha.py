@@ -317,16 +317,29 @@ async def test_sentinel_tier_leaves_the_old_master_before_sentinel_demotes_it(
     assert (await asyncio.to_thread(old.info, "replication"))["role"] == "master"
 
 
-async def _landed_on(tier: Tier, port: int, key: str) -> bool:
+@dataclass(frozen=True)
+class NotLanded:
+    """A write not found where it should be: false, and what happened instead (which a
+    wait that gives up prints)."""
+
+    instead: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+async def _landed_on(tier: Tier, port: int, key: str) -> bool | NotLanded:
     version = time.time_ns() // 1000
     try:
         async with asyncio.timeout(TIMEOUT):
             await tier.set_many([TierWrite(key, b"%d" % version, version, 60)])
-    except (TierError, TimeoutError):
-        return False
+    except (TierError, TimeoutError) as exc:
+        return NotLanded(f"the write failed: {exc!r}")
     with redis.Redis("127.0.0.1", port, socket_timeout=2) as server:
         stored = await asyncio.to_thread(server.get, f"cachesvc:{key}")
-    return stored is not None and stored.endswith(b"%d" % version)
+    if stored is not None and stored.endswith(b"%d" % version):
+        return True
+    return NotLanded(f"written at {version}; port {port} holds {stored!r:.60}")
 
 
 async def test_invalidation_listener_follows_a_sentinel_failover(

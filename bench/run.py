@@ -1015,6 +1015,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = proc.load_average()
     latency: dict[str, Any] | None = None
     rss_check: dict[str, Any] | None = None
+    checks_rss = options.rss_burst > 0 and options.loadgen == "wrk"
+    if options.rss_burst > 0 and not checks_rss:
+        print("the write-behind RSS check needs wrk: skipped", flush=True)
     peak_rss: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         move_to_server_cpu = stack.enter_context(pinned(cpus))
@@ -1029,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fill_redis(naive_redis, "naive:", by_key["naive"].keys, value)
         if options.latency_duration > 0:
             needed |= {"minimal", "three-tier"}
-        if options.rss_burst > 0 and options.loadgen == "wrk":
+        if checks_rss:
             needed.add("three-tier")
         if "minimal" in needed:
             peer = stack.enter_context(
@@ -1111,9 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, (_, pid) in targets.items():
             peak_rss[name] = proc.peak_rss_bytes(pid)
         # Last: its keys and its peak would weigh on everything measured after it.
-        if options.rss_burst > 0 and options.loadgen != "wrk":
-            print("the write-behind RSS check needs wrk: skipped", flush=True)
-        elif options.rss_burst > 0:
+        if checks_rss:
             print("RSS of a write-behind burst ...", flush=True)
             rss_check = rss_after_write_behind(*targets["three-tier"], options.rss_burst)
             print("  " + describe_rss(rss_check), flush=True)

@@ -268,6 +268,11 @@ class MasterFollowingPool(SentinelConnectionPool):
     they name another master it drops every connection, in use or not: each reconnects to
     the new master, and a command it interrupted fails with a connection error, which the
     retry policy retries once on a fresh connection.
+
+    Whoever notices the new master first, the watch or a connection being opened, drops
+    them all: redis-py drops only the idle ones, so a connection busy at that moment came
+    back to the pool still on the old master, and stayed there. A connection that finished
+    connecting to the old master after the change is reconnected when it is handed out.
     """
 
     check_interval = 1.0
@@ -280,7 +285,22 @@ class MasterFollowingPool(SentinelConnectionPool):
         # Started here, not in __init__: the pool may be built outside an event loop.
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._follow_master())
-        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        try:
+            while (connection.host, connection.port) != self.master_address:
+                await connection.disconnect()
+                await connection.connect()
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def get_master_address(self) -> Any:
+        address = await self.sentinel_manager.discover_master(self.service_name)
+        if address != self.master_address:
+            self.master_address = address
+            await self.disconnect(inuse_connections=True)
+        return address
 
     async def aclose(self) -> None:
         if self._watch is not None:
@@ -294,10 +314,7 @@ class MasterFollowingPool(SentinelConnectionPool):
         while True:
             await asyncio.sleep(self.check_interval)
             try:
-                address = await self.sentinel_manager.discover_master(self.service_name)
-                if self.master_address is not None and address != self.master_address:
-                    self.master_address = address
-                    await self.disconnect(inuse_connections=True)
+                await self.get_master_address()
             except (redis.exceptions.RedisError, OSError):
                 continue  # no Sentinel answers: the connections find out for themselves
 

@@ -29,6 +29,7 @@ from tests.polling import until
 from tests.servers import RedisClusterServers, RedisSentinelServers
 from tiers.base import Tier, TierError, TierWrite
 from tiers.redis import RedisTier
+from tiers.redis_clients import create_client
 from tiers.redis_cluster import RedisClusterTier
 
 pytestmark = pytest.mark.faults
@@ -315,6 +316,34 @@ async def test_sentinel_tier_leaves_the_old_master_before_sentinel_demotes_it(
     # Sentinel has not made the old master a replica yet (it does on its next INFO, ~10 s
     # after): until then, a client still connected to it would write there, and lose it.
     assert (await asyncio.to_thread(old.info, "replication"))["role"] == "master"
+
+
+async def test_sentinel_pool_drops_a_busy_connection_after_another_noticed_the_failover(
+    sentinel_set: RedisSentinelServers,
+) -> None:
+    # A connection opened after the failover asks the Sentinels and so tells the pool of
+    # the new master first; redis-py then closes only the idle connections. One that was
+    # busy meanwhile still holds the old master and goes back to the pool, first in line.
+    client = create_client(sentinel_set.url)
+    pool = client.connection_pool
+    try:
+        busy = await pool.get_connection()
+        new = await asyncio.to_thread(sentinel_set.failover)
+        opened_after = await pool.get_connection()
+        assert opened_after.port == new.port
+        await pool.release(opened_after)
+        await pool.release(busy)
+        key = unique_keys("busy", 1)[0]
+
+        async def written_to_the_new_master() -> bool:
+            version = b"%d" % time.time_ns()
+            await client.set(key, version)
+            with redis.Redis("127.0.0.1", new.port, socket_timeout=2) as server:
+                return await asyncio.to_thread(server.get, key) == version
+
+        await until(written_to_the_new_master, 5, "writes on the new master")
+    finally:
+        await client.aclose()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from cachesvc.markers import Markers
 from cachesvc.slot import (
     TOMBSTONE_TTL,
     Batcher,
+    Deadlines,
     Slot,
     failed_future,
     missed_writes,
@@ -249,6 +250,8 @@ class Engine:
         # promotion may restart a tier's ttl): markers older than that hide nothing.
         self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
         self._flights: dict[str, asyncio.Future[Hit | None]] = {}
+        self._searches = Deadlines(request_timeout, self._search_expired)
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Write-behind writes of this process not yet applied below the top tier (by this
         # sidecar or a peer): reads that miss the top tier (evicted, or it failed) still see
         # them, unless a newer write or an invalidation covers the key.
@@ -320,6 +323,7 @@ class Engine:
             await self.lease.release(self.durable)
         for slot in self.slots:
             await slot.close()
+        self._searches.cancel()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -396,9 +400,7 @@ class Engine:
             return asyncio.ensure_future(self._get_below(key, floor, top_failed))
         flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(
-                self._read_lower(key, self.slots[1:], floor, {top} if top_failed else set())
-            )
+            flight = self._read_lower(key, self.slots[1:], floor, {top} if top_failed else set())
             self._flights[key] = flight
             flight.add_done_callback(lambda done: self._land(key, done))
         # Derived, not awaited: one reader giving up cancels its own future, never the
@@ -417,9 +419,7 @@ class Engine:
             # replaced by a write that a tier above missed (a key marker). Only a second
             # look, past the hidden version, tells which.
             failed = {self.top} if top_failed else set()
-            return asyncio.ensure_future(
-                self._read_lower(key, self.slots[1:], hit.entry.version, failed)
-            )
+            return self._read_lower(key, self.slots[1:], hit.entry.version, failed)
         return hit
 
     async def _get_below(self, key: str, floor: int, top_failed: bool) -> Hit | None:
@@ -445,20 +445,44 @@ class Engine:
         if self._flights.get(key) is flight:
             del self._flights[key]
 
-    async def _read_lower(
+    def _read_lower(
         self,
         key: str,
         slots: Sequence[Slot],
         floor: int,
         failed: set[Slot] | None = None,
-    ) -> Hit | None:
+    ) -> asyncio.Future[Hit | None]:
+        """A future of ``_search``'s hit, or of Unavailable once ``request_timeout`` is up
+        (the search then cancelled). The searches share one timer (``Deadlines``): a timer
+        each, set and cancelled, cost more than the rest of an L2 hit's bookkeeping."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
+        search = asyncio.ensure_future(self._search(key, slots, floor, failed or set()))
+        self._searches.watch(loop, search)
+        found: asyncio.Future[Hit | None] = loop.create_future()
+        search.add_done_callback(functools.partial(self._searched, found))
+        return found
+
+    def _searched(
+        self, found: asyncio.Future[Hit | None], search: asyncio.Future[Hit | None]
+    ) -> None:
         try:
-            async with asyncio.timeout(self.request_timeout):
-                return await self._search(key, slots, floor, failed or set())
-        except TimeoutError:
-            raise Unavailable(
-                f"the lower tiers did not answer within request_timeout ({self.request_timeout} s)"
-            ) from None
+            self._searches.done(search)  # raises the Unavailable of a search out of time
+        except Unavailable as exc:
+            if not found.done():
+                found.set_exception(exc)
+            return
+        if found.done():  # its reader gave up: what the search came to is no one's
+            if not search.cancelled():
+                search.exception()
+            return
+        _pass_on(found, _itself, search)
+
+    def _search_expired(self) -> Unavailable:
+        return Unavailable(
+            f"the lower tiers did not answer within request_timeout ({self.request_timeout} s)"
+        )
 
     async def _search(
         self, key: str, slots: Sequence[Slot], floor: int, failed: set[Slot]

@@ -215,18 +215,19 @@ def _result(items: object, batch: asyncio.Future[Any]) -> Any:
 
 
 class Deadlines:
-    """The calls of a slot under way, with when each started, kept with one timer: a call
-    not done within ``timeout`` is cancelled (a pipelined client closes that call's
-    connection) and ``expired()`` makes the error it fails with. Calls start in order and
-    share one timeout, so their deadlines come in order too."""
+    """Calls under way (a slot's batches, the engine's lookups below the top tier), with
+    when each started, kept with one timer instead of one each: a call not done within
+    ``timeout`` is cancelled (a pipelined client closes that call's connection) and
+    ``expired()`` makes the error it fails with. Calls start in order and share one
+    timeout, so their deadlines come in order too."""
 
-    def __init__(self, timeout: float, expired: Callable[[], TierTimeout]) -> None:
+    def __init__(self, timeout: float, expired: Callable[[], Exception]) -> None:
         self.timeout = timeout
         self._make_error = expired
         self._started: collections.OrderedDict[asyncio.Future[Any], float] = (
             collections.OrderedDict()
         )
-        self._expired: dict[asyncio.Future[Any], TierTimeout] = {}
+        self._expired: dict[asyncio.Future[Any], Exception] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def watch(self, loop: asyncio.AbstractEventLoop, call: asyncio.Future[Any]) -> None:
@@ -236,7 +237,7 @@ class Deadlines:
 
     def done(self, call: asyncio.Future[Any]) -> float | None:
         """Forget ``call``, done: how long it took (None if it was never watched). Raises
-        its ``TierTimeout`` if it was cancelled for its deadline."""
+        the error ``expired()`` made if it was cancelled for its deadline."""
         expired = self._expired.pop(call, None)
         if expired is not None:
             raise expired
@@ -375,7 +376,7 @@ class TierSlot:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines = Deadlines(timeout, self._timed_out)
         self._gets = Batcher(self._get_batch, finish=self._got_batch)
-        self._sets: Batcher[TierWrite, None] = Batcher(self._set_batch)
+        self._sets = Batcher(self._set_batch, finish=self._set_done)
 
     @property
     def parts(self) -> Sequence[TierSlot]:
@@ -412,14 +413,18 @@ class TierSlot:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
         batch = list(keys)
         found = self._get_batch(batch)
-        try:
-            await asyncio.wait((found,))  # its failure comes out of _got_batch
-        except asyncio.CancelledError:  # the caller gave up: so does the call
-            found.cancel()
-            with contextlib.suppress(TierError):
-                self._deadlines.done(found)
-            raise
+        await self._finished(found)
         return self._got_batch(batch, found)
+
+    async def _finished(self, call: asyncio.Future[Any]) -> None:
+        """Wait for a batch this slot started; its failure comes out of its ``_done``."""
+        try:
+            await asyncio.wait((call,))
+        except asyncio.CancelledError:  # the caller gave up: so does the call
+            call.cancel()
+            with contextlib.suppress(TierError):
+                self._deadlines.done(call)
+            raise
 
     def _get_batch(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:
         """One ``get_many_soon`` of the tier, under the breaker and the deadline
@@ -481,15 +486,35 @@ class TierSlot:
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         """One call for ``writes`` (already a batch), under the timeout and breaker."""
-        await self._set_batch(list(writes))
+        batch = list(writes)
+        stored = self._set_batch(batch)
+        await self._finished(stored)
+        self._set_done(batch, stored)
 
-    async def _set_batch(self, writes: list[TierWrite]) -> list[None]:
+    def _set_batch(self, writes: list[TierWrite]) -> asyncio.Future[None]:
+        """One ``set_many`` of the tier, under the breaker and the deadline, like
+        ``_get_batch``; ``_set_done`` makes the result."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if not self.breaker.allow():
+            return failed_future(self._refused(), loop)
         self.metrics.set_batch.observe(len(writes))
-        started = time.perf_counter()
+        stored = asyncio.ensure_future(self.tier.set_many(writes))
+        self._deadlines.watch(loop, stored)
+        return stored
+
+    def _set_done(self, writes: list[TierWrite], stored: asyncio.Future[None]) -> list[None]:
+        took = self._deadlines.done(stored)  # raises the TierTimeout of a call timed out
+        if took is not None:
+            self.metrics.set_duration.observe(took)
         try:
-            await self.call(self.tier.set_many(writes))
-        finally:
-            self.metrics.set_duration.observe(time.perf_counter() - started)
+            stored.result()
+        except TierError as exc:
+            if took is not None:  # (one refused by the breaker is counted already)
+                self._failed(exc)
+            raise
+        self.breaker.success()
         return [None] * len(writes)
 
     def miss(self, key: str, version: int) -> None:

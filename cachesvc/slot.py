@@ -248,12 +248,16 @@ class Deadlines:
         self._timer = None
         now = loop.time()
         started = self._started
-        for call, since in list(started.items()):  # a few: the batches under way
+        expired = []
+        # Oldest first, up to the first call still in time: not every call under way.
+        for call, since in started.items():
             if call.done():  # answered, its callback not run yet: it did not time out
                 continue
             if since + self.timeout > now:
                 self._timer = loop.call_at(since + self.timeout, self._expire, loop)
-                return
+                break
+            expired.append(call)
+        for call in expired:
             del started[call]
             self._expired[call] = self._make_error()
             call.cancel()

@@ -97,7 +97,9 @@ async def test_a_timeout_is_named_as_the_cause(
     slot: TierSlot, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="cachesvc.slot")
-    slot.timeout = 0.05
+    slot = TierSlot(  # its own: a slot keeps the timeout it was made with
+        slot.tier, timeout=0.05, breaker_failures=3, breaker_reset=0.01, metrics=slot.metrics
+    )
     redis_server.hang()
     try:
         for _ in range(3):

@@ -65,6 +65,10 @@ DURABILITY_CHECK_INTERVAL = 10.0
 # The flusher re-reads its own pending entries this often: one whose read reply was lost
 # (a reset connection) is delivered to it and to nobody else until then.
 OWN_PENDING_INTERVAL = 1.0
+# The longest one read of an idle flusher waits for new entries (XREADGROUP BLOCK): each
+# wait is two round trips (the depth, the read), so an idle sidecar's CPU goes mostly to
+# these. A stop cuts the wait short.
+IDLE_WAIT = 1.0
 # How long an append waits for the replicas' acknowledgement (WAIT) before it fails.
 WAIT_MILLISECONDS = 1000
 # What a Redis or a Redis Cluster client raises (a cluster's own errors are not RedisErrors).
@@ -324,9 +328,14 @@ class Journal:
                 if not records and not own_pending:
                     if stop.is_set() and self.drained():
                         return
-                    records = await self._read(">", block=None if stop.is_set() else 200)
-                    if not records and stop.is_set():
-                        await asyncio.sleep(0.05)  # what is left is a peer's to apply
+                    if stop.is_set():
+                        records = await self._read(">", block=None)
+                        if not records:
+                            await asyncio.sleep(0.05)  # what is left is a peer's to apply
+                    else:
+                        new = await self._read_new_unless(stop)
+                        own_pending = new is None  # handed entries, maybe, and gave up
+                        records = new or []
                     if not records and flushed and now - last_trim > TRIM_INTERVAL:
                         flushed, last_trim = False, now
                         _release_free_memory()
@@ -408,6 +417,22 @@ class Journal:
         entries = reply[0][1] if reply else []
         self._took_all = len(entries) < self.batch
         return await self._decode(entries)
+
+    async def _read_new_unless(self, stop: asyncio.Event) -> list[Record] | None:
+        """Entries not delivered yet, waited for up to ``IDLE_WAIT``; None once ``stop``
+        came first. The read given up then closes its connection: entries Redis handed it
+        meanwhile stay pending for this consumer, read again as its own."""
+        reading = asyncio.ensure_future(self._read(">", block=int(IDLE_WAIT * 1000)))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
+                    await reading
+        return None if reading.cancelled() else reading.result()
 
     async def _reclaim(self) -> list[Record]:
         """Entries a crashed (or stuck) peer took and never acknowledged."""

@@ -66,8 +66,8 @@ DURABILITY_CHECK_INTERVAL = 10.0
 # (a reset connection) is delivered to it and to nobody else until then.
 OWN_PENDING_INTERVAL = 1.0
 # The longest one read of an idle flusher waits for new entries (XREADGROUP BLOCK): each
-# wait is two round trips (the depth, the read), so an idle sidecar's CPU goes mostly to
-# these. A stop cuts the wait short.
+# turn is three round trips (the depth, its own pending entries, the read), where an idle
+# sidecar's CPU went. A stop cuts the wait short.
 IDLE_WAIT = 1.0
 # How long an append waits for the replicas' acknowledgement (WAIT) before it fails.
 WAIT_MILLISECONDS = 1000
@@ -317,14 +317,15 @@ class Journal:
                     await self.check_durability()
                 if now - last_own > OWN_PENDING_INTERVAL:
                     own_pending, last_own = True, now
+                records = []
                 if own_pending:
                     records = await self._read("0", block=None)
                     own_pending = bool(records)
-                elif time.monotonic() - last_reclaim > self.reclaim_after / 2:
+                # Not only on turns without the look at our own entries: an idle turn
+                # takes IDLE_WAIT, and every one of them looks.
+                if not records and time.monotonic() - last_reclaim > self.reclaim_after / 2:
                     last_reclaim = time.monotonic()
                     records = await self._reclaim()
-                else:
-                    records = []
                 if not records and not own_pending:
                     if stop.is_set() and self.drained():
                         return
@@ -411,9 +412,14 @@ class Journal:
     _oldest_id: bytes | None = None
 
     async def _read(self, start: str, block: int | None) -> list[Record]:
-        reply: Any = await self._client.xreadgroup(
+        return await self._records(await self._read_reply(start, block))
+
+    def _read_reply(self, start: str, block: int | None) -> Awaitable[Any]:
+        return self._client.xreadgroup(
             GROUP, self.consumer, {self.stream: start}, count=self.batch, block=block
         )
+
+    async def _records(self, reply: Any) -> list[Record]:
         entries = reply[0][1] if reply else []
         self._took_all = len(entries) < self.batch
         return await self._decode(entries)
@@ -421,8 +427,9 @@ class Journal:
     async def _read_new_unless(self, stop: asyncio.Event) -> list[Record] | None:
         """Entries not delivered yet, waited for up to ``IDLE_WAIT``; None once ``stop``
         came first. The read given up then closes its connection: entries Redis handed it
-        meanwhile stay pending for this consumer, read again as its own."""
-        reading = asyncio.ensure_future(self._read(">", block=int(IDLE_WAIT * 1000)))
+        meanwhile stay pending for this consumer, read again as its own. (Only the read
+        is given up, never the decoding, which may dead-letter an entry.)"""
+        reading = asyncio.ensure_future(self._read_reply(">", int(IDLE_WAIT * 1000)))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
@@ -432,7 +439,7 @@ class Journal:
                 reading.cancel()
                 with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
                     await reading
-        return None if reading.cancelled() else reading.result()
+        return None if reading.cancelled() else await self._records(reading.result())
 
     async def _reclaim(self) -> list[Record]:
         """Entries a crashed (or stuck) peer took and never acknowledged."""

@@ -347,7 +347,7 @@ async def test_9_versions_are_unique_across_sidecars(
             etags[etag] = value
 
 
-# -- 10. stranded write-behind entries are re-read by their own consumer -------------------
+# -- 10. stranded write-behind entries: re-read by their own consumer, claimed from a dead one
 
 
 async def test_10_entries_whose_read_reply_was_lost_are_applied_within_seconds(
@@ -379,6 +379,34 @@ async def test_10_entries_whose_read_reply_was_lost_are_applied_within_seconds(
     started = time.monotonic()
     await until(applied, 5, "the stranded entry applied")
     assert time.monotonic() - started < journal.reclaim_after / 2
+
+
+async def test_10_an_idle_sidecar_applies_what_a_dead_peer_took(
+    make_client: MakeClient, clean_redis_url: str, clean_postgres_url: str
+) -> None:
+    config = settings(clean_redis_url, clean_postgres_url)
+    write = config.write.model_copy(update={"reclaim_after": 1.0})
+    client = await make_client(config.model_copy(update={"write": write}))
+    engine = client.server.api.engine
+    journal = engine.journal
+    assert journal is not None
+    raw = redis.asyncio.Redis.from_url(clean_redis_url)
+    try:
+        # Taken by a peer that died before applying it, and no write comes after: only
+        # the idle flusher's reclaim (XAUTOCLAIM after reclaim_after) finds it.
+        async with raw.pipeline(transaction=True) as pipe:
+            pipe.xadd(journal.stream, {b"k": b"orphan", b"p": _envelope(engine, b"v")})
+            pipe.xreadgroup("cachesvc-flushers", "dead-peer", {journal.stream: ">"}, count=10)
+            _, delivered = await pipe.execute()
+        assert delivered
+    finally:
+        await raw.aclose()
+    durable = engine.durable.tier
+
+    async def applied() -> bool:
+        return await durable.get("orphan") is not None
+
+    await until(applied, 10 * journal.reclaim_after, "the dead peer's entry applied")
 
 
 def _envelope(engine: Any, value: bytes) -> bytes:

@@ -428,6 +428,8 @@ class TierSlot:
             call.cancel()
             with contextlib.suppress(TierError):
                 self._deadlines.done(call)
+            if call.done() and not call.cancelled():
+                call.exception()  # done meanwhile, a failure no one will ask for
             raise
 
     def _get_batch(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:

@@ -299,7 +299,10 @@ class MasterFollowingPool(SentinelConnectionPool):
         address = await self.sentinel_manager.discover_master(self.service_name)
         if address != self.master_address:
             self.master_address = address
-            await self.disconnect(inuse_connections=True)
+            # A close that fails (times out) has let go of its socket all the same: the
+            # discovery stands, and the connection asking goes on to the new master.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self.disconnect(inuse_connections=True)
         return address
 
     async def aclose(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -355,30 +356,13 @@ async def test_10_entries_whose_read_reply_was_lost_are_applied_within_seconds(
 ) -> None:
     client = await make_client(settings(clean_redis_url, clean_postgres_url))
     engine = client.server.api.engine
-    journal = engine.journal
-    assert journal is not None
-    stream, consumer = journal.stream, journal.consumer
-    raw = redis.asyncio.Redis.from_url(clean_redis_url)
-    try:
-        # An entry delivered to this sidecar's consumer, whose reply never arrived: it
-        # sits in the consumer's pending list, where only a re-read of its own finds it.
-        # Appended and delivered in one transaction, so that the flusher's own blocking
-        # read cannot take it first.
-        async with raw.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, {b"k": b"stranded", b"p": _envelope(engine, b"v")})
-            pipe.xreadgroup("cachesvc-flushers", consumer, {stream: ">"}, count=10)
-            _, delivered = await pipe.execute()
-        assert delivered
-    finally:
-        await raw.aclose()
-    durable = engine.durable.tier
-
-    async def applied() -> bool:
-        return await durable.get("stranded") is not None
-
+    assert engine.journal is not None
+    # Delivered to this sidecar's consumer, whose reply never arrived: it sits in the
+    # consumer's pending list, where only a re-read of its own finds it.
+    await _delivered_unacknowledged(clean_redis_url, engine, "stranded", engine.journal.consumer)
     started = time.monotonic()
-    await until(applied, 5, "the stranded entry applied")
-    assert time.monotonic() - started < journal.reclaim_after / 2
+    await until(_applied(engine, "stranded"), 5, "the stranded entry applied")
+    assert time.monotonic() - started < engine.journal.reclaim_after / 2
 
 
 async def test_10_an_idle_sidecar_applies_what_a_dead_peer_took(
@@ -388,25 +372,33 @@ async def test_10_an_idle_sidecar_applies_what_a_dead_peer_took(
     write = config.write.model_copy(update={"reclaim_after": 1.0})
     client = await make_client(config.model_copy(update={"write": write}))
     engine = client.server.api.engine
-    journal = engine.journal
-    assert journal is not None
-    raw = redis.asyncio.Redis.from_url(clean_redis_url)
+    # Taken by a peer that died before applying it, and no write comes after: only the
+    # idle flusher's reclaim (XAUTOCLAIM after reclaim_after) finds it.
+    await _delivered_unacknowledged(clean_redis_url, engine, "orphan", "dead-peer")
+    await until(_applied(engine, "orphan"), 10.0, "the dead peer's entry applied")
+
+
+async def _delivered_unacknowledged(redis_url: str, engine: Any, key: str, consumer: str) -> None:
+    """A journal entry for ``key``, delivered to ``consumer`` and not acknowledged. Appended
+    and delivered in one transaction, so that the flusher's own blocking read cannot take
+    it first."""
+    stream = engine.journal.stream
+    raw = redis.asyncio.Redis.from_url(redis_url)
     try:
-        # Taken by a peer that died before applying it, and no write comes after: only
-        # the idle flusher's reclaim (XAUTOCLAIM after reclaim_after) finds it.
         async with raw.pipeline(transaction=True) as pipe:
-            pipe.xadd(journal.stream, {b"k": b"orphan", b"p": _envelope(engine, b"v")})
-            pipe.xreadgroup("cachesvc-flushers", "dead-peer", {journal.stream: ">"}, count=10)
+            pipe.xadd(stream, {b"k": key.encode(), b"p": _envelope(engine, b"v")})
+            pipe.xreadgroup("cachesvc-flushers", consumer, {stream: ">"}, count=10)
             _, delivered = await pipe.execute()
         assert delivered
     finally:
         await raw.aclose()
-    durable = engine.durable.tier
 
+
+def _applied(engine: Any, key: str) -> Callable[[], Awaitable[bool]]:
     async def applied() -> bool:
-        return await durable.get("orphan") is not None
+        return await engine.durable.tier.get(key) is not None
 
-    await until(applied, 10 * journal.reclaim_after, "the dead peer's entry applied")
+    return applied
 
 
 def _envelope(engine: Any, value: bytes) -> bytes:

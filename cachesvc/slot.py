@@ -28,7 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
-from cachesvc.metrics import TierMetrics
+from cachesvc.metrics import Buckets, TierMetrics
 from tiers.base import Tier, TierError, TierTimeout, TierUnavailable, TierWrite
 
 log = logging.getLogger(__name__)
@@ -455,20 +455,26 @@ class TierSlot:
     ) -> list[bytes | None]:
         """The payloads of ``keys`` from the tier's answer ``found`` (done), its failure
         counted by the breaker."""
-        took = self._deadlines.done(found)  # raises the TierTimeout of a call timed out
-        if took is not None:
-            self.metrics.get_duration.observe(took)
-        try:
-            values = found.result()
-        except TierError as exc:
-            if took is not None:  # (one that failed before any I/O is counted already)
-                self._failed(exc)
-            raise
-        self.breaker.success()
+        values = self._outcome(found, self.metrics.get_duration)
         if len(values) < len(keys):  # concurrent gets of one key were asked once
             by_key = dict(zip(dict.fromkeys(keys), values, strict=True))
             values = [by_key[key] for key in keys]
         return values
+
+    def _outcome(self, call: asyncio.Future[T], duration: Buckets) -> T:
+        """The result of a batch this slot started (done), its time observed and its
+        failure counted by the breaker; the TierTimeout of one cancelled for its deadline."""
+        took = self._deadlines.done(call)
+        if took is not None:
+            duration.observe(took)
+        try:
+            result = call.result()
+        except TierError as exc:
+            if took is not None:  # (one refused or failed before any I/O is counted already)
+                self._failed(exc)
+            raise
+        self.breaker.success()
+        return result
 
     def _failed(self, failure: TierError) -> None:
         self.breaker.failure(failure_cause(failure))
@@ -511,16 +517,7 @@ class TierSlot:
         return stored
 
     def _set_done(self, writes: list[TierWrite], stored: asyncio.Future[None]) -> list[None]:
-        took = self._deadlines.done(stored)  # raises the TierTimeout of a call timed out
-        if took is not None:
-            self.metrics.set_duration.observe(took)
-        try:
-            stored.result()
-        except TierError as exc:
-            if took is not None:  # (one refused by the breaker is counted already)
-                self._failed(exc)
-            raise
-        self.breaker.success()
+        self._outcome(stored, self.metrics.set_duration)
         return [None] * len(writes)
 
     def miss(self, key: str, version: int) -> None:

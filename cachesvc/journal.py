@@ -46,7 +46,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
@@ -59,6 +59,7 @@ from tiers.redis_clients import create_client, hash_tag, is_cluster_url, parse_r
 from tiers.resp import RespClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GROUP = "cachesvc-flushers"
 DURABILITY_CHECK_INTERVAL = 10.0
@@ -382,9 +383,7 @@ class Journal:
         """Let writes gather for ``interval`` after a round that took all there was, or
         until ``stop`` (the drain does not wait)."""
         if self.interval > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await stop.wait()
+            await _unless_stopped(stop, asyncio.sleep(self.interval))
 
     def drained(self) -> bool:
         """Whether everything this process appended has been applied (by anyone)."""
@@ -420,7 +419,13 @@ class Journal:
         )
 
     async def _records(self, reply: Any) -> list[Record]:
-        entries = reply[0][1] if reply else []
+        """The records of an XREADGROUP reply."""
+        return await self._took(reply[0][1] if reply else [])
+
+    async def _took(
+        self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]
+    ) -> list[Record]:
+        """The records of entries a read took, noting whether it took all there was."""
         self._took_all = len(entries) < self.batch
         return await self._decode(entries)
 
@@ -429,25 +434,15 @@ class Journal:
         came first. The read given up then closes its connection: entries Redis handed it
         meanwhile stay pending for this consumer, read again as its own. (Only the read
         is given up, never the decoding, which may dead-letter an entry.)"""
-        reading = asyncio.ensure_future(self._read_reply(">", int(IDLE_WAIT * 1000)))
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            if not reading.done():
-                reading.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
-                    await reading
-        return None if reading.cancelled() else await self._records(reading.result())
+        read = await _unless_stopped(stop, self._read_reply(">", int(IDLE_WAIT * 1000)))
+        return None if read is None else await self._records(read.result())
 
     async def _reclaim(self) -> list[Record]:
         """Entries a crashed (or stuck) peer took and never acknowledged."""
         reply = await self._client.xautoclaim(
             self.stream, GROUP, self.consumer, int(self.reclaim_after * 1000), count=self.batch
         )
-        self._took_all = len(reply[1]) < self.batch
-        records = await self._decode(reply[1])
+        records = await self._took(reply[1])
         if records:
             log.info("reclaimed %d write-behind entries from idle consumers", len(records))
         return records
@@ -583,6 +578,22 @@ class Journal:
         if self._appender is not None:
             await self._appender.aclose()
         await self._client.aclose()
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> asyncio.Future[T] | None:
+    """``work``, done; or None once ``stop`` was set first: ``work`` is then cancelled, and
+    what it raised on its way out is no one's."""
+    doing = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((doing, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not doing.done():
+            doing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await doing
+    return None if doing.cancelled() else doing
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from tests.governance.conftest import holds, pg_dump
+from tests.polling import until
 from tests.servers import PostgresServer
 from tiers.base import TierError, TierWrite
 from tiers.postgres import PostgresTier
@@ -90,6 +91,10 @@ async def test_erasing_nothing_or_what_is_absent_removes_nothing(
     assert await postgres_tier.get_many(["kept"]) == [b"v"]
 
 
+async def _expired(tier: PostgresTier, key: str) -> bool:
+    return await tier.get_many([key]) == [None]
+
+
 async def test_the_keys_of_a_tag_page_by_page(postgres_tier: PostgresTier) -> None:
     await postgres_tier.set_many(
         [write(f"k{n:02}", b"v", "wanted") for n in range(25)]
@@ -100,6 +105,7 @@ async def test_the_keys_of_a_tag_page_by_page(postgres_tier: PostgresTier) -> No
         ]
     )
     await postgres_tier.set_many([write("k99", None, version=2)])  # deleted since
+    await until(lambda: _expired(postgres_tier, "expired"), 1.0, "the 1 ms entry expired")
     first = await postgres_tier.keys_with_tag("wanted", 10)
     assert first == [f"k{n:02}" for n in range(10)]
     pages = [first]

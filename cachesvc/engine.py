@@ -1,8 +1,9 @@
 """The engine: ordered tiers, the read path with promotion, and the write strategies.
 
-Reads go top-down; a hit in tier *i* is copied into every tier above it before the read
-answers (TTL = min(remaining lifetime, that tier's ttl)), so the next read is served by
-the top tier. Concurrent misses of one key share one lookup of the lower tiers.
+Reads go top-down; a hit in tier *i* is copied into every tier above it (TTL =
+min(remaining lifetime, that tier's ttl)) as the read answers: the answer does not wait
+for the copies, a read of the key through this sidecar does, so the next read is served
+by the top tier. Concurrent misses of one key share one lookup of the lower tiers.
 
 Writes follow SPEC §3:
 
@@ -250,6 +251,8 @@ class Engine:
         # promotion may restart a tier's ttl): markers older than that hide nothing.
         self.markers = Markers(max_age=sum(slot.ttl for slot in self.slots))
         self._flights: dict[str, asyncio.Future[Hit | None]] = {}
+        # Promotions under way, by key: the copies a read answered without waiting for.
+        self._promoting: dict[str, asyncio.Future[list[Any]]] = {}
         self._searches = Deadlines(request_timeout, self._search_expired)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Write-behind writes of this process not yet applied below the top tier (by this
@@ -339,6 +342,10 @@ class Engine:
         While ``blind`` (an invalidation source is lost, so events may be missed), only
         the durable tier is read: no cache tier can be trusted for what it might have been
         told to drop."""
+        if self._promoting:
+            promoting = self._promoting.get(key)
+            if promoting is not None:
+                return chain(promoting, lambda _: self.read(key, _itself), make)
         top = self.top
         if self.blind and len(self.slots) > 1:
             return then(self._read_below(key, floor=0, top_failed=False), make)
@@ -436,7 +443,7 @@ class Engine:
         if overlay is not None and overlay.entry.version > floor:
             if not (self.markers.active and self.markers.hiding(key, overlay.entry)):
                 if not top_failed and top.readable(key):
-                    await self._promote(key, overlay.payload, overlay.entry, [top], time.time())
+                    self._promote(key, overlay.payload, overlay.entry, [top], time.time())
                 return Hit(overlay.entry, top.name)
             floor = overlay.entry.version
         return await self._read_below(key, floor, top_failed)
@@ -520,7 +527,7 @@ class Engine:
                     if not self.blind:
                         position = self.slots.index(slot)
                         above = [upper for upper in self.slots[:position] if upper not in failed]
-                        await self._promote(key, payload, entry, above, now)
+                        self._promote(key, payload, entry, above, now)
                     return Hit(entry, slot.name)
                 floor = entry.version
             slot.metrics.misses += 1
@@ -533,9 +540,14 @@ class Engine:
             )
         return None
 
-    async def _promote(
+    def _promote(
         self, key: str, payload: bytes, entry: Entry, slots: Sequence[Slot], now: float
     ) -> None:
+        """Copy a hit into ``slots`` without holding the read's answer for it (a round trip
+        to the tiers above). Until the copies land, reads of the key through this sidecar
+        wait for them (``_promoting``), so the next read is still the top tier's."""
+        if not slots:
+            return
         # The fills as they are (a remote tier's is its batch's future: no task each).
         fills = [
             asyncio.ensure_future(
@@ -543,13 +555,22 @@ class Engine:
             )
             for slot in slots
         ]
-        for slot, filled in zip(slots, await _all_settled(fills), strict=True):
+        promoted = _all_settled(fills)
+        self._promoting[key] = promoted
+        promoted.add_done_callback(functools.partial(self._promoted, key, slots))
+
+    def _promoted(
+        self, key: str, slots: Sequence[Slot], promoted: asyncio.Future[list[Any]]
+    ) -> None:
+        if self._promoting.get(key) is promoted:
+            del self._promoting[key]
+        for slot, filled in zip(slots, promoted.result(), strict=True):
             # A failed fill leaves the tier without the key (or with the same-or-older
             # version a newer write will replace): nothing stale to remember.
             if not isinstance(filled, BaseException):
                 slot.metrics.promotions.inc()
             elif not isinstance(filled, TierError):
-                raise filled
+                log.error("promoting %r into %s failed", key, slot.name, exc_info=filled)
 
     # -- writes --------------------------------------------------------------------------
 

@@ -129,6 +129,8 @@ async def test_a_cold_hot_key_reaches_each_lower_tier_once(
         started = time.perf_counter()
         answers = await asyncio.gather(*(get() for _ in range(CONCURRENCY)))
         elapsed = time.perf_counter() - started
+        # The next read waits for the promotion the lookup sent without holding the answers.
+        assert (await get())[2] == "l1"
 
     pg_after = await postgres_reads(pg_url)
     mc_after = memcached_stats(memcached_server)

@@ -27,6 +27,7 @@ async def test_metrics_parse_and_carry_per_tier_series(
     await three_tier.get(path("m"))
     flush_redis(clean_redis_url)
     await three_tier.get(path("m"))  # an l1 miss, an l2 hit and a promotion into l1
+    await three_tier.get(path("m"))  # waits for the promotion; an l1 hit
     await three_tier.get(path("absent"))
 
     response = await three_tier.get("/metrics")
@@ -34,17 +35,17 @@ async def test_metrics_parse_and_carry_per_tier_series(
     assert response.content_type == "text/plain"
     found = samples(await response.text())
 
-    assert found[("cachesvc_tier_hits_total", (("tier", "l1"),))] == 1
+    assert found[("cachesvc_tier_hits_total", (("tier", "l1"),))] == 2
     assert found[("cachesvc_tier_hits_total", (("tier", "l2"),))] == 1
     assert found[("cachesvc_tier_misses_total", (("tier", "l1"),))] == 2
     assert found[("cachesvc_tier_misses_total", (("tier", "l3"),))] == 1
     assert found[("cachesvc_promotions_total", (("tier", "l1"),))] == 1
     default = ("namespace", "default")
     requests = "cachesvc_requests_total"
-    assert found[(requests, (default, ("operation", "get"), ("status", "200")))] == 2
+    assert found[(requests, (default, ("operation", "get"), ("status", "200")))] == 3
     assert found[(requests, (default, ("operation", "get"), ("status", "404")))] == 1
     assert found[(requests, (default, ("operation", "put"), ("status", "204")))] == 1
-    assert found[("cachesvc_hits_total", (default, ("tier", "l1")))] == 1
+    assert found[("cachesvc_hits_total", (default, ("tier", "l1")))] == 2
     assert found[("cachesvc_hits_total", (default, ("tier", "l2")))] == 1
     assert found[("cachesvc_misses_total", (default,))] == 1
     for tier in ("l1", "l2", "l3"):
@@ -55,7 +56,7 @@ async def test_metrics_parse_and_carry_per_tier_series(
         )
         assert found[count] >= 1
     latency = ("cachesvc_request_duration_seconds_count", (default, ("operation", "get")))
-    assert found[latency] == 3
+    assert found[latency] == 4
     # Requests outside any namespace: namespace="" (this scrape counts the one before).
     outside = (("namespace", ""), ("operation", "metrics"), ("status", "200"))
     assert (await scrape(three_tier))[(requests, outside)] == 1

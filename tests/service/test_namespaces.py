@@ -170,6 +170,8 @@ async def test_one_key_in_two_namespaces_is_two_entries_on_every_server(
     redis_url, memcached_url, _ = servers
     flush_redis(redis_url)
     assert await value_of(sidecar, "orders", key) == ("l2", b"of orders")
+    # Waits for the promotion the last read sent, which would land after the flush.
+    assert await value_of(sidecar, "orders", key) == ("l1", b"of orders")
     flush_redis(redis_url)
     flush_memcached(memcached_url)
     assert await value_of(sidecar, "default", key) == ("l3", b"of default")
@@ -357,8 +359,8 @@ async def test_a_namespace_reads_and_writes_only_its_tiers(
     assert await raw_values(servers, hot) == [b"hot", None, b"hot"]
     flush_redis(redis_url)
     assert await value_of(sidecar, "hot", "k") == ("l3", b"hot")  # l2 is not asked
-    assert await raw_values(servers, hot) == [b"hot", None, b"hot"]  # promoted into l1 only
     assert await value_of(sidecar, "hot", "k") == ("l1", b"hot")
+    assert await raw_values(servers, hot) == [b"hot", None, b"hot"]  # promoted into l1 only
 
     cold = held("cold", "k")
     assert (await sidecar.put(in_ns("cold", "k"), data=b"cold")).status == 204

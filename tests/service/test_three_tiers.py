@@ -65,6 +65,8 @@ async def test_promotion_keeps_the_remaining_lifetime(
     flush_redis(clean_redis_url)
     flush_memcached(clean_memcached_url)
     assert (await served_by(three_tier, "life"))[0] == "l3"
+    # The next read waits for the promotion the first one answered without waiting for.
+    assert (await served_by(three_tier, "life"))[0] == "l1"
     redis = Redis.from_url(clean_redis_url)
     try:
         ttl_ms = await redis.pttl("cachesvc:life")  # the tier's default key prefix
@@ -120,6 +122,9 @@ async def test_reserved_and_long_keys_in_every_tier(
     assert await served_by(three_tier, key) == ("l1", key.encode())
     flush_redis(clean_redis_url)
     assert await served_by(three_tier, key) == ("l2", key.encode())
+    # The next read waits for the promotion into l1 the last one sent (it would land after
+    # the flush otherwise).
+    assert await served_by(three_tier, key) == ("l1", key.encode())
     flush_redis(clean_redis_url)
     flush_memcached(clean_memcached_url)
     assert await served_by(three_tier, key) == ("l3", key.encode())

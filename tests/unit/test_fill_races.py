@@ -14,6 +14,7 @@ from cachesvc.invalidator import Invalidator
 from cachesvc.metrics import Metrics
 from cachesvc.slot import TierSlot
 from invalidation.events import InvalidationEvent
+from tiers.base import TierWrite
 from tiers.memory import MemoryTier
 
 
@@ -100,3 +101,52 @@ async def test_readers_joining_a_fill_after_an_invalidation_see_it(engine: Engin
     lower.release.set()
     await first
     assert await joined is None
+
+
+class HeldStoreTier(MemoryTier):
+    """A top tier whose stores land only when the test lets them: a promotion under way."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        super().__init__("l1", urlsplit("memory://"), 300)
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def set_many(self, writes: Sequence[TierWrite]) -> None:
+        await self.release.wait()
+        await super().set_many(writes)
+
+
+async def test_a_read_answers_before_its_promotion_and_the_next_waits_for_it() -> None:
+    metrics = Metrics()
+    top, lower = HeldStoreTier(), MemoryTier("l2", urlsplit("memory://"), 3600)
+    engine = Engine(
+        [
+            TierSlot(
+                t, timeout=5, breaker_failures=3, breaker_reset=1, metrics=metrics.for_tier(t.name)
+            )
+            for t in (top, lower)
+        ],
+        request_timeout=10,
+    )
+    await engine.start()
+    try:
+        await engine.write([NewValue("k", b"v", "text/plain")], "write-through")
+        await top.clear()
+        top.release.clear()  # the promotion into l1 cannot land
+
+        first = await engine.read("k", lambda hit: hit)
+        assert first is not None and first.tier == "l2"  # answered with the copy under way
+        assert await top.get("k") is None
+
+        second = engine.read("k", lambda hit: hit)
+        assert isinstance(second, asyncio.Future)
+        await asyncio.sleep(0.05)  # time for a read that did not wait to be answered by l2
+        assert not second.done()
+        top.release.set()
+        hit = await second
+        assert hit is not None and hit.tier == "l1" and hit.entry.value == b"v"
+    finally:
+        top.release.set()
+        await engine.close()

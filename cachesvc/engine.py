@@ -47,7 +47,7 @@ from cachesvc.slot import (
     save_missed,
 )
 from cachesvc.versions import NodeLease, VersionClock
-from tiers.base import Marker, TierError, TierTimeout, TierWrite
+from tiers.base import Marker, Payload, TierError, TierTimeout, TierWrite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -368,7 +368,7 @@ class Engine:
         return [read.result() if isinstance(read, asyncio.Future) else read for read in reads]
 
     def _after_top(
-        self, key: str, answer: asyncio.Future[bytes | None]
+        self, key: str, answer: asyncio.Future[Payload | None]
     ) -> Hit | asyncio.Future[Hit | None] | None:
         failure = answer.exception()
         if failure is not None:
@@ -377,7 +377,7 @@ class Engine:
             raise failure
         return self._top_answered(key, answer.result())
 
-    def _top_answered(self, key: str, payload: bytes | None) -> Hit | asyncio.Future[Hit | None]:
+    def _top_answered(self, key: str, payload: Payload | None) -> Hit | asyncio.Future[Hit | None]:
         """A hit in what the top tier answered for ``key``, or the read goes below."""
         top = self.top
         entry = decode_live(payload, time.time())
@@ -541,7 +541,7 @@ class Engine:
         return None
 
     def _promote(
-        self, key: str, payload: bytes, entry: Entry, slots: Sequence[Slot], now: float
+        self, key: str, payload: Payload, entry: Entry, slots: Sequence[Slot], now: float
     ) -> None:
         """Copy a hit into ``slots`` without holding the read's answer for it (a round trip
         to the tiers above). Until the copies land, reads of the key through this sidecar
@@ -673,17 +673,21 @@ class Engine:
         if refusal is not None:
             return failed_future(Unavailable(refusal, "journal"))
         assert journal is not None
+        payloads = [entry.encode() for entry in entries]
         top_writes = [
-            TierWrite(new.key, entry.encode(), entry.version, entry.ttl_in(top.ttl, now))
-            for new, entry in zip(values, entries, strict=True)
+            TierWrite(new.key, payload, entry.version, entry.ttl_in(top.ttl, now))
+            for new, entry, payload in zip(values, entries, payloads, strict=True)
         ]
         # Visible to reads of this process at once, in version order: set before any await.
-        for write, entry in zip(top_writes, entries, strict=True):
-            self._unflushed[write.key] = Unflushed(entry, write.payload or b"", now + top.ttl, None)
+        for write, entry, payload in zip(top_writes, entries, payloads, strict=True):
+            self._unflushed[write.key] = Unflushed(entry, payload, now + top.ttl, None)
         calls: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(top.set(write)) for write in top_writes
         ]
-        calls += [journal.append(w.key, w.payload or b"") for w in top_writes]
+        calls += [
+            journal.append(write.key, payload)
+            for write, payload in zip(top_writes, payloads, strict=True)
+        ]
         return chain(
             _all_settled(calls, self.request_timeout),
             lambda settled: self._written_behind(top_writes, entries, settled),

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import msgpack
 
+from tiers.base import Payload
+
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
@@ -41,7 +43,7 @@ class Entry(NamedTuple):
         return tier_ttl if remaining is None else min(remaining, tier_ttl)
 
 
-def decode_envelope(payload: bytes) -> Entry:
+def decode_envelope(payload: Payload) -> Entry:
     """The entry in ``payload``; ValueError when it is not one of ours."""
     try:
         value, content_type, version, expires_at, tags, *sealed = msgpack.unpackb(payload)
@@ -52,7 +54,7 @@ def decode_envelope(payload: bytes) -> Entry:
         raise ValueError(f"not a cachesvc envelope: {exc}") from None
 
 
-def decode_live(payload: bytes | None, now: float) -> Entry | None:
+def decode_live(payload: Payload | None, now: float) -> Entry | None:
     """The entry in ``payload`` unless it is absent, expired or unreadable.
 
     An unreadable payload (another program's data under our key, or a future format) is

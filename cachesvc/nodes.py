@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from cachesvc.metrics import TierMetrics
 from cachesvc.slot import PartlyFailed, TierSlot
-from tiers.base import Tier, TierError, TierUnavailable, TierWrite
+from tiers.base import Payload, Tier, TierError, TierUnavailable, TierWrite
 
 
 class NodeSlots:
@@ -90,20 +90,20 @@ class NodeSlots:
     def readable(self, key: str) -> bool:
         return self._reader(key).readable(key)
 
-    def get(self, key: str) -> asyncio.Future[bytes | None]:
+    def get(self, key: str) -> asyncio.Future[Payload | None]:
         return self._reader(key).get(key)
 
-    def get_now(self, key: str) -> bytes | None:
+    def get_now(self, key: str) -> Payload | None:
         return self._reader(key).get_now(key)
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         """One call per slot the keys go to; fails when any of those fails."""
         by_slot: dict[TierSlot, list[str]] = {}
         for key in dict.fromkeys(keys):
             by_slot.setdefault(self._reader(key), []).append(key)
         slots = list(by_slot)
         answers = await asyncio.gather(*(slot.get_many(by_slot[slot]) for slot in slots))
-        found: dict[str, bytes | None] = {}
+        found: dict[str, Payload | None] = {}
         for slot, answered in zip(slots, answers, strict=True):
             found.update(zip(by_slot[slot], answered, strict=True))
         return [found[key] for key in keys]

@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgpack
 
 from cachesvc.metrics import Buckets, TierMetrics
-from tiers.base import Tier, TierError, TierTimeout, TierUnavailable, TierWrite
+from tiers.base import Payload, Tier, TierError, TierTimeout, TierUnavailable, TierWrite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,11 +98,11 @@ class Slot(Protocol):
 
     def readable(self, key: str) -> bool: ...
 
-    def get(self, key: str) -> asyncio.Future[bytes | None]: ...
+    def get(self, key: str) -> asyncio.Future[Payload | None]: ...
 
-    def get_now(self, key: str) -> bytes | None: ...
+    def get_now(self, key: str) -> Payload | None: ...
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]: ...
 
     def set(self, write: TierWrite) -> Awaitable[None]: ...
 
@@ -394,7 +394,7 @@ class TierSlot:
             return False
         return key not in self.missed
 
-    def get(self, key: str) -> asyncio.Future[bytes | None]:
+    def get(self, key: str) -> asyncio.Future[Payload | None]:
         """The payload of ``key``, as a future: already done for an in-process tier, so a
         caller can check ``done()`` and go on without waiting (the front door does)."""
         if not self.tier.in_process:
@@ -402,18 +402,18 @@ class TierSlot:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
-        answer: asyncio.Future[bytes | None] = loop.create_future()
+        answer: asyncio.Future[Payload | None] = loop.create_future()
         try:
             answer.set_result(self.tier.get_now(key))
         except TierError as exc:
             answer.set_exception(exc)
         return answer
 
-    def get_now(self, key: str) -> bytes | None:
+    def get_now(self, key: str) -> Payload | None:
         """The payload of ``key`` in an in-process tier, which answers without waiting."""
         return self.tier.get_now(key)
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         """One call for ``keys`` (already a batch), under the timeout and breaker."""
         batch = list(keys)
         found = self._get_batch(batch)
@@ -432,7 +432,7 @@ class TierSlot:
                 call.exception()  # done meanwhile, a failure no one will ask for
             raise
 
-    def _get_batch(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:
+    def _get_batch(self, keys: list[str]) -> asyncio.Future[list[Payload | None]]:
         """One ``get_many_soon`` of the tier, under the breaker and the deadline
         (``Deadlines``): no task, no timer of its own. ``_got_batch`` makes the result."""
         loop = self._loop
@@ -451,8 +451,8 @@ class TierSlot:
         return found
 
     def _got_batch(
-        self, keys: list[str], found: asyncio.Future[list[bytes | None]]
-    ) -> list[bytes | None]:
+        self, keys: list[str], found: asyncio.Future[list[Payload | None]]
+    ) -> list[Payload | None]:
         """The payloads of ``keys`` from the tier's answer ``found`` (done), its failure
         counted by the breaker."""
         values = self._outcome(found, self.metrics.get_duration)
@@ -613,7 +613,7 @@ def save_missed(slots: Sequence[TierSlot]) -> bytes:
     return payload
 
 
-def restore_missed(slots: Sequence[TierSlot], payload: bytes | None) -> None:
+def restore_missed(slots: Sequence[TierSlot], payload: Payload | None) -> None:
     """Merge a record written by this sidecar before it restarted."""
     if payload is None:
         return

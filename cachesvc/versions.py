@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
-from tiers.base import TierError, TierWrite
+from tiers.base import Payload, TierError, TierWrite
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class VersionClock:
 class _Store(Protocol):
     """What a lease needs of the durable tier (a ``TierSlot``)."""
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]: ...
 
     async def set_many(self, writes: Sequence[TierWrite]) -> None: ...
 

@@ -1,9 +1,11 @@
 """The contract every cache tier implements.
 
-A tier stores opaque payloads (the engine's encoded envelopes) under string keys. The
-contract is batch-first: the engine coalesces concurrent requests into one call per tier,
-so ``get_many``/``set_many`` are the primitives and a tier maps them onto its server's
-multi-key commands (MGET, multi-get, ``= ANY($1)``).
+A tier stores opaque payloads (the engine's encoded envelopes) under string keys, and hands
+them out as bytes or as a view of the reply they arrived in (``Payload``: a large value is
+not copied to drop what the tier stored beside it). The contract is batch-first: the
+engine coalesces concurrent requests into one call per tier, so ``get_many``/``set_many``
+are the primitives and a tier maps them onto its server's multi-key commands (MGET,
+multi-get, ``= ANY($1)``).
 
 Every write carries a *version*. A tier never replaces a stored entry (value or tombstone)
 with one of a lower version, atomically on its server; that is what keeps a later
@@ -31,7 +33,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeAlias
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlunsplit
 
 
@@ -55,9 +57,14 @@ class Marker(NamedTuple):
     version: int
 
 
+# A payload as a tier hands it out: bytes, or a view of the reply it arrived in, so that a
+# large value is not copied (and a megabyte allocated) to strip the version header.
+Payload: TypeAlias = bytes | memoryview
+
+
 class TierWrite(NamedTuple):
     key: str
-    payload: bytes | None  # None writes a tombstone
+    payload: Payload | None  # None writes a tombstone
     version: int
     ttl: float  # seconds, > 0: how long the tier keeps it
     # The entry's tags, in clear beside the opaque payload, for a tier that erases by tag
@@ -72,7 +79,7 @@ class TierWrite(NamedTuple):
 VERSION_HEADER_LEN = 16
 
 
-def pack_versioned(version: int, payload: bytes | None) -> bytes:
+def pack_versioned(version: int, payload: Payload | None) -> bytes:
     """Prefix a payload with its version, for servers that store one opaque blob per key.
 
     An empty remainder marks a tombstone (real payloads are never empty: they are
@@ -86,11 +93,11 @@ def unpack_version(stored: bytes) -> int:
     return int(stored[:VERSION_HEADER_LEN], 16)
 
 
-def unpack_payload(stored: bytes | None) -> bytes | None:
-    """The payload of a versioned blob; None for a miss or a tombstone."""
+def unpack_payload(stored: bytes | None) -> Payload | None:
+    """The payload of a versioned blob, a view of it; None for a miss or a tombstone."""
     if stored is None or len(stored) <= VERSION_HEADER_LEN:
         return None
-    return stored[VERSION_HEADER_LEN:]
+    return memoryview(stored)[VERSION_HEADER_LEN:]
 
 
 def url_options(url: SplitResult, allowed: dict[str, type]) -> dict[str, Any]:
@@ -149,7 +156,7 @@ class Tier(abc.ABC):
         anyway, reports the tier as not ready and uses it once it is reachable."""
 
     @abc.abstractmethod
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         """Payloads for ``keys`` in order; None for a miss, an expired entry or a tombstone."""
 
     @abc.abstractmethod
@@ -226,16 +233,16 @@ class Tier(abc.ABC):
         """
         return None
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> Payload | None:
         return (await self.get_many((key,)))[0]
 
-    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[Payload | None]]:
         """``get_many`` as a future. A tier whose client completes futures from its
         connection's read callback returns one of those, so that a read costs the engine
         no task (the Redis tier's); this default runs ``get_many`` as a task."""
         return asyncio.ensure_future(self.get_many(keys))
 
-    def get_now(self, key: str) -> bytes | None:
+    def get_now(self, key: str) -> Payload | None:
         """``get`` of an ``in_process`` tier, answered without waiting: every L1 hit of
         such a tier comes here, and a plain call costs less than running a coroutine."""
         raise NotImplementedError(f"{type(self).__name__} is not an in-process tier")

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from tiers.base import (
+    Payload,
     Tier,
     TierError,
     TierWrite,
@@ -124,12 +125,12 @@ class MemcachedTier(Tier):
 
     # -- the whole tier: the same calls, spread over the nodes -----------------------------
 
-    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[Payload | None]]:
         if len(self._nodes) == 1:
             return self._nodes[0].get_many_soon(keys)
         return super().get_many_soon(keys)
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         if len(self._nodes) == 1:
             return await self._nodes[0].get_many(keys)
         mkeys = [_memcached_key(self.prefix, key) for key in keys]
@@ -194,17 +195,17 @@ class MemcachedNode(Tier):
             connect_timeout=_CONNECT_TIMEOUT,
         )
 
-    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[Payload | None]]:
         mkeys = [_memcached_key(self.prefix, key) for key in keys]
         client = self._client
         request = b"get %s\r\n" % b" ".join(dict.fromkeys(mkeys))
 
-        def payloads(found: _Found) -> list[bytes | None]:
+        def payloads(found: _Found) -> list[Payload | None]:
             return [unpack_payload(found[0].get(mkey)) for mkey in mkeys]
 
         return client.submit(_Values(client.loop, request, payloads, with_cas=False))
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         if not keys:
             return []
         return await self.get_many_soon(keys)

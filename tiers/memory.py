@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from urllib.parse import SplitResult
 
-from tiers.base import Marker, Tier, TierWrite, url_options
+from tiers.base import Marker, Payload, Tier, TierWrite, url_options
 
 _OPTIONS: dict[str, type] = {"max_items": int, "max_bytes": int}
 
@@ -147,10 +147,10 @@ class MemoryTier(Tier):
         """Key bytes plus payload bytes of every entry held: what ``max_bytes`` bounds."""
         return self._bytes
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> Payload | None:
         return self.get_now(key)
 
-    def get_now(self, key: str) -> bytes | None:
+    def get_now(self, key: str) -> Payload | None:
         # get_many's loop for one key, without a coroutine or a list: every L1 hit comes
         # here, most of them at the first slot they look at.
         try:
@@ -176,13 +176,13 @@ class MemoryTier(Tier):
         self._marks[i] = self._tick
         return entry[len(live) + _TAIL_TO_PAYLOAD :] or None  # a tombstone ends there
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         tail = _live_after(0xFF, time.monotonic() - self._started, 0xFF)
         slots = self._slots
         mask = self._mask
         marks = self._marks
         tick = self._tick
-        found: list[bytes | None] = []
+        found: list[Payload | None] = []
         for key in keys:
             try:
                 name = key.encode()

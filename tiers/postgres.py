@@ -53,6 +53,7 @@ import asyncpg.pool
 
 from tiers.base import (
     Marker,
+    Payload,
     Tier,
     TierError,
     TierTimeout,
@@ -255,7 +256,7 @@ class PostgresTier(Tier):
             self._sweep_forever(), name=f"cachesvc-sweep-{self.name}"
         )
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         if not keys:
             return []
 

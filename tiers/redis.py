@@ -45,6 +45,7 @@ import redis.exceptions
 
 from tiers.base import (
     Marker,
+    Payload,
     Tier,
     TierError,
     TierTimeout,
@@ -129,14 +130,14 @@ class RedisTier(Tier):
         else:
             self._client = create_client(target)
 
-    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[bytes | None]]:
+    def get_many_soon(self, keys: Sequence[str]) -> asyncio.Future[list[Payload | None]]:
         client = self._started()
         if not isinstance(client, RespClient):
             return super().get_many_soon(keys)
         prefix = self.prefix
         return client.command("MGET", *[prefix + key for key in keys], convert=_payloads)
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         if not keys:
             return []
         client = self._started()
@@ -290,7 +291,7 @@ def _no_script(result: object) -> bool:
     return isinstance(result, redis.exceptions.NoScriptError)
 
 
-def _payloads(stored: list[Any]) -> list[bytes | None]:
+def _payloads(stored: list[Any]) -> list[Payload | None]:
     # Values arrive as bytes (decode_responses=False; hiredis gives bytes), never str.
     return [unpack_payload(cast(bytes | None, value)) for value in stored]
 

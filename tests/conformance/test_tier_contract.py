@@ -25,7 +25,7 @@ from tests.conformance.conftest import (
     with_port,
 )
 from tests.servers import free_port
-from tiers.base import Tier, TierUnavailable, TierWrite
+from tiers.base import Payload, Tier, TierUnavailable, TierWrite
 from tiers.memcached import MemcachedTier
 from tiers.memory import MemoryTier
 from tiers.postgres import PostgresTier
@@ -40,7 +40,7 @@ TTL = 30.0
 DEADLINE = 5.0  # seconds any eventual outcome (expiry, reconnect) may take at most
 
 
-def w(key: str, payload: bytes | None, version: int, ttl: float = TTL) -> TierWrite:
+def w(key: str, payload: Payload | None, version: int, ttl: float = TTL) -> TierWrite:
     return TierWrite(key, payload, version, ttl)
 
 
@@ -83,6 +83,15 @@ async def test_binary_payload_survives(tier: Tier, key: Key) -> None:
     payload = random.Random(7).randbytes(64 * 1024) + b"\r\nEND\r\n\x00"
     await tier.set_many([w(key("bin"), payload, V)])
     assert await tier.get(key("bin")) == payload
+
+
+async def test_a_payload_handed_out_as_a_view_is_stored_as_it_is(tier: Tier, key: Key) -> None:
+    """What one tier hands out (``Payload``: a view of its reply) is what the engine promotes
+    into another: every tier stores a view's bytes, not the buffer around them."""
+    reply = b"0123456789abcdef" + random.Random(8).randbytes(1000) + b"trailing"
+    view = memoryview(reply)[16:-8]
+    await tier.set_many([w(key("view"), view, V)])
+    assert await tier.get(key("view")) == reply[16:-8]
 
 
 async def test_payload_too_big_for_a_backend_never_leaves_the_older_value(

@@ -394,15 +394,20 @@ class TierSlot:
             return False
         return key not in self.missed
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop, kept from the first call: asyncio.get_running_loop() costs a
+        getpid() each time."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def get(self, key: str) -> asyncio.Future[Payload | None]:
         """The payload of ``key``, as a future: already done for an in-process tier, so a
         caller can check ``done()`` and go on without waiting (the front door does)."""
         if not self.tier.in_process:
             return self._gets.submit(key)
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()  # kept: that call costs a getpid()
-        answer: asyncio.Future[Payload | None] = loop.create_future()
+        answer: asyncio.Future[Payload | None] = self._running_loop().create_future()
         try:
             answer.set_result(self.tier.get_now(key))
         except TierError as exc:
@@ -435,9 +440,7 @@ class TierSlot:
     def _get_batch(self, keys: list[str]) -> asyncio.Future[list[Payload | None]]:
         """One ``get_many_soon`` of the tier, under the breaker and the deadline
         (``Deadlines``): no task, no timer of its own. ``_got_batch`` makes the result."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         if not self.breaker.allow():
             return failed_future(self._refused(), loop)
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # one lookup per key
@@ -506,9 +509,7 @@ class TierSlot:
     def _set_batch(self, writes: list[TierWrite]) -> asyncio.Future[None]:
         """One ``set_many`` of the tier, under the breaker and the deadline, like
         ``_get_batch``; ``_set_done`` makes the result."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         if not self.breaker.allow():
             return failed_future(self._refused(), loop)
         self.metrics.set_batch.observe(len(writes))

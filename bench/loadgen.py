@@ -403,7 +403,9 @@ async def open_loop_interleaved(
         result.send_lag.append(perf() - due)
         try:
             status = await calls[k](i)
-        except (OSError, ValueError):
+        except Exception:
+            # Whatever the client raised (a socket error, a client's own pool limit) is
+            # an error of that target: a task's exception must be counted, not lost.
             result.socket_errors += 1
             return
         result.latencies.append(perf() - due)

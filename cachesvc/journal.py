@@ -52,7 +52,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cachesvc.envelope import Entry, decode_envelope
 from cachesvc.metrics import Metrics
-from cachesvc.slot import Batcher, failed_future
+from cachesvc.slot import Batcher, Deadlines, failed_future
 from invalidation.base import Backoff
 from tiers.base import TierError, TierTimeout, TierUnavailable
 from tiers.redis_clients import create_client, hash_tag, is_cluster_url, parse_redis_url
@@ -142,7 +142,13 @@ class Journal:
         target = parse_redis_url(url)
         if target.kind == "server":
             self._appender = RespClient.for_server(target, "journal")
-        self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(self._append_batch)
+        self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(
+            self._append_batch, finish=self._appended
+        )
+        # Bounds every append batch, with one timer for all of them (as a tier's slot).
+        self._append_deadlines = Deadlines(
+            CALL_TIMEOUT, lambda: TierTimeout(f"no answer within {CALL_TIMEOUT} s")
+        )
         # Back-pressure counts the stream exactly, appends racing a count included: a
         # count (XLEN with the newest ID, atomically) holds every append whose ID is not
         # after that newest ID; appends finished since it was asked for and not covered
@@ -250,45 +256,60 @@ class Journal:
         if _id_after(entry_id, self._last_appended):
             self._last_appended = entry_id
 
-    async def _append_batch(self, items: list[tuple[str, bytes]]) -> list[bytes]:
-        try:
-            return await self._append_entries(items)
-        except (*REDIS_ERRORS, TierError, JournalUnavailable) as exc:
-            raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
+    def _append_batch(self, items: list[tuple[str, bytes]]) -> asyncio.Future[list[Any]]:
+        """The XADDs of ``items`` (and the WAIT for the replicas), sent: through the lean
+        client once the group exists, a call completed from its read callback, so an
+        append costs no task; else as a task (the first append, Sentinel, Cluster).
+        ``_appended`` makes the entry ids of the replies."""
+        sent: asyncio.Future[list[Any]]
+        if self._group_ready and self._appender is not None:
+            sent = self._appender.pipeline(self._append_commands(items))
+        else:
+            sent = asyncio.ensure_future(self._append_first(items))
+        self._append_deadlines.watch(sent.get_loop(), sent)
+        return sent
 
-    async def _append_entries(self, items: list[tuple[str, bytes]]) -> list[bytes]:
+    def _append_commands(self, items: list[tuple[str, bytes]]) -> list[tuple[Any, ...]]:
+        commands: list[tuple[Any, ...]] = [
+            ("XADD", self.stream, "*", "k", key, "p", payload) for key, payload in items
+        ]
+        if self.replicas:
+            # WAIT counts the writes of its own connection: in the same request.
+            commands.append(("WAIT", self.replicas, WAIT_MILLISECONDS))
+        return commands
+
+    async def _append_first(self, items: list[tuple[str, bytes]]) -> list[Any]:
         await self._ensure_group()
-        results: list[Any]
         if self._appender is not None:
-            commands: list[tuple[Any, ...]] = [
-                ("XADD", self.stream, "*", "k", key, "p", payload) for key, payload in items
-            ]
+            return await self._appender.pipeline(self._append_commands(items))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, payload in items:
+                pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
             if self.replicas:
-                # WAIT counts the writes of its own connection: in the same request.
-                commands.append(("WAIT", self.replicas, WAIT_MILLISECONDS))
-            try:
-                async with asyncio.timeout(CALL_TIMEOUT):
-                    results = await self._appender.pipeline(commands)
-            except TimeoutError:
-                raise TierTimeout(f"no answer within {CALL_TIMEOUT} s") from None
+                # WAIT counts the writes of its own connection: in the same pipeline.
+                pipe.execute_command("WAIT", self.replicas, WAIT_MILLISECONDS)
+            return list(await pipe.execute())
+
+    def _appended(
+        self, items: list[tuple[str, bytes]], sent: asyncio.Future[list[Any]]
+    ) -> list[bytes]:
+        """The entry ids of an append batch (done), or JournalUnavailable for all."""
+        try:
+            self._append_deadlines.done(sent)  # raises the TierTimeout of one given up
+            results = sent.result()
             for result in results:
                 if isinstance(result, TierError):  # an error reply
                     raise result
-        else:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, payload in items:
-                    pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
-                if self.replicas:
-                    # WAIT counts the writes of its own connection: in the same pipeline.
-                    pipe.execute_command("WAIT", self.replicas, WAIT_MILLISECONDS)
-                results = await pipe.execute()
-        if self.replicas:
-            acknowledged = results.pop()
-            if acknowledged < self.replicas:
-                raise JournalUnavailable(
-                    f"{acknowledged} of the {self.replicas} replicas [write].journal_replicas "
-                    f"asks for took the entries within {WAIT_MILLISECONDS} ms"
-                )
+            if len(results) > len(items):  # a WAIT was sent with them
+                acknowledged = results.pop()
+                if acknowledged < self.replicas:
+                    raise JournalUnavailable(
+                        f"{acknowledged} of the {self.replicas} replicas "
+                        "[write].journal_replicas asks for took the entries within "
+                        f"{WAIT_MILLISECONDS} ms"
+                    )
+        except (*REDIS_ERRORS, TierError, JournalUnavailable) as exc:
+            raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
         return results
 
     async def _ensure_group(self) -> None:
@@ -575,6 +596,7 @@ class Journal:
 
     async def close(self) -> None:
         await self._appends.close()
+        self._append_deadlines.cancel()
         if self._appender is not None:
             await self._appender.aclose()
         await self._client.aclose()

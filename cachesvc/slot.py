@@ -513,7 +513,11 @@ class TierSlot:
         if not self.breaker.allow():
             return failed_future(self._refused(), loop)
         self.metrics.set_batch.observe(len(writes))
-        stored = asyncio.ensure_future(self.tier.set_many(writes))
+        try:
+            stored = self.tier.set_many_soon(writes)
+        except TierError as exc:  # raised before any I/O (a tier not started)
+            self._failed(exc)
+            return failed_future(exc, loop)
         self._deadlines.watch(loop, stored)
         return stored
 

@@ -242,6 +242,12 @@ class Tier(abc.ABC):
         no task (the Redis tier's); this default runs ``get_many`` as a task."""
         return asyncio.ensure_future(self.get_many(keys))
 
+    def set_many_soon(self, writes: Sequence[TierWrite]) -> asyncio.Future[None]:
+        """``set_many`` as a future, as ``get_many_soon`` is ``get_many``: a tier whose
+        client completes its calls from the read callback returns such a call, so a write
+        costs the engine no task either; this default runs ``set_many`` as a task."""
+        return asyncio.ensure_future(self.set_many(writes))
+
     def get_now(self, key: str) -> Payload | None:
         """``get`` of an ``in_process`` tier, answered without waiting: every L1 hit of
         such a tier comes here, and a plain call costs less than running a coroutine."""

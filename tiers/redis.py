@@ -147,6 +147,14 @@ class RedisTier(Tier):
             stored = await self._read(client, [self.prefix + key for key in keys])
         return _payloads(stored)
 
+    def set_many_soon(self, writes: Sequence[TierWrite]) -> asyncio.Future[None]:
+        client = self._started()
+        if not isinstance(client, RespClient) or not 0 < len(writes) <= KEYS_PER_CALL:
+            return super().set_many_soon(writes)
+        return client.run_script(
+            _CONDITIONAL_SET, _CONDITIONAL_SET_SHA, len(writes), *self._script_arguments(writes)
+        )
+
     async def set_many(self, writes: Sequence[TierWrite]) -> None:
         if not writes:
             return
@@ -154,8 +162,10 @@ class RedisTier(Tier):
         chunks = self._script_calls(client, writes)
         with self.mapped_errors():
             results = await self._run_scripts(client, chunks)
+            # (The lean client loads the script itself: see RespClient.run_script.)
             unknown = [c for c, r in zip(chunks, results, strict=True) if _no_script(r)]
             if unknown:  # a new or restarted server (or a promoted replica)
+                assert not isinstance(client, RespClient)
                 await client.script_load(_CONDITIONAL_SET)
                 results = [r for r in results if not _no_script(r)]
                 results += await self._run_scripts(client, unknown)
@@ -207,7 +217,9 @@ class RedisTier(Tier):
         if isinstance(client, RespClient):  # its calls are pipelined as they are made
             return await asyncio.gather(
                 *(
-                    client.evalsha(_CONDITIONAL_SET_SHA, len(chunk), *arguments)
+                    client.run_script(
+                        _CONDITIONAL_SET, _CONDITIONAL_SET_SHA, len(chunk), *arguments
+                    )
                     for chunk, arguments in zip(chunks, calls, strict=True)
                 ),
                 return_exceptions=True,

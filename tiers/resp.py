@@ -86,6 +86,37 @@ class _Command(Call[_T]):
         return ReplyError(self.connection.client.where if self.connection else "redis", str(reply))
 
 
+class _Script(_Command[Any]):
+    """EVALSHA of a script. A server that does not hold the script (restarted, or told
+    SCRIPT FLUSH) answers NOSCRIPT: the call then goes once more as EVAL of the script
+    itself, on the same connection, which loads it for the calls after; its caller sees
+    only the script's reply (redis-py's Script does the same in two round trips)."""
+
+    __slots__ = ("arguments", "script")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, script: bytes, sha: str, arguments: tuple[Arg, ...]
+    ) -> None:
+        super().__init__(loop, hiredis.pack_command(cast(Any, ("EVALSHA", sha, *arguments))))
+        self.script: bytes | None = script
+        self.arguments = arguments
+
+    def take(self, reply: Any) -> bool:
+        connection = self.connection
+        if (
+            self.script is not None
+            and connection is not None
+            and isinstance(reply, hiredis.ReplyError)
+            and str(reply).startswith("NOSCRIPT")
+            and not self.done()
+        ):
+            script, self.script = self.script, None  # once: EVAL does not answer NOSCRIPT
+            self.request = hiredis.pack_command(cast(Any, ("EVAL", script, *self.arguments)))
+            connection.send(self)  # behind what is written already: replies come in order
+            return True  # this reply's place in the connection's queue is done with
+        return super().take(reply)
+
+
 class _Pipeline(_Command[list[Any]]):
     """Commands sent as one request: its result is their replies, an error reply as a
     ReplyError in its place."""
@@ -179,14 +210,14 @@ class RespClient:
     def mget(self, keys: Sequence[str]) -> Call[list[bytes | None]]:
         return self.command("MGET", *keys)
 
-    def evalsha(self, sha: str, numkeys: int, *args: Arg) -> Call[Any]:
-        return self.command("EVALSHA", sha, numkeys, *args)
+    def run_script(self, script: bytes, sha: str, numkeys: int, *args: Arg) -> Call[Any]:
+        """EVALSHA ``sha`` (the SHA-1 of ``script``), falling back to EVAL of ``script``
+        where the server does not hold it: see ``_Script``."""
+        pool = self.pool
+        return pool.submit(_Script(pool.loop, script, sha, (numkeys, *args)))
 
     def eval(self, script: str | bytes, numkeys: int, *args: Arg) -> Call[Any]:
         return self.command("EVAL", script, numkeys, *args)
-
-    def script_load(self, script: str | bytes) -> Call[Any]:
-        return self.command("SCRIPT", "LOAD", script)
 
     def ping(self) -> Call[Any]:
         return self.command("PING")

@@ -111,6 +111,34 @@ async def test_the_tier_loads_its_script_again_once_the_server_forgot_it(
         await tier.close()
 
 
+async def test_a_script_the_server_forgot_goes_once_as_eval_on_the_same_connection(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    """A write batch is one call completed from the read callback (``set_many_soon``, no
+    task); a server without the script gets it as EVAL once, and EVALSHA serves again."""
+    tier = RedisTier("l1", urlsplit(redis_server.url + "?max_connections=1"), 60)
+    await tier.start()
+    try:
+        await tier.set_many_soon([TierWrite("k", b"one", V, 60)])
+        raw.script_flush()
+        accepted = int(raw.info("stats")["total_connections_received"])
+        raw.config_resetstat()
+        pipelined = [tier.set_many_soon([TierWrite("k", b"two", V + n, 60)]) for n in (1, 2)]
+        assert await asyncio.gather(*pipelined) == [0, 0]
+        assert await tier.get_many(["k"]) == [b"two"]
+        await tier.set_many_soon([TierWrite("k", b"three", V + 3, 60)])
+        assert await tier.get_many(["k"]) == [b"three"]
+        stats = raw.info("commandstats")
+        # Both pipelined calls were answered NOSCRIPT before the first EVAL loaded it.
+        assert stats["cmdstat_eval"]["calls"] == 2
+        assert stats["cmdstat_evalsha"]["calls"] == 3
+        assert stats["cmdstat_evalsha"]["failed_calls"] == 2
+        # Sent again where they were: the one connection of the pool stayed open.
+        assert int(raw.info("stats")["total_connections_received"]) == 0 < accepted
+    finally:
+        await tier.close()
+
+
 async def test_the_conditional_set_compares_headers_and_replaces_what_is_not_ours(
     redis_server: RedisServer, raw: redis.Redis
 ) -> None:

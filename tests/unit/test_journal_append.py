@@ -1,0 +1,65 @@
+"""The journal's appends against a real redis-server: sent as one pipeline call per batch
+(no task), bounded by the journal's deadline on a hung server, and working again on a
+fresh connection once it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+
+from cachesvc import journal as journal_module
+from cachesvc.envelope import Entry
+from cachesvc.journal import Journal, JournalUnavailable
+from cachesvc.metrics import Metrics
+from tests.servers import RedisServer
+
+
+def payload(value: bytes) -> bytes:
+    return Entry(value, "text/plain", 1, None, ()).encode()
+
+
+async def test_an_append_to_a_hung_journal_fails_at_its_deadline_and_the_next_works(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "CALL_TIMEOUT", 0.3)
+    stream = f"unit:journal:{uuid.uuid4().hex}"
+    journal = Journal(
+        redis_server.url,
+        stream,
+        max_pending=1000,
+        batch=100,
+        reclaim_after=30,
+        max_attempts=3,
+        metrics=Metrics(),
+        consumer="test",
+        volatile=True,
+    )
+    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
+    try:
+        first = await journal.append("k:1", payload(b"one"))  # creates the group: a task
+        together = [journal.append(f"k:{n}", payload(b"more")) for n in (2, 3)]
+        ids = await asyncio.gather(*together)  # one batch: one pipeline call
+        assert len(set(ids)) == 2 and first not in ids
+        accepted = int(raw.info("stats")["total_connections_received"])
+        redis_server.hang()
+        try:
+            started = time.monotonic()
+            with pytest.raises(JournalUnavailable, match=r"no answer within 0\.3 s"):
+                await journal.append("k:4", payload(b"lost"))
+            assert time.monotonic() - started < 2.0
+        finally:
+            redis_server.resume()
+        # The call given up closed its connection: the next append gets a fresh one and
+        # its own reply, not the late one of the append given up.
+        fifth = await journal.append("k:5", payload(b"five"))
+        assert int(raw.info("stats")["total_connections_received"]) > accepted
+        entries = raw.xrange(stream)
+        assert fifth == entries[-1][0]
+        assert [fields[b"k"] for _, fields in entries][:3] == [b"k:1", b"k:2", b"k:3"]
+    finally:
+        raw.close()
+        await journal.close()

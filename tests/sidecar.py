@@ -36,10 +36,13 @@ class Sidecar:
         *args: str,
         netns: str | None = None,
         address: str = "127.0.0.1",
+        cwd: Path | None = None,
     ) -> None:
         """``netns``: run it in that network namespace (``ip netns exec``), listening on
-        every address of it; ``address`` is where the tests reach it."""
+        every address of it; ``address`` is where the tests reach it. ``cwd``: run the
+        cachesvc of that checkout (``python -m`` imports from there first)."""
         self.args = args
+        self.cwd = cwd
         self.netns = netns
         self.port = free_port()
         self.url = f"http://{address}:{self.port}"
@@ -69,6 +72,7 @@ class Sidecar:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                cwd=self.cwd,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from bench import loadgen, proc, profile, run, soak, wrk
+from bench import ab, loadgen, proc, profile, run, soak, wrk
 from bench.proc import Webdis, webdis_config
 from bench.workload import Values, Workload, ZipfSampler
 from cachesvc.config import load_settings
@@ -647,3 +647,17 @@ def test_key_sets_shrink_to_the_fill_budget_with_large_values() -> None:
     assert large.keys * 1_000_000 <= run.FILL_BUDGET < (large.keys + 1) * 1_000_000
     assert large.path == l1.path and large.tier == l1.tier
     assert run.within_budget(l1, 100 * 1024 * 1024).keys == run.MIN_KEYS
+
+
+def test_ab_compares_two_checkouts_round_by_round(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.ab against this very checkout: both sidecars answer, write-behind drains, and
+    each round and the ratios are reported (what the numbers are is the machine's)."""
+    repo = Path(__file__).resolve().parents[2]
+    argv = [str(repo), "--scenario", "put-wb", "--rounds", "2", "--duration", "0.5"]
+    assert ab.main([*argv, "--rate", "200", "--connections", "8"]) == 0
+    out = capsys.readouterr().out
+    for turn, name in ((1, "this"), (1, "other"), (2, "this"), (2, "other")):
+        line = next(line for line in out.splitlines() if line.startswith(f"round {turn} {name}"))
+        assert line.endswith("errors 0"), line
+    assert "this/other CPU, fixed rate:" in out
+    assert "(rounds: " in out

@@ -55,7 +55,7 @@ from tiers.base import (
     unpack_payload,
 )
 from tiers.redis_clients import RedisClient, RedisTarget, create_client, parse_redis_url
-from tiers.resp import OPTIONS, ReplyError, RespClient, check_cert_reqs
+from tiers.resp import OPTIONS, RespClient, check_cert_reqs
 
 _OWN_OPTIONS = ("prefix",)
 _DEFAULT_PREFIX = "cachesvc:"
@@ -161,14 +161,19 @@ class RedisTier(Tier):
         client = self._started()
         chunks = self._script_calls(client, writes)
         with self.mapped_errors():
-            results = await self._run_scripts(client, chunks)
-            # (The lean client loads the script itself: see RespClient.run_script.)
-            unknown = [c for c, r in zip(chunks, results, strict=True) if _no_script(r)]
-            if unknown:  # a new or restarted server (or a promoted replica)
-                assert not isinstance(client, RespClient)
-                await client.script_load(_CONDITIONAL_SET)
-                results = [r for r in results if not _no_script(r)]
-                results += await self._run_scripts(client, unknown)
+            if isinstance(client, RespClient):
+                # Pipelined as they are made; a server without the script gets it from
+                # the call itself (RespClient.run_script).
+                results = await asyncio.gather(
+                    *(self.set_many_soon(chunk) for chunk in chunks), return_exceptions=True
+                )
+            else:
+                results = await self._run_scripts(client, chunks)
+                unknown = [c for c, r in zip(chunks, results, strict=True) if _no_script(r)]
+                if unknown:  # a new or restarted server (or a promoted replica)
+                    await client.script_load(_CONDITIONAL_SET)
+                    results = [r for r in results if not _no_script(r)]
+                    results += await self._run_scripts(client, unknown)
             for result in results:
                 if isinstance(result, Exception):
                     raise result
@@ -210,20 +215,10 @@ class RedisTier(Tier):
     # -- shared ----------------------------------------------------------------------------
 
     async def _run_scripts(
-        self, client: RedisClient | RespClient, chunks: Sequence[Sequence[TierWrite]]
+        self, client: RedisClient, chunks: Sequence[Sequence[TierWrite]]
     ) -> list[Any]:
-        """One script call per chunk; what each answered or raised."""
+        """One script call per chunk through redis-py; what each answered or raised."""
         calls = [self._script_arguments(chunk) for chunk in chunks]
-        if isinstance(client, RespClient):  # its calls are pipelined as they are made
-            return await asyncio.gather(
-                *(
-                    client.run_script(
-                        _CONDITIONAL_SET, _CONDITIONAL_SET_SHA, len(chunk), *arguments
-                    )
-                    for chunk, arguments in zip(chunks, calls, strict=True)
-                ),
-                return_exceptions=True,
-            )
         if len(calls) == 1:  # the common case: redis-py's pipeline machinery costs more
             try:
                 return [await client.evalsha(_CONDITIONAL_SET_SHA, len(chunks[0]), *calls[0])]
@@ -298,8 +293,6 @@ def _text(value: bytes | str) -> str:
 
 
 def _no_script(result: object) -> bool:
-    if isinstance(result, ReplyError):
-        return result.reply.startswith("NOSCRIPT")
     return isinstance(result, redis.exceptions.NoScriptError)
 
 

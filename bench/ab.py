@@ -37,9 +37,11 @@ from bench.stack import three_tier_config
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
 
-# scenario -> (method, query): every one reads or writes 256-byte values of 10,000 keys.
+# scenario -> (method, query): every one reads or writes 256-byte values of 10,000 keys,
+# on the three-tier sidecar but "get-memory", an L1 hit of the embedded default (memory://).
 SCENARIOS = {
     "get-l1": ("GET", ""),
+    "get-memory": ("GET", ""),
     "put-wt": ("PUT", "strategy=write-through"),
     "put-wb": ("PUT", "strategy=write-behind"),
 }
@@ -115,7 +117,9 @@ async def compare(other: Path, args: argparse.Namespace) -> None:
         sidecars = {
             name: stack.enter_context(
                 Sidecar(
-                    three_tier_config(
+                    None
+                    if args.scenario == "get-memory"
+                    else three_tier_config(
                         f"redis://127.0.0.1:{redis.port}/{db}", memcached.url, postgres.url
                     ),
                     cwd=tree,

@@ -4,7 +4,6 @@ and nothing else does."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,22 +11,12 @@ from redis.asyncio import Redis
 
 from cachesvc.envelope import Entry
 from cachesvc.journal import ERASE_SCAN_BATCH, GROUP, Journal
-from cachesvc.metrics import Metrics
+from tests.journals import make_journal
 
 
 @pytest.fixture
 async def journal(redis_url: str) -> AsyncIterator[Journal]:
-    journal = Journal(
-        redis_url,
-        f"gov:journal:{uuid.uuid4().hex}",
-        max_pending=100_000,
-        batch=100,
-        reclaim_after=30,
-        max_attempts=3,
-        metrics=Metrics(),
-        consumer="test",
-        volatile=True,
-    )
+    journal = make_journal(redis_url, "gov:journal")
     yield journal
     await journal.close()
 

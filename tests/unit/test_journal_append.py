@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 import redis
 
 from cachesvc import journal as journal_module
 from cachesvc.envelope import Entry
-from cachesvc.journal import Journal, JournalUnavailable
-from cachesvc.metrics import Metrics
+from cachesvc.journal import JournalUnavailable
+from tests.journals import make_journal
 from tests.servers import RedisServer
 
 
@@ -26,18 +25,8 @@ async def test_an_append_to_a_hung_journal_fails_at_its_deadline_and_the_next_wo
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(journal_module, "CALL_TIMEOUT", 0.3)
-    stream = f"unit:journal:{uuid.uuid4().hex}"
-    journal = Journal(
-        redis_server.url,
-        stream,
-        max_pending=1000,
-        batch=100,
-        reclaim_after=30,
-        max_attempts=3,
-        metrics=Metrics(),
-        consumer="test",
-        volatile=True,
-    )
+    journal = make_journal(redis_server.url, "unit:journal")
+    stream = journal.stream
     raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
     try:
         first = await journal.append("k:1", payload(b"one"))  # creates the group: a task

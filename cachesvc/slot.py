@@ -438,20 +438,9 @@ class TierSlot:
             raise
 
     def _get_batch(self, keys: list[str]) -> asyncio.Future[list[Payload | None]]:
-        """One ``get_many_soon`` of the tier, under the breaker and the deadline
-        (``Deadlines``): no task, no timer of its own. ``_got_batch`` makes the result."""
-        loop = self._running_loop()
-        if not self.breaker.allow():
-            return failed_future(self._refused(), loop)
+        """One ``get_many_soon`` of the tier (``_send``); ``_got_batch`` makes the result."""
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # one lookup per key
-        self.metrics.get_batch.observe(len(unique))
-        try:
-            found = self.tier.get_many_soon(unique)
-        except TierError as exc:  # raised before any I/O (a tier not started)
-            self._failed(exc)
-            return failed_future(exc, loop)
-        self._deadlines.watch(loop, found)
-        return found
+        return self._send(self.tier.get_many_soon, unique, self.metrics.get_batch)
 
     def _got_batch(
         self, keys: list[str], found: asyncio.Future[list[Payload | None]]
@@ -507,19 +496,25 @@ class TierSlot:
         self._set_done(batch, stored)
 
     def _set_batch(self, writes: list[TierWrite]) -> asyncio.Future[None]:
-        """One ``set_many`` of the tier, under the breaker and the deadline, like
-        ``_get_batch``; ``_set_done`` makes the result."""
+        """One ``set_many_soon`` of the tier (``_send``); ``_set_done`` makes the result."""
+        return self._send(self.tier.set_many_soon, writes, self.metrics.set_batch)
+
+    def _send(
+        self, call: Callable[[list[In]], asyncio.Future[T]], batch: list[In], sizes: Buckets
+    ) -> asyncio.Future[T]:
+        """``call(batch)``, a batch of the tier, under the breaker and the deadline
+        (``Deadlines``): no task, no timer of its own."""
         loop = self._running_loop()
         if not self.breaker.allow():
             return failed_future(self._refused(), loop)
-        self.metrics.set_batch.observe(len(writes))
+        sizes.observe(len(batch))
         try:
-            stored = self.tier.set_many_soon(writes)
+            sent = call(batch)
         except TierError as exc:  # raised before any I/O (a tier not started)
             self._failed(exc)
             return failed_future(exc, loop)
-        self._deadlines.watch(loop, stored)
-        return stored
+        self._deadlines.watch(loop, sent)
+        return sent
 
     def _set_done(self, writes: list[TierWrite], stored: asyncio.Future[None]) -> list[None]:
         self._outcome(stored, self.metrics.set_duration)

@@ -1,6 +1,6 @@
-"""The journal's appends against a real redis-server: sent as one pipeline call per batch
-(no task), bounded by the journal's deadline on a hung server, and working again on a
-fresh connection once it answers."""
+"""The journal's appends against a real redis-server: appends made together get their own
+entry ids, in order; an append to a hung server fails at the journal's deadline; the next
+one works on a fresh connection once the server answers."""
 
 from __future__ import annotations
 

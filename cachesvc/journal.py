@@ -138,10 +138,10 @@ class Journal:
         self._client = create_client(url, socket_timeout=CALL_TIMEOUT)
         # Appends, the write path's part, go to a single server through tiers/resp.py's
         # lean pipelined client (the Redis tier's); Sentinel and Cluster through redis-py.
-        self._appender: RespClient | None = None
         target = parse_redis_url(url)
-        if target.kind == "server":
-            self._appender = RespClient.for_server(target, "journal")
+        self._server = target if target.kind == "server" else None
+        # By whether it waits for replicas: see ``_appender``.
+        self._appenders: dict[bool, RespClient] = {}
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(
             self._append_batch, finish=self._appended
         )
@@ -262,8 +262,9 @@ class Journal:
         append costs no task; else as a task (the first append, Sentinel, Cluster).
         ``_appended`` makes the entry ids of the replies."""
         sent: asyncio.Future[list[Any]]
-        if self._group_ready and self._appender is not None:
-            sent = self._appender.pipeline(self._append_commands(items))
+        appender = self._appender()
+        if self._group_ready and appender is not None:
+            sent = appender.pipeline(self._append_commands(items))
         else:
             sent = asyncio.ensure_future(self._append_first(items))
         self._append_deadlines.watch(sent.get_loop(), sent)
@@ -280,8 +281,9 @@ class Journal:
 
     async def _append_first(self, items: list[tuple[str, bytes]]) -> list[Any]:
         await self._ensure_group()
-        if self._appender is not None:
-            return await self._appender.pipeline(self._append_commands(items))
+        appender = self._appender()
+        if appender is not None:
+            return await appender.pipeline(self._append_commands(items))
         async with self._client.pipeline(transaction=False) as pipe:
             for key, payload in items:
                 pipe.xadd(self.stream, {b"k": key.encode(), b"p": payload})
@@ -311,6 +313,23 @@ class Journal:
         except (*REDIS_ERRORS, TierError, JournalUnavailable) as exc:
             raise JournalUnavailable(f"journal did not record the write: {exc}") from exc
         return results
+
+    def _appender(self) -> RespClient | None:
+        """The lean client for appends (None: redis-py's, on Sentinel and Cluster).
+
+        The one a Redis tier on the same database uses too, so that a write-behind
+        write's top-tier write and append go to Redis in one request
+        (``RespClient.for_server``). While replicas must acknowledge the entries, one of
+        its own: a WAIT holds up its connection until they do, and reads must not queue
+        behind it."""
+        if self._server is None:
+            return None
+        waits = self.replicas > 0
+        appender = self._appenders.get(waits)
+        if appender is None:
+            appender = RespClient.for_server(self._server, shared=not waits)
+            self._appenders[waits] = appender
+        return appender
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -597,8 +616,8 @@ class Journal:
     async def close(self) -> None:
         await self._appends.close()
         self._append_deadlines.cancel()
-        if self._appender is not None:
-            await self._appender.aclose()
+        for appender in self._appenders.values():
+            await appender.aclose()
         await self._client.aclose()
 
 

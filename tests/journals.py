@@ -9,7 +9,9 @@ from cachesvc.journal import Journal
 from cachesvc.metrics import Metrics
 
 
-def make_journal(url: str, prefix: str, max_pending: int = 100_000) -> Journal:
+def make_journal(
+    url: str, prefix: str, max_pending: int = 100_000, replicas: int | None = None
+) -> Journal:
     return Journal(
         url,
         f"{prefix}:{uuid.uuid4().hex}",
@@ -20,4 +22,5 @@ def make_journal(url: str, prefix: str, max_pending: int = 100_000) -> Journal:
         metrics=Metrics(),
         consumer="test",
         volatile=True,
+        replicas=replicas,
     )

@@ -126,7 +126,7 @@ class RedisTier(Tier):
         # stop the sidecar from starting, and the tier works as soon as Redis is back.
         target = self._target
         if target.kind == "server":
-            self._client = RespClient.for_server(target, f"redis tier {self.name!r}")
+            self._client = RespClient.for_server(target)
         else:
             self._client = create_client(target)
 

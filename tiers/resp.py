@@ -9,6 +9,10 @@ retry wrapper); here a command is one ``hiredis.pack_command``, one ``transport.
 one future completed in ``data_received``. Sentinel and Cluster URLs keep redis-py, which
 follows failovers and slot maps (tiers/redis_clients.py).
 
+One client per URL is shared in a loop (``for_server``): the Redis tier and the
+write-behind journal on its database send a write's script call and append together, in
+one request.
+
 Options (``?name=value``): ``max_connections`` (the pool's bound, default 4: Redis runs one
 command at a time, so more connections than a few only add sockets),
 ``socket_connect_timeout`` (seconds, default 1), ``client_name`` (CLIENT SETNAME), and for
@@ -55,6 +59,8 @@ OPTIONS = frozenset(
 )
 _DEFAULT_POOL_SIZE = 4
 _DEFAULT_CONNECT_TIMEOUT = 1.0
+# The clients of ``for_server``, by URL.
+_SHARED: dict[str, RespClient] = {}
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 Arg = bytes | str | int | float
@@ -169,6 +175,8 @@ class RespClient:
         """``options``: redis-py's ``parse_url`` of the URL (``db``, ``username``,
         ``password`` and those of ``OPTIONS``)."""
         self._setup: list[tuple[str, ...]] = []
+        self.shared_as: str | None = None  # the URL it is shared under (``for_server``)
+        self.shares = 0
         if options.get("password") is not None:
             user = options.get("username")
             self._setup.append(
@@ -189,11 +197,27 @@ class RespClient:
         )
 
     @classmethod
-    def for_server(cls, target: RedisTarget, what: str) -> RespClient:
-        """A client for the single server ``target`` (a ``redis://`` or ``rediss://`` URL,
-        parsed) names, its options and credentials included; ``what`` names it in errors."""
+    def for_server(cls, target: RedisTarget, *, shared: bool = True) -> RespClient:
+        """A client for the single server ``target`` names (a ``redis://`` or
+        ``rediss://`` URL, parsed), its options and credentials included. Called in the
+        loop that uses it.
+
+        ``shared``: everyone in that loop asking for the same URL gets one client, so one
+        pool of connections, and the calls of its users that go out together
+        (``pipeline``, ``run_script``) go in one request: the Redis tier's write and the
+        write-behind journal's append of the same write. Each ``aclose`` gives back one
+        share; the last closes the connections."""
         host, port = target.nodes[0]
-        return cls(f"{what} ({host}:{port})", (host, port), dict(parse_url(target.url)))
+        if not shared:
+            return cls(f"redis {host}:{port}", (host, port), dict(parse_url(target.url)))
+        loop = asyncio.get_running_loop()
+        client = _SHARED.get(target.url)
+        if client is None or client.pool.loop is not loop:  # (or one of a loop that ended)
+            client = cls(f"redis {host}:{port}", (host, port), dict(parse_url(target.url)))
+            client.shared_as = target.url
+            _SHARED[target.url] = client
+        client.shares += 1
+        return client
 
     def command(self, *args: Arg, convert: Callable[[Any], _T] | None = None) -> Call[_T]:
         """Send ``args``; the call's result is ``convert(reply)`` (the reply without)."""
@@ -205,7 +229,7 @@ class RespClient:
         counts the writes before it): a call of their replies."""
         pool = self.pool
         request = b"".join(hiredis.pack_command(cast(Any, tuple(c))) for c in commands)
-        return pool.submit(_Pipeline(pool.loop, request, len(commands)))
+        return pool.submit_gathered(_Pipeline(pool.loop, request, len(commands)))
 
     def mget(self, keys: Sequence[str]) -> Call[list[bytes | None]]:
         return self.command("MGET", *keys)
@@ -214,7 +238,7 @@ class RespClient:
         """EVALSHA ``sha`` (the SHA-1 of ``script``), falling back to EVAL of ``script``
         where the server does not hold it: see ``_Script``."""
         pool = self.pool
-        return pool.submit(_Script(pool.loop, script, sha, (numkeys, *args)))
+        return pool.submit_gathered(_Script(pool.loop, script, sha, (numkeys, *args)))
 
     def eval(self, script: str | bytes, numkeys: int, *args: Arg) -> Call[Any]:
         return self.command("EVAL", script, numkeys, *args)
@@ -226,6 +250,13 @@ class RespClient:
         return self.command("HGETALL", key, convert=_pairs)
 
     async def aclose(self) -> None:
+        """Close it, or give back one share of a shared one (``for_server``)."""
+        if self.shared_as is not None:
+            self.shares -= 1
+            if self.shares > 0:
+                return
+            if _SHARED.get(self.shared_as) is self:
+                del _SHARED[self.shared_as]
         self.pool.close()
 
     async def _handshake(self, conn: Connection) -> None:

@@ -1,11 +1,14 @@
 """The journal's appends against a real redis-server: appends made together get their own
 entry ids, in order; an append to a hung server fails at the journal's deadline; the next
-one works on a fresh connection once the server answers."""
+one works on a fresh connection once the server answers. On the Redis tier's database, a
+write's top-tier write and append reach Redis in one request, except while appends wait
+for replicas, which then never hold up the tier's calls."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -13,12 +16,25 @@ import redis
 from cachesvc import journal as journal_module
 from cachesvc.envelope import Entry
 from cachesvc.journal import JournalUnavailable
+from cachesvc.metrics import Metrics
+from cachesvc.slot import TierSlot
 from tests.journals import make_journal
 from tests.servers import RedisServer
+from tiers.base import TierWrite
+from tiers.redis import RedisTier
+
+V = 1_700_000_000_000_000
 
 
 def payload(value: bytes) -> bytes:
     return Entry(value, "text/plain", 1, None, ()).encode()
+
+
+def top_slot(tier: RedisTier) -> TierSlot:
+    """The engine's hold on its top tier: writes made in one turn go as one batch."""
+    return TierSlot(
+        tier, timeout=5, breaker_failures=3, breaker_reset=1, metrics=Metrics().for_tier("l1")
+    )
 
 
 async def test_an_append_to_a_hung_journal_fails_at_its_deadline_and_the_next_works(
@@ -52,3 +68,66 @@ async def test_an_append_to_a_hung_journal_fails_at_its_deadline_and_the_next_wo
     finally:
         raw.close()
         await journal.close()
+
+
+async def test_a_writes_top_tier_write_and_append_reach_redis_in_one_request(
+    redis_server: RedisServer,
+) -> None:
+    """What the engine does for a write-behind write, in one turn: the top tier's write
+    and the journal append. On the tier's own database (the journal's default) they share
+    connections and go as one request: Redis reads them once."""
+    tier = RedisTier("l1", urlsplit(redis_server.url), 60)
+    await tier.start()
+    slot = top_slot(tier)
+    journal = make_journal(redis_server.url, "unit:journal")
+    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
+    try:
+        # The first of each opens the connection and creates the stream's group.
+        await asyncio.gather(
+            slot.set(TierWrite("k", b"one", V, 60)), journal.append("k", payload(b"one"))
+        )
+        raw.config_resetstat()
+        _, entry_id = await asyncio.gather(
+            slot.set(TierWrite("k", b"two", V + 1, 60)), journal.append("k", payload(b"two"))
+        )
+        # The write's request, then the INFO asking: two reads (three with two requests).
+        assert int(raw.info("stats")["total_reads_processed"]) == 2
+        assert await tier.get_many(["k"]) == [b"two"]
+        assert raw.xrange(journal.stream)[-1][0] == entry_id
+    finally:
+        raw.close()
+        await journal.close()
+        await tier.close()
+
+
+async def test_appends_waiting_for_replicas_never_hold_up_the_tiers_reads(
+    redis_server: RedisServer,
+) -> None:
+    """A journal whose entries replicas must take sends WAIT after its appends, which
+    holds up its connection until they answer: here never (no replica), so the append
+    fails after WAIT's second. Its appends keep connections of their own, so a read of
+    the tier, on one connection to the same database, is answered meanwhile."""
+    url = redis_server.url + "?max_connections=1"
+    tier = RedisTier("l1", urlsplit(url), 60)
+    await tier.start()
+    journal = make_journal(url, "unit:journal", replicas=1)
+    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
+    try:
+        await tier.set_many([TierWrite("k", b"one", V, 60)])
+        append = journal.append("k", payload(b"one"))
+
+        def waiting() -> bool:
+            return any(c["cmd"] == "wait" and "b" in c["flags"] for c in raw.client_list())
+
+        deadline = time.monotonic() + 5
+        while not waiting():
+            assert time.monotonic() < deadline, "the append's WAIT never reached Redis"
+            await asyncio.sleep(0.01)
+        assert await tier.get_many(["k"]) == [b"one"]
+        assert waiting()  # answered while the WAIT still holds its connection
+        with pytest.raises(JournalUnavailable, match="0 of the 1 replicas"):
+            await append
+    finally:
+        raw.close()
+        await journal.close()
+        await tier.close()

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import loadgen, proc
-from bench.run import pinned, wait_journal_drained
+from bench.run import FILL_BUDGET, MIN_KEYS, pinned, wait_journal_drained
 from bench.stack import three_tier_config
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
 
-# scenario -> (method, query): every one reads or writes 256-byte values of 10,000 keys,
-# on the three-tier sidecar but "get-memory", an L1 hit of the embedded default (memory://).
+# scenario -> (method, query): every one reads or writes values of --value-size bytes (256
+# by default) of 10,000 keys (fewer for large values: FILL_BUDGET bytes in all), on the
+# three-tier sidecar but "get-memory", an L1 hit of the embedded default (memory://).
 SCENARIOS = {
     "get-l1": ("GET", ""),
     "get-memory": ("GET", ""),
@@ -46,7 +47,6 @@ SCENARIOS = {
     "put-wb": ("PUT", "strategy=write-behind"),
 }
 KEYS = 10_000
-VALUE = b"v" * 256
 
 
 @dataclass
@@ -63,9 +63,9 @@ async def measure(
     method, query = SCENARIOS[scenario]
     requests = loadgen.key_requests(
         f"{sidecar.url}/v1/cache/{name}:",
-        KEYS,
+        keys_for(args.value_size),
         method,
-        VALUE if method == "PUT" else None,
+        b"v" * args.value_size if method == "PUT" else None,
         query,
         offset=turn * 997,  # each round from another key on
     )
@@ -91,6 +91,10 @@ async def measure(
     finally:
         pool.close()
     return Round(busy.rps, busy_cpu, steady_cpu, busy.errors + steady.errors)
+
+
+def keys_for(value_size: int) -> int:
+    return max(MIN_KEYS, min(KEYS, FILL_BUDGET // value_size))
 
 
 def report(name: str, rounds: Sequence[Round]) -> str:
@@ -130,9 +134,10 @@ async def compare(other: Path, args: argparse.Namespace) -> None:
         for sidecar in sidecars.values():
             pin(sidecar.pid)
         if SCENARIOS[args.scenario][0] == "GET":  # every key there to be read
+            keys, value = keys_for(args.value_size), b"v" * args.value_size
             for name, sidecar in sidecars.items():
-                fill = loadgen.key_requests(f"{sidecar.url}/v1/cache/{name}:", KEYS, "PUT", VALUE)
-                await loadgen.closed_loop("127.0.0.1", sidecar.port, fill, 32, total=KEYS)
+                fill = loadgen.key_requests(f"{sidecar.url}/v1/cache/{name}:", keys, "PUT", value)
+                await loadgen.closed_loop("127.0.0.1", sidecar.port, fill, 32, total=keys)
         rounds: dict[str, list[Round]] = {"this": [], "other": []}
         for turn in range(args.rounds):
             order = ("this", "other") if turn % 2 == 0 else ("other", "this")
@@ -165,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per loop")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rate", type=float, default=2000.0, help="open-loop requests/s")
+    parser.add_argument("--value-size", type=int, default=256, help="bytes per value")
     args = parser.parse_args(argv)
     if not (args.other / "cachesvc" / "__main__.py").exists():
         parser.error(f"{args.other} is not a checkout of cachesvc")

@@ -63,6 +63,7 @@ from cachesvc.logs import CURRENT_REQUEST, RequestContext
 from cachesvc.metrics import Metrics
 from cachesvc.namespaces import Namespace, build_ciphers, build_namespaces
 from invalidation.events import DEFAULT_NAMESPACE, InvalidationEvent, MalformedEvent, parse_event
+from tiers.base import Payload
 
 log = logging.getLogger(__name__)
 ACCESS_LOG = logging.getLogger("cachesvc.access")  # [server].access_log: a line a request
@@ -92,7 +93,7 @@ _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[\x20-\x7e\t]*)?")
 class Reply(NamedTuple):
     status: int
     headers: dict[str, str]
-    body: bytes = b""
+    body: Payload = b""  # a large value: a view of the payload it was read from
 
 
 def json_reply(status: int, document: Any, headers: Mapping[str, str] | None = None) -> Reply:

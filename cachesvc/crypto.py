@@ -42,6 +42,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cachesvc.envelope import Entry
+from tiers.base import Payload
 
 FORMAT = 1
 KEY_BYTES = 32  # AES-256
@@ -152,7 +153,7 @@ class Cipher:
         self.seals[self.key_ids[0]] += 1
         return self._header + nonce + sealed
 
-    def open(self, namespace: str, key: str, sealed: bytes) -> bytes | None:
+    def open(self, namespace: str, key: str, sealed: Payload) -> bytes | None:
         """The plaintext of a value ``seal`` made for ``namespace`` and ``key``; None when
         it is not one (another format, a key no longer listed, altered, or sealed for
         another key or namespace)."""
@@ -166,13 +167,13 @@ class Cipher:
             return aead.decrypt(
                 nonce,
                 sealed[header_length + NONCE_BYTES :],
-                _bound(sealed[:header_length], namespace, key),
+                _bound(bytes(sealed[:header_length]), namespace, key),
             )
         except InvalidTag:
             return None
 
 
-def sealed_key_id(sealed: bytes) -> str | None:
+def sealed_key_id(sealed: Payload) -> str | None:
     """The id of the key that sealed ``sealed``, or None when it is not a sealed value of a
     known format (for instance to count the values still held under a retiring key)."""
     if len(sealed) < 2 or sealed[0] != FORMAT:
@@ -181,7 +182,7 @@ def sealed_key_id(sealed: bytes) -> str | None:
     if len(sealed) < header_length + NONCE_BYTES + TAG_BYTES:
         return None
     try:
-        return sealed[2:header_length].decode("ascii")
+        return bytes(sealed[2:header_length]).decode("ascii")
     except UnicodeDecodeError:
         return None
 

@@ -48,6 +48,7 @@ from cachesvc.errors import (
     ServiceError,
     UriTooLong,
 )
+from tiers.base import Payload
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class FrontDoor(asyncio.Protocol):
         self.last_active = 0.0  # loop time
         # Answers made at once (an in-process hit), written on the loop's next turn: see
         # _answer. The transport closes after them when close_after_unsent.
-        self.unsent: list[bytes] = []
+        self.unsent: list[Payload] = []
         self.close_after_unsent = False
         self._timer: asyncio.TimerHandle | None = None
         # Per head: the target and fields as llhttp passes them.

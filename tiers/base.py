@@ -60,6 +60,9 @@ class Marker(NamedTuple):
 # A payload as a tier hands it out: bytes, or a view of the reply it arrived in, so that a
 # large value is not copied (and a megabyte allocated) to strip the version header.
 Payload: TypeAlias = bytes | memoryview
+# Past this size a payload, and the value in it, is handed on as a view of what holds it
+# rather than copied; below it, making the view costs more than the copy it saves.
+VIEWED_SIZE = 64 * 1024
 
 
 class TierWrite(NamedTuple):

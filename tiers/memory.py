@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from urllib.parse import SplitResult
 
-from tiers.base import Marker, Payload, Tier, TierWrite, url_options
+from tiers.base import VIEWED_SIZE, Marker, Payload, Tier, TierWrite, url_options
 
 _OPTIONS: dict[str, type] = {"max_items": int, "max_bytes": int}
 
@@ -205,7 +205,11 @@ class MemoryTier(Tier):
                         break
                 else:
                     marks[i] = tick
-                    found.append(entry[len(live) + _TAIL_TO_PAYLOAD :] or None)
+                    start = len(live) + _TAIL_TO_PAYLOAD
+                    if len(entry) - start > VIEWED_SIZE:  # (the entry's bytes never change)
+                        found.append(memoryview(entry)[start:])
+                    else:
+                        found.append(entry[start:] or None)
             else:
                 found.append(None)
         return found

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 
+import msgpack
 import pytest
 from redis.asyncio import Redis
 
@@ -154,6 +156,30 @@ async def test_bulk_through_three_tiers(
     assert {entry["tier"] for entry in body["entries"]} == {"l3"}
     response = await three_tier.post("/v1/bulk/get", json={"keys": ["b0", "b49"]})
     assert {entry["tier"] for entry in (await response.json())["entries"]} == {"l1"}
+
+
+async def test_a_large_value_comes_back_whole_from_each_tier(
+    three_tier: Client, clean_redis_url: str, clean_memcached_url: str
+) -> None:
+    """A value past ``tiers.base.VIEWED_SIZE`` goes from the tier's reply to the answer as
+    a view of it, not a copy: from each tier, alone and in bulk (JSON and msgpack)."""
+    value = os.urandom(300 * 1024)
+    assert (await three_tier.put(path("big"), data=value)).status == 204
+    assert await served_by(three_tier, "big") == ("l1", value)
+    response = await three_tier.post("/v1/bulk/get", json={"keys": ["big"]})
+    (entry,) = (await response.json())["entries"]
+    assert (entry["tier"], base64.b64decode(entry["value_base64"])) == ("l1", value)
+    response = await three_tier.post(
+        "/v1/bulk/get",
+        data=msgpack.packb({"keys": ["big"]}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert msgpack.unpackb(await response.read())["entries"][0]["value"] == value
+    flush_redis(clean_redis_url)
+    assert await served_by(three_tier, "big") == ("l2", value)
+    flush_redis(clean_redis_url)
+    flush_memcached(clean_memcached_url)
+    assert await served_by(three_tier, "big") == ("l3", value)
 
 
 async def test_readiness_names_every_tier(three_tier: Client) -> None:

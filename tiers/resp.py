@@ -19,7 +19,8 @@ command at a time, so more connections than a few only add sockets),
 ``rediss://`` ``ssl_cert_reqs`` (``none``, ``optional`` or ``required``, the default),
 ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``. A call waits
 as long as its caller lets it: the engine bounds every tier call with the tier's
-``timeout``, and a call given up closes its connection.
+``timeout``. A call given up retires its connection: the calls sent with it get their
+replies there, and no new call goes on it.
 
 Exceptions: tiers/pipelined.py's (``TierUnavailable``, ``TierTimeout``, ``BadReply``), and
 ``ReplyError`` (a ``TierError``) for an error reply (WRONGTYPE, NOSCRIPT, OOM, ...),
@@ -194,6 +195,10 @@ class RespClient:
             connect_timeout=float(options.get("socket_connect_timeout", _DEFAULT_CONNECT_TIMEOUT)),
             ssl_context=_ssl_context(options) if "connection_class" in options else None,
             handshake=self._handshake if self._setup else None,
+            # One thread runs every connection's commands: a call given up (the tier's
+            # deadline) leaves the others sent with it, the journal's appends among them,
+            # to their replies rather than sending them again.
+            keeps_calls_given_up_on=True,
         )
 
     @classmethod
@@ -212,8 +217,9 @@ class RespClient:
             return cls(f"redis {host}:{port}", (host, port), dict(parse_url(target.url)))
         loop = asyncio.get_running_loop()
         client = _SHARED.get(target.url)
-        if client is None or client.pool.loop is not loop:  # (or one of a loop that ended)
+        if client is None or client.pool.bound_loop is not loop:  # (or one of a loop that ended)
             client = cls(f"redis {host}:{port}", (host, port), dict(parse_url(target.url)))
+            client.pool.bound_loop = loop
             client.shared_as = target.url
             _SHARED[target.url] = client
         client.shares += 1

@@ -131,3 +131,35 @@ async def test_appends_waiting_for_replicas_never_hold_up_the_tiers_reads(
         raw.close()
         await journal.close()
         await tier.close()
+
+
+async def test_a_tier_call_given_up_leaves_the_append_sent_with_it_to_its_reply(
+    redis_server: RedisServer,
+) -> None:
+    """The tier's deadline gives up a call on the connection the journal's appends share:
+    an append sent with it gets its reply there, neither failed nor sent again on a fresh
+    connection (where it could run twice)."""
+    url = redis_server.url + "?max_connections=1"
+    tier = RedisTier("l1", urlsplit(url), 60)
+    await tier.start()
+    journal = make_journal(url, "unit:journal")
+    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
+    try:
+        first = await journal.append("k", payload(b"one"))  # the group and the connection
+        accepted = int(raw.info("stats")["total_connections_received"])
+        redis_server.hang()
+        try:
+            read = tier.get_many_soon(["k"])
+            append = journal.append("k", payload(b"two"))
+            for _ in range(3):  # the append's batch, then its write: a loop turn each
+                await asyncio.sleep(0)
+            read.cancel()  # as the tier's deadline does
+        finally:
+            redis_server.resume()
+        second = await append
+        assert int(raw.info("stats")["total_connections_received"]) == accepted
+        assert [entry_id for entry_id, _ in raw.xrange(journal.stream)] == [first, second]
+    finally:
+        raw.close()
+        await journal.close()
+        await tier.close()

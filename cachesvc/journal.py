@@ -142,6 +142,7 @@ class Journal:
         self._server = target if target.kind == "server" else None
         # By whether it waits for replicas: see ``_appender``.
         self._appenders: dict[bool, RespClient] = {}
+        self._closed = False
         self._appends: Batcher[tuple[str, bytes], bytes] = Batcher(
             self._append_batch, finish=self._appended
         )
@@ -322,7 +323,7 @@ class Journal:
         (``RespClient.for_server``). While replicas must acknowledge the entries, one of
         its own: a WAIT holds up its connection until they do, and reads must not queue
         behind it."""
-        if self._server is None:
+        if self._server is None or self._closed:
             return None
         waits = self.replicas > 0
         appender = self._appenders.get(waits)
@@ -616,7 +617,9 @@ class Journal:
     async def close(self) -> None:
         await self._appends.close()
         self._append_deadlines.cancel()
-        for appender in self._appenders.values():
+        self._closed = True  # no appender is made after this: its share would stay taken
+        appenders, self._appenders = self._appenders, {}
+        for appender in appenders.values():
             await appender.aclose()
         await self._client.aclose()
 

@@ -174,7 +174,7 @@ class MemoryTier(Tier):
             if entry is None:
                 return None
         self._marks[i] = self._tick
-        return entry[len(live) + _TAIL_TO_PAYLOAD :] or None  # a tombstone ends there
+        return _payload(entry, len(live) + _TAIL_TO_PAYLOAD)
 
     async def get_many(self, keys: Sequence[str]) -> list[Payload | None]:
         tail = _live_after(0xFF, time.monotonic() - self._started, 0xFF)
@@ -205,11 +205,7 @@ class MemoryTier(Tier):
                         break
                 else:
                     marks[i] = tick
-                    start = len(live) + _TAIL_TO_PAYLOAD
-                    if len(entry) - start > VIEWED_SIZE:  # (the entry's bytes never change)
-                        found.append(memoryview(entry)[start:])
-                    else:
-                        found.append(entry[start:] or None)
+                    found.append(_payload(entry, len(live) + _TAIL_TO_PAYLOAD))
             else:
                 found.append(None)
         return found
@@ -346,3 +342,11 @@ class MemoryTier(Tier):
             self._oldest = oldest
             self._hand = i
             self._remove(i)
+
+
+def _payload(entry: bytes, start: int) -> Payload | None:
+    """The payload ``entry`` holds from ``start``: past ``VIEWED_SIZE`` a view of it (an
+    entry's bytes never change), else a copy; None for a tombstone (it ends there)."""
+    if len(entry) - start > VIEWED_SIZE:
+        return memoryview(entry)[start:]
+    return entry[start:] or None

@@ -27,6 +27,7 @@ from cachesvc.config import (
     Settings,
     load_settings,
 )
+from cachesvc.heap import keep_for_reuse
 from cachesvc.metrics import package_version
 
 if TYPE_CHECKING:
@@ -356,6 +357,7 @@ def serve_worker(settings: Settings, worker: int) -> int:
     """One event loop serving the app; returns 0 after a graceful SIGTERM/SIGINT."""
     if worker:
         configure_logging(settings)
+    keep_for_reuse()
     loop = _new_event_loop()
     # Handled by the loop from the start: a stop that arrives while the service starts
     # (a worker still connecting to its tiers) waits for the start, then stops it cleanly.

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -51,6 +50,7 @@ from typing import Any, NamedTuple, TypeVar
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cachesvc.envelope import Entry, decode_envelope
+from cachesvc.heap import release_free_memory
 from cachesvc.metrics import Metrics
 from cachesvc.slot import Batcher, Deadlines, failed_future
 from invalidation.base import Backoff
@@ -381,7 +381,7 @@ class Journal:
                         records = new or []
                     if not records and flushed and now - last_trim > TRIM_INTERVAL:
                         flushed, last_trim = False, now
-                        _release_free_memory()
+                        release_free_memory()
             except REDIS_ERRORS as exc:
                 if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
                     self._group_ready = False  # created again on the next round
@@ -638,29 +638,6 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> asyncio.Fu
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await doing
     return None if doing.cancelled() else doing
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to give back this way
-        return None
-    return trim
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def _release_free_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``).
-
-    A burst of write-behind writes holds many payloads of a few KiB at once (requests,
-    journal batches, the overlay); once applied they are freed, but glibc keeps the pages
-    of its heap that live objects are scattered over, so the process stays at its peak
-    size (16 KiB bodies at 256 connections: 73 MiB before, 560 MiB after the journal
-    drained, 90 MiB after a trim). Called when the flusher goes idle after flushing."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _tagged(payload: bytes | None, tags: set[str]) -> bool:

@@ -7,7 +7,9 @@ for replicas, which then never hold up the tier's calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -15,7 +17,7 @@ import redis
 
 from cachesvc import journal as journal_module
 from cachesvc.envelope import Entry
-from cachesvc.journal import JournalUnavailable
+from cachesvc.journal import Journal, JournalUnavailable
 from cachesvc.metrics import Metrics
 from cachesvc.slot import TierSlot
 from tests.journals import make_journal
@@ -28,6 +30,23 @@ V = 1_700_000_000_000_000
 
 def payload(value: bytes) -> bytes:
     return Entry(value, "text/plain", 1, None, ()).encode()
+
+
+@contextlib.asynccontextmanager
+async def tier_and_journal(
+    url: str, replicas: int | None = None
+) -> AsyncIterator[tuple[RedisTier, Journal, redis.Redis]]:
+    """A Redis tier and a journal on the database ``url`` names, and a client to look."""
+    tier = RedisTier("l1", urlsplit(url), 60)
+    await tier.start()
+    journal = make_journal(url, "unit:journal", replicas=replicas)
+    raw = redis.Redis("127.0.0.1", urlsplit(url).port or 6379, socket_timeout=2)
+    try:
+        yield tier, journal, raw
+    finally:
+        raw.close()
+        await journal.close()
+        await tier.close()
 
 
 def top_slot(tier: RedisTier) -> TierSlot:
@@ -76,12 +95,8 @@ async def test_a_writes_top_tier_write_and_append_reach_redis_in_one_request(
     """What the engine does for a write-behind write, in one turn: the top tier's write
     and the journal append. On the tier's own database (the journal's default) they share
     connections and go as one request: Redis reads them once."""
-    tier = RedisTier("l1", urlsplit(redis_server.url), 60)
-    await tier.start()
-    slot = top_slot(tier)
-    journal = make_journal(redis_server.url, "unit:journal")
-    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
-    try:
+    async with tier_and_journal(redis_server.url) as (tier, journal, raw):
+        slot = top_slot(tier)
         # The first of each opens the connection and creates the stream's group.
         await asyncio.gather(
             slot.set(TierWrite("k", b"one", V, 60)), journal.append("k", payload(b"one"))
@@ -94,10 +109,6 @@ async def test_a_writes_top_tier_write_and_append_reach_redis_in_one_request(
         assert int(raw.info("stats")["total_reads_processed"]) == 2
         assert await tier.get_many(["k"]) == [b"two"]
         assert raw.xrange(journal.stream)[-1][0] == entry_id
-    finally:
-        raw.close()
-        await journal.close()
-        await tier.close()
 
 
 async def test_appends_waiting_for_replicas_never_hold_up_the_tiers_reads(
@@ -108,11 +119,7 @@ async def test_appends_waiting_for_replicas_never_hold_up_the_tiers_reads(
     fails after WAIT's second. Its appends keep connections of their own, so a read of
     the tier, on one connection to the same database, is answered meanwhile."""
     url = redis_server.url + "?max_connections=1"
-    tier = RedisTier("l1", urlsplit(url), 60)
-    await tier.start()
-    journal = make_journal(url, "unit:journal", replicas=1)
-    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
-    try:
+    async with tier_and_journal(url, replicas=1) as (tier, journal, raw):
         await tier.set_many([TierWrite("k", b"one", V, 60)])
         append = journal.append("k", payload(b"one"))
 
@@ -127,10 +134,6 @@ async def test_appends_waiting_for_replicas_never_hold_up_the_tiers_reads(
         assert waiting()  # answered while the WAIT still holds its connection
         with pytest.raises(JournalUnavailable, match="0 of the 1 replicas"):
             await append
-    finally:
-        raw.close()
-        await journal.close()
-        await tier.close()
 
 
 async def test_a_tier_call_given_up_leaves_the_append_sent_with_it_to_its_reply(
@@ -140,11 +143,7 @@ async def test_a_tier_call_given_up_leaves_the_append_sent_with_it_to_its_reply(
     an append sent with it gets its reply there, neither failed nor sent again on a fresh
     connection (where it could run twice)."""
     url = redis_server.url + "?max_connections=1"
-    tier = RedisTier("l1", urlsplit(url), 60)
-    await tier.start()
-    journal = make_journal(url, "unit:journal")
-    raw = redis.Redis("127.0.0.1", redis_server.port, socket_timeout=2)
-    try:
+    async with tier_and_journal(url) as (tier, journal, raw):
         first = await journal.append("k", payload(b"one"))  # the group and the connection
         accepted = int(raw.info("stats")["total_connections_received"])
         redis_server.hang()
@@ -159,7 +158,3 @@ async def test_a_tier_call_given_up_leaves_the_append_sent_with_it_to_its_reply(
         second = await append
         assert int(raw.info("stats")["total_connections_received"]) == accepted
         assert [entry_id for entry_id, _ in raw.xrange(journal.stream)] == [first, second]
-    finally:
-        raw.close()
-        await journal.close()
-        await tier.close()

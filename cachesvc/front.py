@@ -380,17 +380,14 @@ class FrontDoor(asyncio.Protocol):
             return
         close = not request.keep_alive or (self.closing and not self.waiting)
         head = encode_head(reply, close, request.http_1_0 and request.keep_alive)
+        body = reply.body
+        parts = (head, body) if len(body) > LARGE_BODY else (head + body,)
         if soon or self.unsent:  # (behind answers not written yet: in order)
             if not self.unsent:
                 self.edge.loop.call_soon(self._send_unsent)
-            if len(reply.body) > LARGE_BODY:
-                self.unsent += (head, reply.body)
-            else:
-                self.unsent.append(head + reply.body)
-        elif len(reply.body) > LARGE_BODY:
-            transport.writelines((head, reply.body))
+            self.unsent += parts
         else:
-            transport.write(head + reply.body)
+            transport.writelines(parts)
         self.last_active = self.edge.loop.time()
         if close:
             self.waiting.clear()

@@ -218,7 +218,7 @@ class RespClient:
         loop = asyncio.get_running_loop()
         client = _SHARED.get(target.url)
         if client is None or client.pool.bound_loop is not loop:  # (or one of a loop that ended)
-            client = cls(f"redis {host}:{port}", (host, port), dict(parse_url(target.url)))
+            client = cls.for_server(target, shared=False)
             client.pool.bound_loop = loop
             client.shared_as = target.url
             _SHARED[target.url] = client

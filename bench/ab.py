@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import loadgen, proc
-from bench.run import FILL_BUDGET, MIN_KEYS, pinned, wait_journal_drained
+from bench.run import keys_within_budget, pinned, wait_journal_drained
 from bench.stack import three_tier_config
 from tests.servers import MemcachedServer, PostgresServer, RedisServer
 from tests.sidecar import Sidecar
@@ -63,7 +63,7 @@ async def measure(
     method, query = SCENARIOS[scenario]
     requests = loadgen.key_requests(
         f"{sidecar.url}/v1/cache/{name}:",
-        keys_for(args.value_size),
+        keys_within_budget(KEYS, args.value_size),
         method,
         b"v" * args.value_size if method == "PUT" else None,
         query,
@@ -91,10 +91,6 @@ async def measure(
     finally:
         pool.close()
     return Round(busy.rps, busy_cpu, steady_cpu, busy.errors + steady.errors)
-
-
-def keys_for(value_size: int) -> int:
-    return max(MIN_KEYS, min(KEYS, FILL_BUDGET // value_size))
 
 
 def report(name: str, rounds: Sequence[Round]) -> str:
@@ -134,7 +130,7 @@ async def compare(other: Path, args: argparse.Namespace) -> None:
         for sidecar in sidecars.values():
             pin(sidecar.pid)
         if SCENARIOS[args.scenario][0] == "GET":  # every key there to be read
-            keys, value = keys_for(args.value_size), b"v" * args.value_size
+            keys, value = keys_within_budget(KEYS, args.value_size), b"v" * args.value_size
             for name, sidecar in sidecars.items():
                 fill = loadgen.key_requests(f"{sidecar.url}/v1/cache/{name}:", keys, "PUT", value)
                 await loadgen.closed_loop("127.0.0.1", sidecar.port, fill, 32, total=keys)

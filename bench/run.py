@@ -150,9 +150,14 @@ FILL_BUDGET = 256 * 1024 * 1024
 MIN_KEYS = 64
 
 
+def keys_within_budget(keys: int, value_size: int) -> int:
+    """At most ``keys``, and as many as ``FILL_BUDGET`` holds at ``value_size``."""
+    return max(MIN_KEYS, min(keys, FILL_BUDGET // max(1, value_size)))
+
+
 def within_budget(scenario: Scenario, value_size: int) -> Scenario:
     """``scenario`` with as many keys as ``FILL_BUDGET`` holds at ``value_size``."""
-    keys = max(MIN_KEYS, min(scenario.keys, FILL_BUDGET // max(1, value_size)))
+    keys = keys_within_budget(scenario.keys, value_size)
     return dataclasses.replace(scenario, keys=keys) if keys != scenario.keys else scenario
 
 

@@ -17,9 +17,7 @@ Failures:
 
 - a call cancelled before its reply came (its caller gave up: the engine's deadline)
   closes its connection at once. A server that does not answer one call would hold up
-  every call pipelined behind it; those are tried again on a fresh connection. Unless the
-  client keeps them (``keeps_calls_given_up_on``, Redis'): then they wait for their
-  replies there, and the connection takes no new call and closes once they are done;
+  every call pipelined behind it; those are tried again on a fresh connection;
 - a reply that is not the protocol's fails the call it was for and closes the connection:
   it never serves a later call with the rest of an earlier reply;
 - when the server closes a connection, every connection opened until then stops taking
@@ -101,7 +99,9 @@ class Call(asyncio.Future[_T]):
         if not super().cancel(msg):
             return False
         if self.connection is not None:
-            self.connection.given_up()
+            self.connection.abort(
+                ConnectionLost(f"{self.connection.client.where}: a call on it was cancelled")
+            )
         return True
 
 
@@ -170,14 +170,6 @@ class Connection(asyncio.Protocol):
         if not self.pending:
             self.close()
 
-    def given_up(self) -> None:
-        """A call on it was cancelled before its reply came: see ``Client``'s
-        ``keeps_calls_given_up_on``."""
-        if self.client.keeps_calls_given_up_on and any(not c.done() for c in self.pending):
-            self.client.retire(self)
-        else:
-            self.abort(ConnectionLost(f"{self.client.where}: a call on it was cancelled"))
-
     def close(self) -> None:
         """Close once what was written is sent; calls still waiting are tried again."""
         self._end(ConnectionLost(f"{self.client.where}: connection closed"), at_once=False)
@@ -207,14 +199,6 @@ class Client:
 
     ``handshake`` runs on each new connection before it takes calls (Redis' AUTH and
     SELECT); it sends its calls with ``Connection.send``.
-
-    ``keeps_calls_given_up_on``: a call given up leaves the calls sent with it on its
-    connection to wait for their replies (each under its caller's deadline); the
-    connection takes no new call and closes once they are done, at once if none is left.
-    For a server that runs every connection's commands in turn (Redis): a fresh
-    connection answers no sooner, and a command sent again may run twice (an append).
-    Without it, the connection closes at once and those calls go again on a fresh one:
-    a server that stalls one connection (memcached) answers them there.
     """
 
     def __init__(
@@ -227,7 +211,6 @@ class Client:
         connect_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
         handshake: Callable[[Connection], Awaitable[None]] | None = None,
-        keeps_calls_given_up_on: bool = False,
     ) -> None:
         self.where = where
         self.address = address
@@ -236,7 +219,6 @@ class Client:
         self._connect_timeout = connect_timeout
         self._ssl = ssl_context
         self._handshake = handshake
-        self.keeps_calls_given_up_on = keeps_calls_given_up_on
         self._open: list[Connection] = []  # connected and taking calls
         self._waiting: list[Call[Any]] = []  # for the connection being opened
         self._gathered: list[Call[Any]] | None = None  # this turn's (``submit_gathered``)
@@ -357,12 +339,6 @@ class Client:
         for call in waiting:
             if not call.done():
                 call.set_exception(error)
-
-    def retire(self, conn: Connection) -> None:
-        """``conn`` takes no new call; it closes once its calls are done."""
-        if conn in self._open:
-            self._open.remove(conn)
-        conn.retire()
 
     def lost(
         self, conn: Connection, by_server: bool, unanswered: list[Call[Any]], error: TierError

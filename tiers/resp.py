@@ -19,8 +19,7 @@ command at a time, so more connections than a few only add sockets),
 ``rediss://`` ``ssl_cert_reqs`` (``none``, ``optional`` or ``required``, the default),
 ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``. A call waits
 as long as its caller lets it: the engine bounds every tier call with the tier's
-``timeout``. A call given up retires its connection: the calls sent with it get their
-replies there, and no new call goes on it.
+``timeout``, and a call given up closes its connection.
 
 Exceptions: tiers/pipelined.py's (``TierUnavailable``, ``TierTimeout``, ``BadReply``), and
 ``ReplyError`` (a ``TierError``) for an error reply (WRONGTYPE, NOSCRIPT, OOM, ...),
@@ -195,10 +194,6 @@ class RespClient:
             connect_timeout=float(options.get("socket_connect_timeout", _DEFAULT_CONNECT_TIMEOUT)),
             ssl_context=_ssl_context(options) if "connection_class" in options else None,
             handshake=self._handshake if self._setup else None,
-            # One thread runs every connection's commands: a call given up (the tier's
-            # deadline) leaves the others sent with it, the journal's appends among them,
-            # to their replies rather than sending them again.
-            keeps_calls_given_up_on=True,
         )
 
     @classmethod

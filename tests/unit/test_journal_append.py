@@ -134,27 +134,3 @@ async def test_appends_waiting_for_replicas_never_hold_up_the_tiers_reads(
         assert waiting()  # answered while the WAIT still holds its connection
         with pytest.raises(JournalUnavailable, match="0 of the 1 replicas"):
             await append
-
-
-async def test_a_tier_call_given_up_leaves_the_append_sent_with_it_to_its_reply(
-    redis_server: RedisServer,
-) -> None:
-    """The tier's deadline gives up a call on the connection the journal's appends share:
-    an append sent with it gets its reply there, neither failed nor sent again on a fresh
-    connection (where it could run twice)."""
-    url = redis_server.url + "?max_connections=1"
-    async with tier_and_journal(url) as (tier, journal, raw):
-        first = await journal.append("k", payload(b"one"))  # the group and the connection
-        accepted = int(raw.info("stats")["total_connections_received"])
-        redis_server.hang()
-        try:
-            read = tier.get_many_soon(["k"])
-            append = journal.append("k", payload(b"two"))
-            for _ in range(3):  # the append's batch, then its write: a loop turn each
-                await asyncio.sleep(0)
-            read.cancel()  # as the tier's deadline does
-        finally:
-            redis_server.resume()
-        second = await append
-        assert int(raw.info("stats")["total_connections_received"]) == accepted
-        assert [entry_id for entry_id, _ in raw.xrange(journal.stream)] == [first, second]
